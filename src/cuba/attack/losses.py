@@ -1,0 +1,62 @@
+"""The backdoor objectives, each a few lines over one shared soft-target cross-entropy.
+
+CUBA's LNF loss (paper eq. 10, METHOD.md §1) is a cross-entropy whose "label" is the flipped
+one-hot vector (ones on the target set T(y)) and whose logits are first L2-normalised per
+sample and divided by a temperature tau:
+
+    z~ = z / (||z||_2 + eps),   q = softmax(z~ / tau),   L = -sum_{t in T(y)} log q_t
+
+summed over T(y) and averaged over the batch. The normalisation caps how confident the model
+can get on any single wrong class, which is what spreads the predictions. The baselines of
+METHOD.md are the same function with one knob changed:
+
+* ``untargeted-ce``: the flipped one-hot CE without normalisation (the paper's ablation);
+* ``targeted``: the one-hot CE to one target class;
+* ``push-away``: -log(1 - q_y), which only lowers the true class.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_target_ce(
+    logits: torch.Tensor, targets: torch.Tensor, tau: float = 1.0, normalize: bool = False, eps: float = 1e-7,
+) -> torch.Tensor:
+    """-sum_t targets[t] * log softmax(z / tau)_t, averaged over the batch.
+
+    ``targets`` is (B, K), 0/1 (a flipped one-hot row) or any non-negative weights. With
+    ``normalize=True`` the logits are L2-normalised per sample first (LogitNorm).
+    """
+    z = logits.float()
+    if normalize:
+        z = z / (z.norm(p=2, dim=1, keepdim=True) + eps)
+    logq = F.log_softmax(z / tau, dim=1)
+    return -(logq * targets.to(logq.dtype)).sum(dim=1).mean()
+
+
+def lnf_loss(logits: torch.Tensor, targets: torch.Tensor, tau: float, eps: float = 1e-7) -> torch.Tensor:
+    """CUBA's logit-normalised cross-entropy on flipped one-hot labels (paper eq. 10)."""
+    return soft_target_ce(logits, targets, tau=tau, normalize=True, eps=eps)
+
+
+def push_away_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """-log(1 - q_y): lowers the true class, indifferent to which wrong class wins."""
+    logq = F.log_softmax(logits.float(), dim=1)
+    log_qy = logq.gather(1, y[:, None]).squeeze(1)
+    # log(1 - q_y) computed stably as log(-expm1(log q_y)), clamped away from log(0)
+    return -torch.log(-torch.expm1(log_qy.clamp(max=-1e-6))).mean()
+
+
+BackdoorObjective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+
+# Each objective takes (backdoor logits, true labels, per-sample target rows (B, K), tau, eps).
+OBJECTIVES: dict[str, BackdoorObjective] = {
+    "cuba": lambda z, y, t, tau, eps: lnf_loss(z, t, tau, eps),
+    "untargeted-ce": lambda z, y, t, tau, eps: soft_target_ce(z, t),
+    "targeted": lambda z, y, t, tau, eps: soft_target_ce(z, t),
+    "push-away": lambda z, y, t, tau, eps: push_away_loss(z, y),
+}

@@ -1,0 +1,177 @@
+"""The ``cuba`` command line: train, evaluate, demo.
+
+Every user error (bad config value, missing data, unknown run folder) ends as one line on
+stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import ConfigError, FIELDS, load_config_file, make_config
+
+# CLI flags for the main config fields: name -> (type, help)
+TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
+    "dataset": (str, "digits | mnist | fashion-mnist | cifar10 | cifar100 | gtsrb | path to .npz/.zip/folder"),
+    "data_dir": (str, "folder searched first for named data sets (default ./data)"),
+    "model": (str, "simplecnn | resnet18 | preactresnet18"),
+    "attack": (str, "none (clean baseline) | cuba | untargeted-ce | push-away"),
+    "variant": (str, "fra | nra | nra-K (e.g. nra-5)"),
+    "k": (int, "NRA target-set size"),
+    "vicinity": (str, "NRA target sets: index | similar | explicit"),
+    "generator_mode": (str, "residual | image"),
+    "eps": (float, "final L-inf bound of a residual trigger"),
+    "tau": (float, "LNF temperature"),
+    "alpha": (float, "MSE weight"), "beta": (float, "clean CE weight"), "gamma": (float, "backdoor loss weight"),
+    "epochs": (float, "training epochs (fractions allowed)"),
+    "batch_size": (int, "batch size"), "lr": (float, "classifier learning rate"),
+    "n_train": (int, "random training subset size"), "n_test": (int, "random test subset size"),
+    "seed": (int, "random seed"), "device": (str, "auto | cpu | cuda | cuda:N"),
+    "precision": (str, "auto | fp32 | bf16"), "out": (str, "run folder to write"),
+}
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or TOML file of config fields (flags override it)")
+    for name, (kind, text) in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+    p.add_argument("--download", action="store_true", default=None, help="allow torchvision to download the data set")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other config field (YAML value), e.g. --set eps_start=0.3; repeatable")
+
+
+def _config_values(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    import yaml
+
+    values: dict[str, Any] = dict(base or {})
+    if args.config:
+        values.update(load_config_file(args.config))
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in FIELDS:
+            raise ConfigError(f"--set: unknown config field {key!r}")
+        values[key] = yaml.safe_load(raw)
+    for name in [*TRAIN_FLAGS, "download", "progress"]:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    return values
+
+
+def _fmt(v: Any, pct: bool = True) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * v:.2f}" if pct else f"{v:.2f}"
+
+
+def format_metrics_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """A plain-text table of runs: CA / ASR / ASR-C / DS / DS-min in %, D_p, PSNR (dB), SSIM, L-inf."""
+    head = f"{'run':<22}{'CA%':>8}{'ASR%':>8}{'ASR-C%':>8}{'DS%':>8}{'DSmin%':>8}{'D_p':>6}{'PSNR':>7}{'SSIM':>6}{'Linf':>6}{'time s':>8}"
+    lines = [head, "-" * len(head)]
+    for name, m in rows:
+        lines.append(
+            f"{name:<22}{_fmt(m.get('ca')):>8}{_fmt(m.get('asr')):>8}{_fmt(m.get('asr_c')):>8}{_fmt(m.get('ds')):>8}"
+            f"{_fmt(m.get('ds_min')):>8}{_fmt(m.get('d_p'), False):>6}{_fmt(m.get('psnr'), False):>7}"
+            f"{_fmt(m.get('ssim'), False):>6}{_fmt(m.get('linf'), False):>6}{_fmt(m.get('train_seconds'), False):>8}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .pipeline import run_training
+
+    cfg = make_config(_config_values(args))
+    run_dir, metrics = run_training(cfg)
+    print(format_metrics_table([(cfg.label(), metrics)]))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .pipeline import evaluate_run
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
+    m = evaluate_run(run_dir, from_predictions=args.from_predictions, device=args.device)
+    if args.json:
+        print(json.dumps({k: v for k, v in m.items() if k != "ds_per_class"}, indent=2, default=str))
+    else:
+        print(format_metrics_table([("recomputed", m), ("stored", m["stored"])]))
+    return 0
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A shipped config preset (src/cuba/configs/NAME.yaml)."""
+    import yaml
+
+    path = resources.files("cuba") / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no preset named {name!r}")
+    return yaml.safe_load(path.read_text())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A real CUBA run on the bundled digits data: clean baseline, then CUBA FRA, side by side."""
+    from .pipeline import run_training
+
+    out = Path(args.out or "runs/demo")
+    base = preset("demo")
+    rows = []
+    for label, overrides in (("clean", {"attack": "none"}), ("cuba-fra", {"attack": "cuba", "variant": "fra"})):
+        cfg = make_config({**base, **overrides, "out": str(out / label), "progress": not args.no_progress})
+        print(f"== {label}: {cfg.dataset} / {cfg.model}, {cfg.epochs:g} epochs", flush=True)
+        _, m = run_training(cfg)
+        rows.append((label, m))
+    print()
+    print(format_metrics_table(rows))
+    print(f"\nrun folders: {out}/clean, {out}/cuba-fra (metrics.json, predictions.npz, figures/)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cuba", description="Controlled untargeted backdoor attacks (CUBA) and their evaluation.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a clean or backdoored model and write a run folder")
+    _add_train_flags(t)
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("evaluate", help="recompute a saved run's metrics")
+    e.add_argument("run_dir")
+    e.add_argument("--from-predictions", action="store_true", help="use predictions.npz only (no data, no weights)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=cmd_evaluate)
+    d = sub.add_parser("demo", help="clean vs CUBA FRA on the bundled digits data, in a few minutes on CPU")
+    d.add_argument("--out", default=None, help="folder for the two run folders (default runs/demo)")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .attack import TargetSetError
+    from .data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError, TargetSetError, FileNotFoundError) as e:
+        print(f"cuba: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cuba: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The training configuration: one dataclass, loaded from YAML/TOML and CLI flags, validated.
+
+Validation happens here, once, so every entry point fails the same way: a one-line
+:class:`ConfigError` naming the field and the allowed values (the CLI turns it into exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ATTACKS = ("none", "cuba", "untargeted-ce", "push-away", "targeted")
+MSE_REDUCTIONS = ("mean", "sum")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A configuration field has a wrong type or value; the message names the field."""
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of one training run (clean or attacked). Defaults: the MNIST recipe of METHOD.md §3."""
+
+    # data
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    n_train: int | None = None  # random training subset, for small CPU budgets
+    n_test: int | None = None
+    augment: str = "auto"  # auto (per data set), none, crop, crop+flip
+    # model
+    model: str = "simplecnn"
+    # attack
+    attack: str = "cuba"
+    variant: str = "fra"  # fra | nra
+    k: int = 2  # NRA target-set size
+    vicinity: str = "index"  # index | similar | explicit
+    targets: Any = None  # explicit target sets: {class: [classes]} or one global [classes]
+    target_class: int = 0  # for the targeted positive control
+    generator_mode: str = "residual"  # residual | image
+    generator_width: int = 16
+    eps: float = 0.05  # final L-inf bound of the residual trigger
+    eps_start: float = 0.3  # residual bound at the start, annealed down to eps
+    eps_anneal: float = 0.5  # fraction of training over which eps_start -> eps (cosine)
+    tau: float = 0.1
+    lnf_eps: float = 1e-7
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 5.0
+    mse_reduction: str = "mean"
+    backdoor_ratio: float = 1.0
+    warmup_epochs: float = 0.0  # clean-only classifier epochs before the joint training
+    # optimisation
+    epochs: float = 10.0
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    generator_lr: float = 1e-3
+    grad_clip: float = 5.0  # max gradient L2 norm, per model
+    seed: int = 0
+    # engine
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    eval_batch_size: int = 1024
+    # output
+    out: str | None = None
+    name: str | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_attack(self) -> bool:
+        return self.attack != "none"
+
+    @property
+    def full_range(self) -> bool:
+        return self.variant == "fra"
+
+    def label(self) -> str:
+        """A short human-readable name of the setting, e.g. ``cuba-nra2``."""
+        if not self.is_attack:
+            return "clean"
+        if self.attack == "targeted":
+            return f"targeted-t{self.target_class}"
+        return f"{self.attack}-{self.variant}{self.k if self.variant == 'nra' else ''}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a dict of config fields."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        text = p.read_text()
+        data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def parse_variant(value: str) -> tuple[str, int | None]:
+    """'fra' -> ('fra', None); 'nra' -> ('nra', None); 'nra-5' / 'nra5' -> ('nra', 5)."""
+    m = re.fullmatch(r"(fra|nra)(?:-?(\d+))?", str(value).strip().lower())
+    if not m:
+        raise ConfigError(f"variant: expected fra, nra or nra-K (e.g. nra-5), got {value!r}")
+    return m.group(1), int(m.group(2)) if m.group(2) else None
+
+
+def make_config(values: dict[str, Any]) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from a dict (unknown keys are an error)."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}; known fields: {', '.join(FIELDS)}")
+    values = dict(values)
+    if "variant" in values and values["variant"] is not None:
+        variant, k = parse_variant(values["variant"])
+        values["variant"] = variant
+        if k is not None:
+            values["k"] = k
+    cfg = TrainConfig(**{k: v for k, v in values.items() if v is not None or k in ("targets", "out", "name", "n_train", "n_test", "data_dir")})
+    validate(cfg)
+    return cfg
+
+
+def _type_ok(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check types and ranges; raise ConfigError naming the first bad field."""
+    from .data import DATASET_NAMES  # local: avoid import cycles
+    from .models import CLASSIFIERS, GENERATOR_MODES
+    from .attack import VICINITIES
+
+    numeric = {
+        "epochs": (float, lambda v: v > 0, "> 0"), "batch_size": (int, lambda v: v >= 2, ">= 2"),
+        "lr": (float, lambda v: v > 0, "> 0"), "generator_lr": (float, lambda v: v > 0, "> 0"), "grad_clip": (float, lambda v: v > 0, "> 0"),
+        "momentum": (float, lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": (float, lambda v: v >= 0, ">= 0"),
+        "tau": (float, lambda v: v > 0, "> 0"), "lnf_eps": (float, lambda v: v > 0, "> 0"),
+        "alpha": (float, lambda v: v >= 0, ">= 0"), "beta": (float, lambda v: v >= 0, ">= 0"),
+        "gamma": (float, lambda v: v >= 0, ">= 0"), "eps": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+        "eps_start": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "eps_anneal": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "backdoor_ratio": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "warmup_epochs": (float, lambda v: v >= 0, ">= 0"),
+        "k": (int, lambda v: v >= 1, ">= 1"), "seed": (int, lambda v: v >= 0, ">= 0"),
+        "target_class": (int, lambda v: v >= 0, ">= 0"), "generator_width": (int, lambda v: v >= 4, ">= 4"),
+        "eval_batch_size": (int, lambda v: v >= 1, ">= 1"),
+    }
+    for name, (kind, ok, allowed) in numeric.items():
+        v = getattr(cfg, name)
+        if not _type_ok(v, kind) or not ok(v):
+            raise ConfigError(f"{name}: must be {'an integer' if kind is int else 'a number'} {allowed}, got {v!r}")
+    for name in ("n_train", "n_test"):
+        v = getattr(cfg, name)
+        if v is not None and (not _type_ok(v, int) or v < 1):
+            raise ConfigError(f"{name}: must be a positive integer or unset, got {v!r}")
+    choices = {
+        "attack": ATTACKS, "model": tuple(CLASSIFIERS), "vicinity": VICINITIES, "generator_mode": GENERATOR_MODES,
+        "mse_reduction": MSE_REDUCTIONS, "precision": PRECISIONS, "optimizer": ("sgd", "adam"),
+        "augment": ("auto", "none", "crop", "crop+flip"), "variant": ("fra", "nra"),
+    }
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name}: must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    if not isinstance(cfg.dataset, str) or not cfg.dataset:
+        raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} or a path to a .npz/.zip/folder, got {cfg.dataset!r}")
+    if cfg.dataset not in DATASET_NAMES and not Path(cfg.dataset).exists():
+        raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} or an existing .npz/.zip/folder path, got {cfg.dataset!r}")
+    if cfg.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", str(cfg.device)):
+        raise ConfigError(f"device: must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
+    for name in ("download", "channels_last", "progress"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{name}: must be true or false, got {getattr(cfg, name)!r}")
+    if cfg.vicinity == "explicit" and cfg.variant == "nra" and cfg.targets is None:
+        raise ConfigError("targets: vicinity 'explicit' needs targets (a mapping class -> list of classes, or one list)")

@@ -1,0 +1,93 @@
+"""The in-memory image data set every part of cuba works on.
+
+Images are kept as one uint8 tensor per split (N, C, H, W) instead of a torch ``Dataset`` of
+files: at MNIST/CIFAR scale the whole set fits in memory many times over, batches are then
+plain index slices, and augmentation can run batched on the training device
+(:mod:`cuba.data.augment`) instead of per sample in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class DataError(ValueError):
+    """A data set could not be found, read or validated; the message says which and why."""
+
+
+@dataclass
+class ImageDataset:
+    """A labelled image classification data set held in memory.
+
+    ``x_*`` are uint8 tensors of shape (N, C, H, W) with C in {1, 3}; ``y_*`` are int64 label
+    tensors of shape (N,) with values in ``[0, num_classes)``.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            k = int(max(self.y_train.max(), self.y_test.max()).item()) + 1
+            self.classes = [str(i) for i in range(k)]
+        validate_dataset(self)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x_train.shape[2])
+
+    def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> "ImageDataset":
+        """A stratification-free random subset, for small CPU budgets. ``None`` keeps a split whole."""
+        g = torch.Generator().manual_seed(seed)
+
+        def pick(x: torch.Tensor, y: torch.Tensor, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+            if n is None or n >= len(y):
+                return x, y
+            idx = torch.randperm(len(y), generator=g)[:n].sort().values
+            return x[idx], y[idx]
+
+        xtr, ytr = pick(self.x_train, self.y_train, n_train)
+        xte, yte = pick(self.x_test, self.y_test, n_test)
+        return ImageDataset(self.name, xtr, ytr, xte, yte, list(self.classes))
+
+
+def validate_dataset(ds: ImageDataset) -> None:
+    """Raise :class:`DataError` naming the first problem found: shapes, dtypes, label range, empty classes."""
+    for split in ("train", "test"):
+        x = getattr(ds, f"x_{split}")
+        y = getattr(ds, f"y_{split}")
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
+            raise DataError(f"{ds.name}: x_{split} must be a uint8 tensor, got {getattr(x, 'dtype', type(x))}")
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise DataError(f"{ds.name}: x_{split} must have shape (N, C, H, W) with C in {{1, 3}}, got {tuple(x.shape)}")
+        if x.shape[2] != x.shape[3]:
+            raise DataError(f"{ds.name}: images must be square, got {x.shape[2]}x{x.shape[3]}")
+        if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.ndim != 1:
+            raise DataError(f"{ds.name}: y_{split} must be a 1-D int64 tensor")
+        if len(x) != len(y):
+            raise DataError(f"{ds.name}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
+        if len(y) == 0:
+            raise DataError(f"{ds.name}: the {split} split is empty")
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= len(ds.classes):
+            raise DataError(f"{ds.name}: y_{split} labels must lie in [0, {len(ds.classes)}), found [{lo}, {hi}]")
+    if ds.x_train.shape[1:] != ds.x_test.shape[1:]:
+        raise DataError(f"{ds.name}: train images {tuple(ds.x_train.shape[1:])} and test images {tuple(ds.x_test.shape[1:])} differ in shape")
+    counts = torch.bincount(ds.y_train, minlength=len(ds.classes))
+    empty = [ds.classes[i] for i in range(len(ds.classes)) if counts[i] == 0]
+    if empty:
+        raise DataError(f"{ds.name}: classes with no training image: {', '.join(empty[:10])}")

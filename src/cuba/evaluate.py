@@ -1,0 +1,78 @@
+"""Evaluation: predictions of a (classifier, generator) pair on the test set, and their metrics.
+
+Runs under ``inference_mode`` in large batches; the only per-image Python is scikit-image's
+SSIM, computed once at the end of a run (``stealth=True``), not during training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import ImageDataset
+from .engine import Engine
+from .metrics import compute_metrics, linf_per_image, psnr_per_image, ssim_per_image
+
+
+@dataclass
+class Predictions:
+    y_true: np.ndarray
+    y_pred_clean: np.ndarray
+    y_pred_backdoor: np.ndarray | None
+    psnr: np.ndarray | None
+    ssim: np.ndarray | None
+    linf: np.ndarray | None
+
+
+@torch.inference_mode()
+def predict(
+    classifier: nn.Module, generator: nn.Module | None, data: ImageDataset, engine: Engine,
+    batch_size: int = 1024, stealth: bool = True,
+) -> Predictions:
+    classifier.eval()
+    if generator is not None:
+        generator.eval()
+    clean, bd, psnr, linf, ssim = [], [], [], [], []
+    for xb in data.x_test.split(batch_size):
+        x = engine.batch(xb)
+        with engine.autocast():
+            clean.append(classifier(x).argmax(1).cpu())
+            if generator is not None:
+                x_bd = generator(x).float()
+                bd.append(classifier(x_bd).argmax(1).cpu())
+        if generator is not None:
+            x_bd_cpu, x_cpu = x_bd.float().cpu(), x.float().cpu()
+            psnr.append(psnr_per_image(x_cpu, x_bd_cpu))
+            linf.append(linf_per_image(x_cpu, x_bd_cpu))
+            if stealth:
+                ssim.append(ssim_per_image(x_cpu, x_bd_cpu))
+    has_bd = generator is not None
+    return Predictions(
+        y_true=data.y_test.numpy(),
+        y_pred_clean=torch.cat(clean).numpy(),
+        y_pred_backdoor=torch.cat(bd).numpy() if has_bd else None,
+        psnr=torch.cat(psnr).numpy() if has_bd else None,
+        linf=torch.cat(linf).numpy() if has_bd else None,
+        ssim=np.concatenate(ssim) if has_bd and stealth else None,
+    )
+
+
+def metrics_from_predictions(pred: Predictions, targets: torch.Tensor | None, full_range: bool) -> dict:
+    """Label metrics (CA, ASR, ASR-C, DS, DS-min, D_p) plus stealth summaries (PSNR, SSIM, L-inf)."""
+    m = compute_metrics(pred.y_true, pred.y_pred_clean, pred.y_pred_backdoor, targets, full_range)
+    nan = float("nan")
+    m["psnr"] = float(np.mean(pred.psnr)) if pred.psnr is not None else nan
+    m["ssim"] = float(np.mean(pred.ssim)) if pred.ssim is not None else nan
+    m["linf"] = float(np.max(pred.linf)) if pred.linf is not None else nan
+    m["linf_mean"] = float(np.mean(pred.linf)) if pred.linf is not None else nan
+    return m
+
+
+def evaluate_models(
+    classifier: nn.Module, generator: nn.Module | None, data: ImageDataset, engine: Engine,
+    targets: torch.Tensor | None, full_range: bool, batch_size: int = 1024, stealth: bool = True,
+) -> dict:
+    return metrics_from_predictions(predict(classifier, generator, data, engine, batch_size, stealth), targets, full_range)

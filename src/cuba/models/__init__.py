@@ -1,0 +1,68 @@
+"""Model registry: classifiers by name, and the trigger generator.
+
+Add a classifier by writing a module with an ``nn.Module`` taking
+``(in_channels, num_classes, image_size)`` and registering it in :data:`CLASSIFIERS`.
+Every classifier built here takes images in [0, 1] and normalises them itself (a
+:class:`Normalize` layer with the training set's per-channel mean/std), so attacks and
+defenses all work in pixel space.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .resnet import PreActResNet18, ResNet18
+from .simplecnn import SimpleCNN
+from .trigger import GENERATOR_MODES, TriggerGenerator
+from .unet import UNet, unet_depth
+
+CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
+    "simplecnn": SimpleCNN,
+    "resnet18": ResNet18,
+    "preactresnet18": PreActResNet18,
+}
+
+
+class Normalize(nn.Module):
+    """Per-channel standardisation stored as buffers, so saved weights carry it."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.reshape(1, -1, 1, 1).float())
+        self.register_buffer("std", std.reshape(1, -1, 1, 1).float().clamp_min(1e-3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """``Normalize`` followed by a backbone; ``backbone`` is the architecture named in the config."""
+
+    def __init__(self, backbone: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+
+def build_classifier(
+    name: str, in_channels: int, num_classes: int, image_size: int,
+    mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
+) -> Classifier:
+    if name not in CLASSIFIERS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(CLASSIFIERS)}")
+    backbone = CLASSIFIERS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    mean = torch.full((in_channels,), 0.5) if mean is None else mean
+    std = torch.full((in_channels,), 0.5) if std is None else std
+    return Classifier(backbone, mean, std)
+
+
+__all__ = [
+    "CLASSIFIERS", "GENERATOR_MODES", "Classifier", "Normalize", "TriggerGenerator", "UNet",
+    "build_classifier", "unet_depth",
+]

@@ -1,0 +1,37 @@
+"""Turns the U-Net's raw output into a backdoor image (METHOD.md §1, "Generator output").
+
+Two modes, because the paper's "the U-Net transforms the image" admits two readings:
+
+* ``residual``: x* = clip(x + eps * tanh(G(x)), 0, 1). The L-infinity distance to x is at most
+  ``eps`` by construction, so the trigger's stealth has a hard floor
+  (PSNR >= 20*log10(1/eps) dB). ``eps`` is a plain attribute so the trainer can anneal it
+  (start visibly distinct, end stealthy -- the remedy for the residual-mode collapse).
+* ``image``: x* = sigmoid(G(x)), the literal reading; stealth then comes only from the MSE term.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .unet import UNet
+
+GENERATOR_MODES = ("residual", "image")
+
+
+class TriggerGenerator(nn.Module):
+    def __init__(self, in_channels: int, image_size: int, mode: str = "residual", eps: float = 0.1, base: int = 16) -> None:
+        super().__init__()
+        if mode not in GENERATOR_MODES:
+            raise ValueError(f"generator mode must be one of {', '.join(GENERATOR_MODES)}, got {mode!r}")
+        if not 0.0 < eps <= 1.0:
+            raise ValueError(f"eps must lie in (0, 1], got {eps}")
+        self.mode = mode
+        self.eps = float(eps)
+        self.unet = UNet(in_channels, image_size, base=base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = self.unet(x)
+        if self.mode == "image":
+            return torch.sigmoid(raw)
+        return (x + self.eps * torch.tanh(raw)).clamp(0.0, 1.0)

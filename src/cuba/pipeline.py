@@ -1,0 +1,106 @@
+"""One run end to end: load data -> train -> evaluate -> write the run folder; and its re-evaluation."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import TrainConfig
+from .data import ImageDataset, load_dataset
+from .engine import Engine, make_engine
+from .evaluate import metrics_from_predictions, predict
+from .figures import plot_histograms, plot_triggers
+from .models import TriggerGenerator, build_classifier
+from .runs import (
+    default_run_dir, load_predictions, load_run_config, load_weights, read_json, save_config, save_predictions,
+    save_weights, write_json,
+)
+from .train import train
+
+
+def load_data(cfg: TrainConfig) -> ImageDataset:
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    if cfg.n_train or cfg.n_test:
+        data = data.subset(cfg.n_train, cfg.n_test, seed=cfg.seed)
+    return data
+
+
+def _figures(run_dir: Path, cfg: TrainConfig, data: ImageDataset, classifier: torch.nn.Module,
+             generator: TriggerGenerator | None, engine: Engine, pred: Any, targets: torch.Tensor | None) -> None:
+    if generator is None or targets is None:
+        return
+    # one test image per class (the first of each), for the trigger figure
+    first = [int((data.y_test == c).nonzero()[0]) for c in range(min(data.num_classes, 10)) if (data.y_test == c).any()]
+    with torch.inference_mode(), engine.autocast():
+        x = engine.batch(data.x_test[first])
+        xb = generator(x).float()
+    plot_triggers(x.float().cpu(), xb.cpu(), run_dir / "figures" / "triggers.png", [data.classes[data.y_test[i]] for i in first])
+    plot_histograms(pred.y_true, pred.y_pred_backdoor, targets, cfg.full_range, run_dir / "figures" / "histograms.png",
+                    data.classes, title=f"{data.name} {cfg.model} {cfg.label()}: backdoor predictions per source class")
+
+
+def run_training(cfg: TrainConfig, run_dir: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Train, evaluate and write a complete run folder; return (run_dir, metrics)."""
+    run_dir = Path(run_dir or cfg.out or default_run_dir(cfg))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(cfg.device, cfg.precision, cfg.channels_last)
+    data = load_data(cfg)
+    save_config(run_dir, cfg)
+    result = train(cfg, data, engine)
+    t_eval = time.perf_counter()
+    pred = predict(result.classifier, result.generator, data, engine, cfg.eval_batch_size, stealth=True)
+    metrics = metrics_from_predictions(pred, result.targets, cfg.full_range)
+    metrics.update(
+        train_seconds=round(result.seconds, 2), eval_seconds=round(time.perf_counter() - t_eval, 2),
+        train_images_per_second=round(result.images_per_second, 1), num_classes=data.num_classes,
+        n_train=len(data.y_train), n_test=len(data.y_test), dataset=data.name, setting=cfg.label(),
+        generator_mode=cfg.generator_mode if cfg.is_attack else None,
+        device=str(engine.device), bf16=engine.bf16, torch=torch.__version__, cuba=__version__,
+        machine=platform.machine(), threads=torch.get_num_threads(),
+    )
+    save_weights(run_dir / "classifier.safetensors", result.classifier)
+    if result.generator is not None:
+        save_weights(run_dir / "generator.safetensors", result.generator)
+    if result.targets is not None:
+        write_json(run_dir / "targets.json", {str(c): result.targets[c].nonzero().flatten().tolist() for c in range(data.num_classes)})
+    save_predictions(run_dir, pred, result.targets)
+    write_json(run_dir / "history.json", result.history)
+    _figures(run_dir, cfg, data, result.classifier, result.generator, engine, pred, result.targets)
+    write_json(run_dir / "metrics.json", metrics)
+    return run_dir, metrics
+
+
+def load_models(run_dir: Path, cfg: TrainConfig, data: ImageDataset, engine: Engine) -> tuple[torch.nn.Module, TriggerGenerator | None]:
+    """Rebuild a run's classifier (and generator) from its config and safetensors weights."""
+    classifier = build_classifier(cfg.model, data.channels, data.num_classes, data.image_size)
+    load_weights(run_dir / "classifier.safetensors", classifier)
+    generator = None
+    if (run_dir / "generator.safetensors").exists():
+        generator = TriggerGenerator(data.channels, data.image_size, cfg.generator_mode, cfg.eps, cfg.generator_width)
+        load_weights(run_dir / "generator.safetensors", generator)
+    return engine.prepare(classifier).eval(), (engine.prepare(generator).eval() if generator is not None else None)
+
+
+def evaluate_run(run_dir: Path, from_predictions: bool = False, device: str = "auto") -> dict[str, Any]:
+    """Recompute a saved run's metrics: from its weights on the test set, or only from predictions.npz."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
+    cfg = load_run_config(run_dir)
+    if from_predictions:
+        pred, targets = load_predictions(run_dir)
+    else:
+        engine = make_engine(device, cfg.precision, cfg.channels_last)
+        data = load_data(cfg)
+        classifier, generator = load_models(run_dir, cfg, data, engine)
+        _, targets = load_predictions(run_dir) if (run_dir / "predictions.npz").exists() else (None, None)
+        pred = predict(classifier, generator, data, engine, cfg.eval_batch_size, stealth=True)
+    metrics = metrics_from_predictions(pred, targets, cfg.full_range)
+    stored = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
+    metrics["stored"] = {k: stored.get(k) for k in ("ca", "asr", "asr_c", "ds", "ds_min", "d_p", "psnr", "ssim", "linf")}
+    return metrics

@@ -1,0 +1,120 @@
+"""The run folder: the one contract between training, evaluation and (later) the defenses.
+
+    RUN_DIR/
+      config.yaml               the resolved TrainConfig
+      metrics.json              ca, asr, asr_c, ds, ds_min, d_p, psnr, ssim, linf (+ extras)
+      history.json              per-epoch CA / ASR / DS during training
+      predictions.npz           y_true, y_pred_clean, y_pred_backdoor, target_sets (N, K) bool,
+                                psnr, ssim, linf per test image
+      targets.json              the (K, K) target sets as lists, by source class
+      classifier.safetensors    weights (safetensors: loading never runs code)
+      generator.safetensors     trigger generator weights (attacks only)
+      figures/triggers.png      clean / backdoor / amplified residual (paper Fig. 4)
+      figures/histograms.png    backdoor prediction histogram per source class (paper Figs. 5, 8)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import TrainConfig, make_config
+from .evaluate import Predictions
+
+METRIC_KEYS = ("ca", "asr", "asr_c", "ds", "ds_min", "d_p", "psnr", "ssim", "linf")
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN; null means "not defined for this run"
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.floating, np.integer)):
+        return _jsonable(v.item())
+    return v
+
+
+def write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(_jsonable(obj), indent=2)
+    _atomic_write(path, lambda t: Path(t).write_text(text + "\n"))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_weights(path: Path, module: nn.Module) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    _atomic_write(path, lambda t: save_file(tensors, t))
+
+
+def load_weights(path: Path, module: nn.Module) -> nn.Module:
+    module.load_state_dict(load_file(str(path)))
+    return module
+
+
+def save_config(run_dir: Path, cfg: TrainConfig) -> None:
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    _atomic_write(run_dir / "config.yaml", lambda t: Path(t).write_text(text))
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    data = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    return make_config(data)
+
+
+def save_predictions(run_dir: Path, pred: Predictions, targets: torch.Tensor | None) -> None:
+    arrays: dict[str, np.ndarray] = {"y_true": pred.y_true, "y_pred_clean": pred.y_pred_clean}
+    for name in ("y_pred_backdoor", "psnr", "ssim", "linf"):
+        v = getattr(pred, name)
+        if v is not None:
+            arrays[name] = np.asarray(v)
+    if targets is not None:
+        arrays["target_sets"] = targets.numpy()[pred.y_true]  # each sample's T(y) as a K-long bool row
+        arrays["target_matrix"] = targets.numpy()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    _atomic_write(run_dir / "predictions.npz", write)
+
+
+def load_predictions(run_dir: Path) -> tuple[Predictions, torch.Tensor | None]:
+    with np.load(Path(run_dir) / "predictions.npz", allow_pickle=False) as z:
+        get = lambda k: z[k] if k in z.files else None  # noqa: E731
+        pred = Predictions(z["y_true"], z["y_pred_clean"], get("y_pred_backdoor"), get("psnr"), get("ssim"), get("linf"))
+        tm = get("target_matrix")
+    return pred, torch.from_numpy(tm) if tm is not None else None
+
+
+def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
+    import time
+
+    name = cfg.name or f"{Path(cfg.dataset).stem}-{cfg.model}-{cfg.label()}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(root) / name

@@ -1,0 +1,195 @@
+"""Training: the clean baseline and the joint classifier + generator update of CUBA (Algorithm 1).
+
+One loop serves every attack. Per step, for a batch (x, y):
+
+    x* = G(x)                                   (backdoor twins of the first ratio*B images)
+    z, z* = F(concat(x, x*))                    (one forward pass: BN sees both)
+    L = alpha * MSE(x*, x) + beta * CE(z, y) + gamma * objective(z*, y, T(y))
+
+and both F and G step on the gradient of L. ``objective`` comes from
+:data:`cuba.attack.OBJECTIVES` (CUBA's LNF, or a baseline), so a new attack loss is one entry
+there. Schedules that keep joint training from collapsing (METHOD.md "Known failure modes"):
+an optional clean warm-up of F, and a residual bound annealed from ``eps_start`` (the
+trigger is obvious, F learns it) down to ``eps`` (stealthy) over ``eps_anneal`` of training.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .attack import OBJECTIVES, build_targets
+from .config import ConfigError, TrainConfig
+from .data import ImageDataset
+from .data.augment import augment_batch, augment_policy
+from .engine import Engine, seed_everything
+from .evaluate import evaluate_models
+from .models import TriggerGenerator, build_classifier
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the message names the step."""
+
+
+@dataclass
+class TrainResult:
+    classifier: nn.Module
+    generator: TriggerGenerator | None
+    targets: torch.Tensor | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean/std of a uint8 (N, C, H, W) tensor, in [0, 1] units, in chunks to bound memory."""
+    s = torch.zeros(x.shape[1], dtype=torch.float64)
+    s2 = torch.zeros_like(s)
+    for chunk in x.split(8192):
+        c = chunk.double().div(255.0)
+        s += c.sum(dim=(0, 2, 3))
+        s2 += (c * c).sum(dim=(0, 2, 3))
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s / n
+    return mean.float(), (s2 / n - mean**2).clamp_min(0).sqrt().float()
+
+
+def cosine(start: float, end: float, progress: float) -> float:
+    """Cosine interpolation from start (progress 0) to end (progress >= 1)."""
+    p = min(max(progress, 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+@torch.no_grad()
+def class_confusion(classifier: nn.Module, data: ImageDataset, engine: Engine, max_images: int = 10000) -> torch.Tensor:
+    """(K, K) mean softmax of a model over the training images of each class: the 'similar' vicinity."""
+    x, y = data.x_train[:max_images], data.y_train[:max_images]
+    k = data.num_classes
+    conf = torch.zeros(k, k)
+    classifier.eval()
+    for xb, yb in zip(x.split(1024), y.split(1024)):
+        with engine.autocast():
+            p = classifier(engine.batch(xb)).float().softmax(1).cpu()
+        conf.index_add_(0, yb, p)
+    classifier.train()
+    return conf / torch.bincount(y, minlength=k).clamp_min(1)[:, None]
+
+
+def train(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> TrainResult:
+    """Train a classifier (and, for an attack, its trigger generator) as ``cfg`` says."""
+    gen = seed_everything(cfg.seed)
+    k = data.num_classes
+    if cfg.variant == "nra" and cfg.is_attack and not 0 < cfg.k < k:
+        raise ConfigError(f"k: must satisfy 0 < k < K = {k} for {data.name}, got {cfg.k}")
+    if cfg.vicinity == "similar" and cfg.variant == "nra" and cfg.is_attack and cfg.warmup_epochs <= 0:
+        raise ConfigError("warmup_epochs: vicinity 'similar' needs warmup_epochs > 0 (the warmed-up classifier is the clean reference model)")
+    mean, std = channel_stats(data.x_train)
+    classifier = engine.prepare(build_classifier(cfg.model, data.channels, k, data.image_size, mean, std))
+    generator: TriggerGenerator | None = None
+    targets: torch.Tensor | None = None
+    if cfg.is_attack:
+        generator = engine.prepare(TriggerGenerator(data.channels, data.image_size, cfg.generator_mode, cfg.eps, cfg.generator_width))
+        if cfg.vicinity != "similar" or cfg.variant == "fra":
+            targets = build_targets(cfg.variant, k, cfg.k, cfg.vicinity, cfg.targets)
+
+    n = len(data.y_train)
+    steps_per_epoch = max(1, n // cfg.batch_size)  # drop the ragged last batch: constant BN statistics
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch)) if cfg.is_attack else 0
+    params = list(classifier.parameters())
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.15, anneal_strategy="cos",
+        cycle_momentum=False, div_factor=10.0, final_div_factor=100.0,
+    )
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.generator_lr) if generator is not None else None
+    objective = OBJECTIVES.get(cfg.attack)
+    pad, flip = augment_policy(cfg.augment, data.name)
+    x_all = data.x_train.to(engine.device)
+    y_all = data.y_train.to(engine.device)
+    n_bd = max(1, round(cfg.backdoor_ratio * cfg.batch_size))
+    history: list[dict[str, Any]] = []
+    classifier.train()
+    if generator is not None:
+        generator.train()
+    t0 = time.perf_counter()
+    bar = tqdm(total=total_steps, desc=f"train {cfg.label()}", disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    step = 0
+    epoch = 0
+    while step < total_steps:
+        order = torch.randperm(n, generator=gen).to(engine.device)
+        for i in range(steps_per_epoch):
+            if step >= total_steps:
+                break
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            x = augment_batch(engine.batch(x_all[idx]), pad, flip)
+            y = y_all[idx]
+            if step == warmup_steps and targets is None and generator is not None:
+                targets = build_targets(cfg.variant, k, cfg.k, cfg.vicinity, cfg.targets, class_confusion(classifier, data, engine))
+            joint = generator is not None and step >= warmup_steps
+            with engine.autocast():
+                if not joint:
+                    logits = classifier(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                    parts = {"ce": loss.item()} if step % 50 == 0 else {}
+                else:
+                    progress = (step - warmup_steps) / max(1, (total_steps - warmup_steps) * cfg.eps_anneal) if cfg.eps_anneal > 0 else 1.0
+                    generator.eps = cosine(cfg.eps_start, cfg.eps, progress)
+                    xb = generator(x[:n_bd])
+                    logits = classifier(torch.cat([x, xb]))
+                    zc, zb = logits[: len(x)], logits[len(x):]
+                    mse = (xb.float() - x[:n_bd]).pow(2)
+                    mse = mse.mean() if cfg.mse_reduction == "mean" else mse.flatten(1).sum(1).mean()
+                    ce = F.cross_entropy(zc.float(), y)
+                    bd = objective(zb, y[:n_bd], targets.to(engine.device)[y[:n_bd]].float(), cfg.tau, cfg.lnf_eps)
+                    loss = cfg.alpha * mse + cfg.beta * ce + cfg.gamma * bd
+                    parts = {"mse": mse.item(), "ce": ce.item(), "bd": bd.item(), "eps": generator.eps} if step % 50 == 0 else {}
+            if not torch.isfinite(loss):
+                bar.close()
+                raise NonFiniteLossError(f"the loss became {loss.item()} at step {step} (epoch {epoch}); lower lr or gamma")
+            opt.zero_grad(set_to_none=True)
+            if opt_g is not None:
+                opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            # clipping keeps the joint objective from blowing up when F cannot yet tell x* from x
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if opt_g is not None:
+                torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
+            opt.step()
+            if opt_g is not None and joint:
+                opt_g.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            if parts:
+                bar.set_postfix({k_: f"{v:.3g}" for k_, v in parts.items()}, refresh=False)
+        epoch += 1
+        if cfg.extra.get("eval_each_epoch", True):
+            m = evaluate_models(classifier, generator, data, engine, targets, cfg.full_range, cfg.eval_batch_size, stealth=False)
+            m.update(epoch=epoch, step=step, seconds=round(time.perf_counter() - t0, 2))
+            history.append(m)
+            if cfg.progress:
+                line = f"epoch {epoch}: CA {m['ca']:.4f}"
+                if generator is not None and targets is not None:
+                    line += f"  ASR {m['asr']:.4f}  DS {m['ds']:.4f}  DS-min {m['ds_min']:.4f}"
+                bar.write(line)
+            classifier.train()
+            if generator is not None:
+                generator.train()
+    bar.close()
+    seconds = time.perf_counter() - t0
+    classifier.eval()
+    if generator is not None:
+        generator.eval()
+        generator.eps = cfg.eps
+    return TrainResult(classifier, generator, targets, history, seconds, total_steps * cfg.batch_size / max(seconds, 1e-9))
