@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-ATTACKS = ("none", "cuba", "untargeted-ce", "push-away", "targeted")
+ATTACKS = ("none", "cuba", "untargeted-ce", "push-away")
 MSE_REDUCTIONS = ("mean", "sum")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -43,7 +43,6 @@ class TrainConfig:
     k: int = 2  # NRA target-set size
     vicinity: str = "index"  # index | similar | explicit
     targets: Any = None  # explicit target sets: {class: [classes]} or one global [classes]
-    target_class: int = 0  # for the targeted positive control
     generator_mode: str = "residual"  # residual | image
     generator_width: int = 16
     eps: float = 0.05  # final L-inf bound of the residual trigger
@@ -57,6 +56,7 @@ class TrainConfig:
     mse_reduction: str = "mean"
     backdoor_ratio: float = 1.0
     warmup_epochs: float = 0.0  # clean-only classifier epochs before the joint training
+    gamma_ramp_epochs: float = 0.0  # linear ramp of gamma from 0 after the warm-up
     # optimisation
     epochs: float = 10.0
     batch_size: int = 128
@@ -90,8 +90,6 @@ class TrainConfig:
         """A short human-readable name of the setting, e.g. ``cuba-nra2``."""
         if not self.is_attack:
             return "clean"
-        if self.attack == "targeted":
-            return f"targeted-t{self.target_class}"
         return f"{self.attack}-{self.variant}{self.k if self.variant == 'nra' else ''}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,9 +162,9 @@ def validate(cfg: TrainConfig) -> None:
         "alpha": (float, lambda v: v >= 0, ">= 0"), "beta": (float, lambda v: v >= 0, ">= 0"),
         "gamma": (float, lambda v: v >= 0, ">= 0"), "eps": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
         "eps_start": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "eps_anneal": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
-        "backdoor_ratio": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "warmup_epochs": (float, lambda v: v >= 0, ">= 0"),
+        "backdoor_ratio": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "warmup_epochs": (float, lambda v: v >= 0, ">= 0"), "gamma_ramp_epochs": (float, lambda v: v >= 0, ">= 0"),
         "k": (int, lambda v: v >= 1, ">= 1"), "seed": (int, lambda v: v >= 0, ">= 0"),
-        "target_class": (int, lambda v: v >= 0, ">= 0"), "generator_width": (int, lambda v: v >= 4, ">= 4"),
+"generator_width": (int, lambda v: v >= 4, ">= 4"),
         "eval_batch_size": (int, lambda v: v >= 1, ">= 1"),
     }
     for name, (kind, ok, allowed) in numeric.items():

@@ -36,7 +36,7 @@ def _figures(run_dir: Path, cfg: TrainConfig, data: ImageDataset, classifier: to
         return
     # one test image per class (the first of each), for the trigger figure
     first = [int((data.y_test == c).nonzero()[0]) for c in range(min(data.num_classes, 10)) if (data.y_test == c).any()]
-    with torch.inference_mode(), engine.autocast():
+    with torch.inference_mode():
         x = engine.batch(data.x_test[first])
         xb = generator(x).float()
     plot_triggers(x.float().cpu(), xb.cpu(), run_dir / "figures" / "triggers.png", [data.classes[data.y_test[i]] for i in first])

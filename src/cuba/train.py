@@ -16,6 +16,7 @@ trigger is obvious, F learns it) down to ``eps`` (stealthy) over ``eps_anneal`` 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,7 +124,9 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> TrainResult:
     if generator is not None:
         generator.train()
     t0 = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=f"train {cfg.label()}", disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    # redraw at most every 30 s when stderr is a file or pipe (logs stay readable)
+    bar = tqdm(total=total_steps, desc=f"train {cfg.label()}", disable=not cfg.progress, unit="step", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
     step = 0
     epoch = 0
     while step < total_steps:
@@ -152,7 +155,9 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> TrainResult:
                     mse = mse.mean() if cfg.mse_reduction == "mean" else mse.flatten(1).sum(1).mean()
                     ce = F.cross_entropy(zc.float(), y)
                     bd = objective(zb, y[:n_bd], targets.to(engine.device)[y[:n_bd]].float(), cfg.tau, cfg.lnf_eps)
-                    loss = cfg.alpha * mse + cfg.beta * ce + cfg.gamma * bd
+                    ramp = cfg.gamma_ramp_epochs * steps_per_epoch
+                    gamma = cfg.gamma * min(1.0, (step - warmup_steps + 1) / ramp) if ramp > 0 else cfg.gamma
+                    loss = cfg.alpha * mse + cfg.beta * ce + gamma * bd
                     parts = {"mse": mse.item(), "ce": ce.item(), "bd": bd.item(), "eps": generator.eps} if step % 50 == 0 else {}
             if not torch.isfinite(loss):
                 bar.close()
@@ -178,11 +183,10 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> TrainResult:
             m = evaluate_models(classifier, generator, data, engine, targets, cfg.full_range, cfg.eval_batch_size, stealth=False)
             m.update(epoch=epoch, step=step, seconds=round(time.perf_counter() - t0, 2))
             history.append(m)
-            if cfg.progress:
-                line = f"epoch {epoch}: CA {m['ca']:.4f}"
-                if generator is not None and targets is not None:
-                    line += f"  ASR {m['asr']:.4f}  DS {m['ds']:.4f}  DS-min {m['ds_min']:.4f}"
-                bar.write(line)
+            line = f"epoch {epoch}: CA {m['ca']:.4f}"
+            if generator is not None and targets is not None:
+                line += f"  ASR {m['asr']:.4f}  DS {m['ds']:.4f}  DS-min {m['ds_min']:.4f}"
+            tqdm.write(line + f"  ({m['seconds']:.0f} s)")
             classifier.train()
             if generator is not None:
                 generator.train()

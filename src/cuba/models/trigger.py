@@ -31,7 +31,8 @@ class TriggerGenerator(nn.Module):
         self.unet = UNet(in_channels, image_size, base=base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raw = self.unet(x)
+        # the bound is applied in fp32: under bf16 autocast eps itself would round (0.05 -> 0.05005)
+        raw = self.unet(x).float()
         if self.mode == "image":
             return torch.sigmoid(raw)
-        return (x + self.eps * torch.tanh(raw)).clamp(0.0, 1.0)
+        return (x.float() + self.eps * torch.tanh(raw)).clamp(0.0, 1.0)

@@ -1,0 +1,206 @@
+"""Tests for the ``cuba`` command line and the run folder it writes (tiny real runs on digits)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cuba.cli import format_metrics_table, main
+from cuba.runs import METRIC_KEYS, load_predictions, load_run_config, load_weights, read_json, save_weights
+
+TINY = ["--dataset", "digits", "--epochs", "0.2", "--no-progress", "--n-train", "256", "--n-test", "100"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the tiny tensors here gain nothing from more, and a busy machine's
+    OpenMP barriers can make a 2-thread step 50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def assert_one_line_error(capsys: pytest.CaptureFixture, rc: int, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("cuba: error: "), err
+    for n in needles:
+        assert n in lines[0], err
+    return lines[0]
+
+
+# --- user errors -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--tau", "0"], "tau: "),
+    (["--variant", "xyz"], "variant: "),
+    (["--model", "vgg"], "model: "),
+    (["--dataset", "no-such-set"], "dataset: "),
+    (["--set", "foo=1"], "unknown config field 'foo'"),
+    (["--set", "eps_start"], "FIELD=VALUE"),
+    (["--set", "eps_start=2"], "eps_start: "),
+])
+def test_train_bad_values_exit_2(capsys: pytest.CaptureFixture, tmp_path: Path, argv: list[str], needle: str) -> None:
+    rc = main(["train", "--out", str(tmp_path / "r"), "--no-progress", *argv])
+    assert_one_line_error(capsys, rc, needle)
+    assert not (tmp_path / "r").exists()  # failed before writing anything
+
+
+def test_train_missing_config_file(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    rc = main(["train", "--config", str(tmp_path / "absent.yaml"), "--no-progress"])
+    assert_one_line_error(capsys, rc, "config file not found", "absent.yaml")
+
+
+def test_train_flags_override_config_file(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tau: 0\n")
+    # the file's bad tau is reported ...
+    assert_one_line_error(capsys, main(["train", "--config", str(cfg), "--no-progress"]), "tau: ")
+    # ... and a flag overrides the file (then the bad model is the first error)
+    rc = main(["train", "--config", str(cfg), "--tau", "0.5", "--model", "vgg", "--no-progress"])
+    assert_one_line_error(capsys, rc, "model: ")
+
+
+def test_evaluate_folder_without_config(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    rc = main(["evaluate", str(tmp_path)])
+    assert_one_line_error(capsys, rc, "is not a run folder", "config.yaml")
+    rc = main(["evaluate", str(tmp_path / "missing"), "--from-predictions"])
+    assert_one_line_error(capsys, rc, "is not a run folder")
+
+
+def test_format_metrics_table_shows_dash_for_missing() -> None:
+    table = format_metrics_table([("clean", {"ca": 0.9876, "asr": float("nan"), "psnr": None})])
+    row = table.splitlines()[2]
+    assert row.startswith("clean") and "98.76" in row and "-" in row
+
+
+# --- tiny real runs ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cuba_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "cuba"
+    rc = main(["train", *TINY, "--attack", "cuba", "--out", str(run_dir)])
+    assert rc == 0
+    return run_dir
+
+
+def test_run_folder_contents(cuba_run: Path) -> None:
+    for name in ("config.yaml", "metrics.json", "history.json", "predictions.npz", "targets.json",
+                 "classifier.safetensors", "generator.safetensors", "figures/triggers.png", "figures/histograms.png"):
+        assert (cuba_run / name).is_file(), name
+    for png in ("figures/triggers.png", "figures/histograms.png"):
+        assert (cuba_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = load_run_config(cuba_run)
+    assert (cfg.dataset, cfg.attack, cfg.variant, cfg.epochs, cfg.n_train, cfg.n_test) == ("digits", "cuba", "fra", 0.2, 256, 100)
+    assert cfg.progress is False
+    targets = read_json(cuba_run / "targets.json")
+    assert targets == {str(c): [t for t in range(10) if t != c] for c in range(10)}
+
+
+def test_run_metrics(cuba_run: Path) -> None:
+    m = read_json(cuba_run / "metrics.json")
+    assert set(METRIC_KEYS) <= set(m)
+    for key in ("ca", "asr", "asr_c"):
+        assert isinstance(m[key], float) and 0.0 <= m[key] <= 1.0, key
+    if m["asr"] > 0:
+        assert 0.0 <= m["ds_min"] <= m["ds"] <= 1.0
+    else:
+        assert m["ds"] is None
+    assert 0.0 <= m["d_p"] <= math.log(10) + 1e-9
+    assert m["psnr"] > 0 and m["ssim"] <= 1.0
+    # the residual generator keeps every backdoor image within eps (small slack for bf16 autocast)
+    assert 0.0 <= m["linf"] <= 0.05 * (1 + 2**-7)
+    assert m["psnr"] >= 20 * math.log10(1 / 0.05) - 0.1
+    assert (m["n_train"], m["n_test"], m["num_classes"]) == (256, 100, 10)
+
+
+def test_run_predictions(cuba_run: Path) -> None:
+    with np.load(cuba_run / "predictions.npz") as z:
+        n = 100
+        for key in ("y_true", "y_pred_clean", "y_pred_backdoor", "psnr", "ssim", "linf"):
+            assert z[key].shape == (n,), key
+        ts = z["target_sets"]
+        assert ts.shape == (n, 10) and ts.dtype == np.bool_
+        # FRA: each sample's target row is every class but its own
+        assert (ts.sum(1) == 9).all() and not ts[np.arange(n), z["y_true"]].any()
+        ca = float((z["y_true"] == z["y_pred_clean"]).mean())
+        asr = float((z["y_true"] != z["y_pred_backdoor"]).mean())
+    m = read_json(cuba_run / "metrics.json")
+    assert m["ca"] == pytest.approx(ca) and m["asr"] == pytest.approx(asr)
+
+
+def test_evaluate_json(cuba_run: Path, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    assert main(["evaluate", str(cuba_run), "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    stored = read_json(cuba_run / "metrics.json")
+    assert "ds_per_class" not in out
+    assert out["stored"]["ca"] == stored["ca"]
+    # same weights, same test subset: the recomputed label metrics match
+    for key in ("ca", "asr", "asr_c"):
+        assert out[key] == pytest.approx(stored[key], abs=0.02), key
+
+
+def test_evaluate_from_predictions_reproduces_metrics(cuba_run: Path, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    assert main(["evaluate", str(cuba_run), "--from-predictions", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    stored = read_json(cuba_run / "metrics.json")
+    for key in ("ca", "asr", "asr_c", "ds", "ds_min", "d_p", "psnr", "ssim", "linf"):
+        if stored[key] is None:
+            assert out[key] is None or math.isnan(out[key]), key
+        else:
+            assert out[key] == pytest.approx(stored[key], rel=1e-6, abs=1e-9), key
+
+
+def test_evaluate_table(cuba_run: Path, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    assert main(["evaluate", str(cuba_run), "--from-predictions"]) == 0
+    out = capsys.readouterr().out
+    assert "recomputed" in out and "stored" in out
+
+
+def test_saved_predictions_load_back(cuba_run: Path) -> None:
+    pred, targets = load_predictions(cuba_run)
+    assert targets is not None and targets.dtype == torch.bool and targets.shape == (10, 10)
+    assert pred.y_pred_backdoor is not None and len(pred.y_true) == 100
+
+
+def test_clean_run_has_no_generator(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "clean"
+    assert main(["train", *TINY, "--attack", "none", "--out", str(run_dir)]) == 0
+    assert (run_dir / "classifier.safetensors").is_file()
+    assert not (run_dir / "generator.safetensors").exists()
+    assert not (run_dir / "targets.json").exists()
+    assert not (run_dir / "figures" / "triggers.png").exists()
+    m = read_json(run_dir / "metrics.json")
+    assert 0.0 <= m["ca"] <= 1.0
+    assert all(m[k] is None for k in ("asr", "asr_c", "ds", "ds_min", "d_p", "psnr", "ssim", "linf"))
+    with np.load(run_dir / "predictions.npz") as z:
+        assert set(z.files) == {"y_true", "y_pred_clean"}
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir), "--from-predictions", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ca"] == pytest.approx(m["ca"])
+
+
+def test_weights_round_trip(tmp_path: Path) -> None:
+    from cuba.models import build_classifier
+
+    torch.manual_seed(0)
+    a = build_classifier("simplecnn", 1, 10, 16, torch.tensor([0.3]), torch.tensor([0.2])).eval()
+    save_weights(tmp_path / "w.safetensors", a)
+    torch.manual_seed(1)
+    b = load_weights(tmp_path / "w.safetensors", build_classifier("simplecnn", 1, 10, 16)).eval()
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    assert torch.equal(b.normalize.mean.flatten(), torch.tensor([0.3]))
