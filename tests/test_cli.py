@@ -16,14 +16,7 @@ from cuba.runs import METRIC_KEYS, load_predictions, load_run_config, load_weigh
 TINY = ["--dataset", "digits", "--epochs", "0.2", "--no-progress", "--n-train", "256", "--n-test", "100"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the tiny tensors here gain nothing from more, and a busy machine's
-    OpenMP barriers can make a 2-thread step 50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_one_line_error(capsys: pytest.CaptureFixture, rc: int, *needles: str) -> str:
@@ -204,3 +197,17 @@ def test_weights_round_trip(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
     assert torch.equal(b.normalize.mean.flatten(), torch.tensor([0.3]))
+
+
+def test_evaluate_write_updates_metrics(cuba_run: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(cuba_run, run)
+    m = json.loads((run / "metrics.json").read_text())
+    m["ca"] = -1.0  # a stale value that --write must replace
+    (run / "metrics.json").write_text(json.dumps(m))
+    assert main(["evaluate", str(run), "--write"]) == 0
+    new = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= new["ca"] <= 1.0 and new["previous"]["ca"] == -1.0

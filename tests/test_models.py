@@ -9,14 +9,7 @@ from cuba.models import CLASSIFIERS, Classifier, Normalize, TriggerGenerator, UN
 from cuba.models.simplecnn import SimpleCNN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the tiny tensors here gain nothing from more, and a busy machine's
-    OpenMP barriers can make a 2-thread step 50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("channels,size", [(1, 16), (1, 28), (3, 32)])

@@ -13,14 +13,7 @@ from cuba.engine import make_engine
 from cuba.train import channel_stats, cosine, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the tiny tensors here gain nothing from more, and a busy machine's
-    OpenMP barriers can make a 2-thread step 50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_data(k: int = 3, size: int = 8) -> ImageDataset:
@@ -108,3 +101,31 @@ def test_targeted_is_not_offered_yet() -> None:
     # the targeted positive control needs its own target rule and ASR restriction (issue 3)
     with pytest.raises(ConfigError, match=r"^attack: must be one of none, cuba, untargeted-ce, push-away"):
         tiny_cfg(attack="targeted")
+
+
+def test_train_image_mode_and_explicit_targets() -> None:
+    cfg = tiny_cfg(variant="nra", vicinity="explicit", targets={0: [1], 1: [2], 2: [0]}, generator_mode="image")
+    res = train(cfg, tiny_data(), ENGINE)
+    assert res.generator is not None and res.generator.mode == "image"
+    assert [res.targets[y].nonzero().flatten().tolist() for y in range(3)] == [[1], [2], [0]]
+
+
+@pytest.mark.parametrize("attack", ["untargeted-ce", "push-away"])
+def test_train_baseline_objectives_run(attack: str) -> None:
+    res = train(tiny_cfg(attack=attack, extra={"eval_each_epoch": False}), tiny_data(), ENGINE)
+    assert res.generator is not None and res.targets is not None
+
+
+def test_nan_loss_stops_with_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cuba.attack import losses
+    from cuba.train import NonFiniteLossError
+
+    monkeypatch.setitem(losses.OBJECTIVES, "cuba", lambda z, y, t, tau, eps: z.sum() * float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"became nan at step 2 "):
+        train(tiny_cfg(warmup_epochs=0.5), tiny_data(), ENGINE)  # 3 steps/epoch: steps 0-1 warm up
+
+
+def test_gamma_ramp_changes_training() -> None:
+    a = train(tiny_cfg(extra={"eval_each_epoch": False}), tiny_data(), ENGINE).classifier
+    b = train(tiny_cfg(gamma_ramp_epochs=1.0, extra={"eval_each_epoch": False}), tiny_data(), ENGINE).classifier
+    assert any(not torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), b.state_dict().values()))

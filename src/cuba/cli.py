@@ -103,7 +103,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
-    m = evaluate_run(run_dir, from_predictions=args.from_predictions, device=args.device)
+    m = evaluate_run(run_dir, from_predictions=args.from_predictions, device=args.device, write=args.write)
     if args.json:
         print(json.dumps({k: v for k, v in m.items() if k != "ds_per_class"}, indent=2, default=str))
     else:
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--from-predictions", action="store_true", help="use predictions.npz only (no data, no weights)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--write", action="store_true", help="store the recomputed metrics in metrics.json and predictions.npz")
     e.set_defaults(func=cmd_evaluate)
     d = sub.add_parser("demo", help="clean vs CUBA FRA on the bundled digits data, in a few minutes on CPU")
     d.add_argument("--out", default=None, help="folder for the two run folders (default runs/demo)")

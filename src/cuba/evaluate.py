@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .data import ImageDataset
 from .engine import Engine
@@ -34,13 +35,14 @@ class Predictions:
 @torch.inference_mode()
 def predict(
     classifier: nn.Module, generator: nn.Module | None, data: ImageDataset, engine: Engine,
-    batch_size: int = 1024, stealth: bool = True,
+    batch_size: int = 1024, stealth: bool = True, progress: bool = False,
 ) -> Predictions:
     classifier.eval()
     if generator is not None:
         generator.eval()
     clean, bd, psnr, linf, ssim = [], [], [], [], []
-    for xb in data.x_test.split(batch_size):
+    batches = data.x_test.split(batch_size)
+    for xb in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
         x = engine.batch(xb)
         clean.append(classifier(x).argmax(1).cpu())
         if generator is not None:

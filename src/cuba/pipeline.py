@@ -53,7 +53,7 @@ def run_training(cfg: TrainConfig, run_dir: Path | None = None) -> tuple[Path, d
     save_config(run_dir, cfg)
     result = train(cfg, data, engine)
     t_eval = time.perf_counter()
-    pred = predict(result.classifier, result.generator, data, engine, cfg.eval_batch_size, stealth=True)
+    pred = predict(result.classifier, result.generator, data, engine, cfg.eval_batch_size, stealth=True, progress=cfg.progress)
     metrics = metrics_from_predictions(pred, result.targets, cfg.full_range)
     metrics.update(
         train_seconds=round(result.seconds, 2), eval_seconds=round(time.perf_counter() - t_eval, 2),
@@ -86,8 +86,12 @@ def load_models(run_dir: Path, cfg: TrainConfig, data: ImageDataset, engine: Eng
     return engine.prepare(classifier).eval(), (engine.prepare(generator).eval() if generator is not None else None)
 
 
-def evaluate_run(run_dir: Path, from_predictions: bool = False, device: str = "auto") -> dict[str, Any]:
-    """Recompute a saved run's metrics: from its weights on the test set, or only from predictions.npz."""
+def evaluate_run(run_dir: Path, from_predictions: bool = False, device: str = "auto", write: bool = False) -> dict[str, Any]:
+    """Recompute a saved run's metrics: from its weights on the test set, or only from predictions.npz.
+
+    With ``write=True`` the recomputed values replace the stored ones in metrics.json (the
+    previous values are kept under ``previous``) and predictions.npz is rewritten.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
@@ -99,8 +103,12 @@ def evaluate_run(run_dir: Path, from_predictions: bool = False, device: str = "a
         data = load_data(cfg)
         classifier, generator = load_models(run_dir, cfg, data, engine)
         _, targets = load_predictions(run_dir) if (run_dir / "predictions.npz").exists() else (None, None)
-        pred = predict(classifier, generator, data, engine, cfg.eval_batch_size, stealth=True)
+        pred = predict(classifier, generator, data, engine, cfg.eval_batch_size, stealth=True, progress=cfg.progress)
     metrics = metrics_from_predictions(pred, targets, cfg.full_range)
     stored = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
-    metrics["stored"] = {k: stored.get(k) for k in ("ca", "asr", "asr_c", "ds", "ds_min", "d_p", "psnr", "ssim", "linf")}
+    keys = ("ca", "asr", "asr_c", "ds", "ds_min", "d_p", "psnr", "ssim", "linf")
+    if write and not from_predictions:
+        save_predictions(run_dir, pred, targets)
+        write_json(run_dir / "metrics.json", {**stored, **metrics, "previous": {k: stored.get(k) for k in keys}})
+    metrics["stored"] = {k: stored.get(k) for k in keys}
     return metrics
