@@ -149,3 +149,11 @@ def test_residual_bound_holds_under_bf16_autocast() -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = gen(x)
     assert (out.float() - x).abs().max().item() <= 0.05 + 1e-6
+
+
+@pytest.mark.parametrize("name", ["simplecnn", "resnet18", "preactresnet18"])
+def test_logits_are_fp32_under_bf16_autocast(name: str) -> None:
+    model = build_classifier(name, 1, 10, 16 if name == "simplecnn" else 8).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(2, 1, 16 if name == "simplecnn" else 8, 16 if name == "simplecnn" else 8))
+    assert out.dtype == torch.float32

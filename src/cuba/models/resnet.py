@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .head import FP32Linear
+
 
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
@@ -63,7 +65,7 @@ class _CifarResNet(nn.Module):
             cin = w
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.final_bn = nn.BatchNorm2d(512) if self.preact else nn.Identity()
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = FP32Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .head import FP32Linear
+
 
 class SimpleCNN(nn.Module):
     """conv(32) -> pool -> conv(64) -> pool -> fc(256) -> fc(128) -> fc(K).
@@ -25,7 +27,7 @@ class SimpleCNN(nn.Module):
         flat = 64 * (image_size // 4) ** 2
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(flat, 256), nn.ReLU(inplace=True),
-            nn.Linear(256, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes),
+            nn.Linear(256, 128), nn.ReLU(inplace=True), FP32Linear(128, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
