@@ -120,6 +120,7 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> TrainResult:
     y_all = data.y_train.to(engine.device)
     n_bd = max(1, round(cfg.backdoor_ratio * cfg.batch_size))
     history: list[dict[str, Any]] = []
+    target_rows: torch.Tensor | None = None
     classifier.train()
     if generator is not None:
         generator.train()
@@ -154,7 +155,9 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> TrainResult:
                     mse = (xb.float() - x[:n_bd]).pow(2)
                     mse = mse.mean() if cfg.mse_reduction == "mean" else mse.flatten(1).sum(1).mean()
                     ce = F.cross_entropy(zc.float(), y)
-                    bd = objective(zb, y[:n_bd], targets.to(engine.device)[y[:n_bd]].float(), cfg.tau, cfg.lnf_eps)
+                    if target_rows is None:  # the (K, K) float rows, moved to the device once
+                        target_rows = targets.to(engine.device).float()
+                    bd = objective(zb, y[:n_bd], target_rows[y[:n_bd]], cfg.tau, cfg.lnf_eps)
                     ramp = cfg.gamma_ramp_epochs * steps_per_epoch
                     gamma = cfg.gamma * min(1.0, (step - warmup_steps + 1) / ramp) if ramp > 0 else cfg.gamma
                     loss = cfg.alpha * mse + cfg.beta * ce + gamma * bd
