@@ -97,10 +97,9 @@ def test_train_is_seeded() -> None:
         assert ka == kb and torch.equal(va, vb), ka
 
 
-def test_targeted_is_not_offered_yet() -> None:
-    # the targeted positive control needs its own target rule and ASR restriction (issue 3)
-    with pytest.raises(ConfigError, match=r"^attack: must be one of none, cuba, untargeted-ce, push-away"):
-        tiny_cfg(attack="targeted")
+def test_unknown_attack_lists_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"^attack: must be one of none, cuba, untargeted-ce, targeted, push-away, badnets, ubw-p, got 'lira'"):
+        tiny_cfg(attack="lira")
 
 
 def test_train_image_mode_and_explicit_targets() -> None:

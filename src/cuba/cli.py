@@ -1,4 +1,4 @@
-"""The ``cuba`` command line: train, evaluate, demo.
+"""The ``cuba`` command line: train, evaluate, compare, sweep, demo.
 
 Every user error (bad config value, missing data, unknown run folder) ends as one line on
 stderr and exit code 2, never a traceback.
@@ -21,13 +21,15 @@ TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
     "dataset": (str, "digits | mnist | fashion-mnist | cifar10 | cifar100 | gtsrb | path to .npz/.zip/folder"),
     "data_dir": (str, "folder searched first for named data sets (default ./data)"),
     "model": (str, "simplecnn | resnet18 | preactresnet18"),
-    "attack": (str, "none (clean baseline) | cuba | untargeted-ce | push-away"),
+    "attack": (str, "none (clean baseline) | cuba | untargeted-ce | push-away | targeted | badnets | ubw-p"),
     "variant": (str, "fra | nra | nra-K (e.g. nra-5)"),
     "k": (int, "NRA target-set size"),
     "vicinity": (str, "NRA target sets: index | similar | explicit"),
     "generator_mode": (str, "residual | image"),
     "eps": (float, "final L-inf bound of a residual trigger"),
     "tau": (float, "LNF temperature"),
+    "target_class": (int, "target class of the all-to-one controls (targeted, badnets)"),
+    "poison_rate": (float, "share of eligible training images poisoned (badnets, ubw-p)"),
     "alpha": (float, "MSE weight"), "beta": (float, "clean CE weight"), "gamma": (float, "backdoor loss weight"),
     "epochs": (float, "training epochs (fractions allowed)"),
     "batch_size": (int, "batch size"), "lr": (float, "classifier learning rate"),
@@ -111,6 +113,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    md, files = compare(args.runs, out=Path(args.out), name=args.name, by=args.by, source_class=args.source_class)
+    print(md)
+    print("\nwritten: " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import parse_value, run_sweep
+
+    base = _config_values(args)
+    out = base.pop("out", None)
+    if not out:
+        raise ConfigError("sweep: --out FOLDER is required (it holds one run folder per value and seed)")
+    seeds = args.seeds if args.seeds is not None else [int(base.get("seed", 0))]
+    md, files = run_sweep(base, args.field.replace("-", "_"), [parse_value(v) for v in args.values], seeds, Path(out))
+    print(md)
+    print("\nwritten: " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def preset(name: str) -> dict[str, Any]:
     """A shipped config preset (src/cuba/configs/NAME.yaml)."""
     import yaml
@@ -152,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--write", action="store_true", help="store the recomputed metrics in metrics.json and predictions.npz")
     e.set_defaults(func=cmd_evaluate)
+    c = sub.add_parser("compare", help="one table (Markdown + CSV) of runs, seeds folded into mean ± std")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders holding run folders")
+    c.add_argument("--out", default=".", help="folder for NAME.md / NAME.csv (default: current folder)")
+    c.add_argument("--name", default="compare", help="file name stem (default compare)")
+    c.add_argument("--by", default=None, metavar="FIELD", help="config field to sort by, tabulate and plot against (NAME.png)")
+    c.add_argument("--source-class", type=int, default=None, metavar="C",
+                   help="also draw the backdoor prediction histogram of class C for each setting (paper Fig. 8)")
+    c.set_defaults(func=cmd_compare)
+    w = sub.add_parser("sweep", help="train over values of one config field x seeds; table + plot of DS/ASR/CA")
+    w.add_argument("field", help="config field to sweep, e.g. tau or gamma")
+    w.add_argument("values", nargs="+", help="values (YAML), e.g. 0.01 0.1 1")
+    w.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds per value (default: --seed, or 0)")
+    _add_train_flags(w)
+    w.set_defaults(func=cmd_sweep)
     d = sub.add_parser("demo", help="clean vs CUBA FRA on the bundled digits data, in a few minutes on CPU")
     d.add_argument("--out", default=None, help="folder for the two run folders (default runs/demo)")
     d.add_argument("--no-progress", action="store_true")

@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-ATTACKS = ("none", "cuba", "untargeted-ce", "push-away")
 MSE_REDUCTIONS = ("mean", "sum")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -45,6 +44,9 @@ class TrainConfig:
     targets: Any = None  # explicit target sets: {class: [classes]} or one global [classes]
     generator_mode: str = "residual"  # residual | image
     generator_width: int = 16
+    target_class: int = 0  # all-to-one controls (targeted, badnets)
+    poison_rate: float = 0.1  # poisoning baselines (badnets, ubw-p): share of eligible training images
+    patch_size: int = 3  # side of the square patch trigger of badnets / ubw-p, in pixels
     eps: float = 0.05  # final L-inf bound of the residual trigger
     eps_start: float = 0.3  # residual bound at the start, annealed down to eps
     eps_anneal: float = 0.5  # fraction of training over which eps_start -> eps (cosine)
@@ -84,12 +86,22 @@ class TrainConfig:
 
     @property
     def full_range(self) -> bool:
-        return self.variant == "fra"
+        """True when DS spreads over all K classes (H_c = K): FRA, and the fixed-rule baselines.
+
+        For the all-to-one controls this makes DS measure how concentrated the backdoor
+        predictions are (all on one class gives the minimum, 0.70 for K = 10), comparable
+        with the untargeted attacks' values.
+        """
+        return self.variant == "fra" or self.attack in ("targeted", "badnets", "ubw-p")
 
     def label(self) -> str:
-        """A short human-readable name of the setting, e.g. ``cuba-nra2``."""
+        """A short human-readable name of the setting, e.g. ``cuba-nra2`` or ``badnets-t0``."""
         if not self.is_attack:
             return "clean"
+        if self.attack in ("targeted", "badnets"):
+            return f"{self.attack}-t{self.target_class}"
+        if self.attack == "ubw-p":
+            return self.attack
         return f"{self.attack}-{self.variant}{self.k if self.variant == 'nra' else ''}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,7 +164,7 @@ def validate(cfg: TrainConfig) -> None:
     """Check types and ranges; raise ConfigError naming the first bad field."""
     from .data import DATASET_NAMES  # local: avoid import cycles
     from .models import CLASSIFIERS, GENERATOR_MODES
-    from .attack import VICINITIES
+    from .attack import ATTACKS, FIXED_RULE, VICINITIES
 
     numeric = {
         "epochs": (float, lambda v: v > 0, "> 0"), "batch_size": (int, lambda v: v >= 2, ">= 2"),
@@ -164,7 +176,8 @@ def validate(cfg: TrainConfig) -> None:
         "eps_start": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "eps_anneal": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
         "backdoor_ratio": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "warmup_epochs": (float, lambda v: v >= 0, ">= 0"), "gamma_ramp_epochs": (float, lambda v: v >= 0, ">= 0"),
         "k": (int, lambda v: v >= 1, ">= 1"), "seed": (int, lambda v: v >= 0, ">= 0"),
-"generator_width": (int, lambda v: v >= 4, ">= 4"),
+        "generator_width": (int, lambda v: v >= 4, ">= 4"), "target_class": (int, lambda v: v >= 0, ">= 0"),
+        "poison_rate": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "patch_size": (int, lambda v: v >= 1, ">= 1"),
         "eval_batch_size": (int, lambda v: v >= 1, ">= 1"),
     }
     for name, (kind, ok, allowed) in numeric.items():
@@ -192,5 +205,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("download", "channels_last", "progress"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{name}: must be true or false, got {getattr(cfg, name)!r}")
+    if cfg.attack in FIXED_RULE and cfg.variant != "fra":
+        raise ConfigError(f"variant: attack {cfg.attack!r} has its own target rule; leave variant at fra (got {cfg.variant!r})")
     if cfg.vicinity == "explicit" and cfg.variant == "nra" and cfg.targets is None:
         raise ConfigError("targets: vicinity 'explicit' needs targets (a mapping class -> list of classes, or one list)")

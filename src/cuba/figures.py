@@ -65,14 +65,71 @@ def plot_histograms(
         colors = np.where(targets[c].numpy(), "tab:red", "tab:gray")
         colors[c] = "tab:blue"
         ax.bar(np.arange(k), share, color=colors)
-        ax.axhline(1.0 / targets[c].sum().item(), color="k", lw=0.7, ls="--")
         name = classes[c] if classes else str(c)
-        ax.set_title(f"source {name}: DS_c={ds[c]:.3f}", fontsize=8)
+        if targets[c].any():
+            ax.axhline(1.0 / targets[c].sum().item(), color="k", lw=0.7, ls="--")
+            ax.set_title(f"source {name}: DS_c={ds[c]:.3f}", fontsize=8)
+        else:  # the target class of an all-to-one attack is not attacked
+            ax.set_title(f"source {name}: not attacked", fontsize=8)
         ax.set_ylim(0, max(0.3, float(share.max()) * 1.1))
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(sources):]:
         ax.axis("off")
     fig.suptitle(title or "Predictions of backdoor images per source class (red: target set, blue: true class; dashed: uniform)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_source_class_comparison(
+    entries: list[tuple[str, np.ndarray, np.ndarray, torch.Tensor, bool]], source: int, path: Path,
+    classes: list[str] | None = None,
+) -> Path:
+    """Paper Fig. 8: for one source class, the backdoor prediction histogram of several runs side by side.
+
+    ``entries`` holds (name, y_true, y_pred_backdoor, target matrix, full_range) per run; each
+    panel is titled with that run's DS_c for the source class, so the collapse (or its absence)
+    reads as a number, not only as a shape.
+    """
+    n = len(entries)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+    for ax, (name, y_true, y_pred, targets, full_range) in zip(axes[0], entries):
+        k = targets.shape[0]
+        preds = y_pred[y_true == source]
+        share = np.bincount(preds, minlength=k) / max(1, len(preds))
+        colors = np.where(targets[source].numpy(), "tab:red", "tab:gray")
+        colors[source] = "tab:blue"
+        ax.bar(np.arange(k), share, color=colors)
+        ds_c = per_class_ds(y_true, y_pred, targets, full_range)[source]
+        ax.set_title(f"{name}\nDS_{source}={ds_c:.3f}", fontsize=8)
+        ax.set_ylim(0, 1.0)
+        ax.set_xticks(np.arange(k), [classes[j] if classes else str(j) for j in range(k)], fontsize=6)
+    src = classes[source] if classes else str(source)
+    fig.suptitle(f"Backdoor predictions of source class {src} (red: target set, blue: true class)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(rows: list[dict], field: str, path: Path) -> Path:
+    """DS, ASR and CA (mean ± std over seeds) against one swept config field; log x-axis for wide ranges."""
+    xs = np.array([float(r[field]) for r in rows])
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.0))
+    for ax, (key, title) in zip(axes, (("ds", "DS %"), ("asr", "ASR %"), ("ca", "CA %"))):
+        mean = np.array([r[key][0] for r in rows])
+        std = np.nan_to_num(np.array([r[key][1] for r in rows]))
+        ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3)
+        if len(xs) > 1 and xs.min() > 0 and xs.max() / xs.min() > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(field)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    n = sorted({r["n"] for r in rows})
+    fig.suptitle(f"Sweep over {field} (mean ± sample std over {'/'.join(map(str, n))} seed(s))", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -5,8 +5,9 @@ All functions take plain label tensors/arrays so they can be recomputed from a s
 
 * CA  -- accuracy on clean test images.
 * ASR -- share of backdoor test images whose prediction satisfies the variant's success rule:
-  prediction in T(y) (for FRA, T(y) = every class but y, i.e. prediction != y).
-  ASR-C is the same restricted to images the model classifies correctly when clean.
+  prediction in T(y) (for FRA, T(y) = every class but y, i.e. prediction != y). Images whose
+  class has an empty T(y) -- the target class of an all-to-one attack -- are not attacked and
+  are left out. ASR-C is the same restricted to images the model classifies correctly when clean.
 * DS  -- per source class c, over the *successful* backdoor images of c: with H_c the classes
   the predictions should spread over (all K for FRA, T(c) for NRA) and p_j the share of those
   predictions on class j, DS_c = 1 - sqrt(mean_{j in H_c} (p_j - 1/|H_c|)^2). Headline DS is
@@ -42,15 +43,20 @@ def success_mask(y_true: torch.Tensor | np.ndarray, y_pred: torch.Tensor | np.nd
     return targets.bool()[y_true, y_pred]
 
 
+def attacked_mask(y_true: torch.Tensor | np.ndarray, targets: torch.Tensor) -> torch.Tensor:
+    """Per-image: does its class have a non-empty target set (is it attacked at all)?"""
+    return targets.bool().any(dim=1)[_t(y_true)]
+
+
 def attack_success_rate(
     y_true: torch.Tensor | np.ndarray, y_pred_bd: torch.Tensor | np.ndarray, targets: torch.Tensor,
     y_pred_clean: torch.Tensor | np.ndarray | None = None,
 ) -> float:
     """ASR; with ``y_pred_clean`` given, ASR-C (only images classified correctly when clean)."""
-    ok = success_mask(y_true, y_pred_bd, targets)
+    keep = attacked_mask(y_true, targets)
     if y_pred_clean is not None:
-        keep = _t(y_true) == _t(y_pred_clean)
-        ok = ok[keep]
+        keep &= _t(y_true) == _t(y_pred_clean)
+    ok = success_mask(y_true, y_pred_bd, targets)[keep]
     return float(ok.float().mean()) if len(ok) else float("nan")
 
 

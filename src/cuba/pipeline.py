@@ -15,7 +15,8 @@ from .data import ImageDataset, load_dataset
 from .engine import Engine, make_engine
 from .evaluate import metrics_from_predictions, predict
 from .figures import plot_histograms, plot_triggers
-from .models import TriggerGenerator, build_classifier
+from .attack import POISON_ATTACKS, build_trigger
+from .models import build_classifier
 from .runs import (
     default_run_dir, load_predictions, load_run_config, load_weights, read_json, save_config, save_predictions,
     save_weights, write_json,
@@ -31,7 +32,7 @@ def load_data(cfg: TrainConfig) -> ImageDataset:
 
 
 def _figures(run_dir: Path, cfg: TrainConfig, data: ImageDataset, classifier: torch.nn.Module,
-             generator: TriggerGenerator | None, engine: Engine, pred: Any, targets: torch.Tensor | None) -> None:
+             generator: torch.nn.Module | None, engine: Engine, pred: Any, targets: torch.Tensor | None) -> None:
     if generator is None or targets is None:
         return
     # one test image per class (the first of each), for the trigger figure
@@ -59,7 +60,7 @@ def run_training(cfg: TrainConfig, run_dir: Path | None = None) -> tuple[Path, d
         train_seconds=round(result.seconds, 2), eval_seconds=round(time.perf_counter() - t_eval, 2),
         train_images_per_second=round(result.images_per_second, 1), num_classes=data.num_classes,
         n_train=len(data.y_train), n_test=len(data.y_test), dataset=data.name, setting=cfg.label(),
-        generator_mode=cfg.generator_mode if cfg.is_attack else None,
+        generator_mode=("patch" if cfg.attack in POISON_ATTACKS else cfg.generator_mode) if cfg.is_attack else None,
         device=str(engine.device), bf16=engine.bf16, torch=torch.__version__, cuba=__version__,
         machine=platform.machine(), threads=torch.get_num_threads(),
     )
@@ -75,13 +76,12 @@ def run_training(cfg: TrainConfig, run_dir: Path | None = None) -> tuple[Path, d
     return run_dir, metrics
 
 
-def load_models(run_dir: Path, cfg: TrainConfig, data: ImageDataset, engine: Engine) -> tuple[torch.nn.Module, TriggerGenerator | None]:
+def load_models(run_dir: Path, cfg: TrainConfig, data: ImageDataset, engine: Engine) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """Rebuild a run's classifier (and generator) from its config and safetensors weights."""
     classifier = build_classifier(cfg.model, data.channels, data.num_classes, data.image_size)
     load_weights(run_dir / "classifier.safetensors", classifier)
-    generator = None
-    if (run_dir / "generator.safetensors").exists():
-        generator = TriggerGenerator(data.channels, data.image_size, cfg.generator_mode, cfg.eps, cfg.generator_width)
+    generator = build_trigger(cfg, data.channels, data.image_size)
+    if generator is not None:
         load_weights(run_dir / "generator.safetensors", generator)
     return engine.prepare(classifier).eval(), (engine.prepare(generator).eval() if generator is not None else None)
 

@@ -59,6 +59,10 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda t: Path(t).write_text(text))
+
+
 def write_json(path: Path, obj: Any) -> None:
     text = json.dumps(_jsonable(obj), indent=2)
     _atomic_write(path, lambda t: Path(t).write_text(text + "\n"))

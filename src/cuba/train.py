@@ -8,7 +8,9 @@ One loop serves every attack. Per step, for a batch (x, y):
 
 and both F and G step on the gradient of L. ``objective`` comes from
 :data:`cuba.attack.OBJECTIVES` (CUBA's LNF, or a baseline), so a new attack loss is one entry
-there. Schedules that keep joint training from collapsing (METHOD.md "Known failure modes"):
+there. The poisoning baselines (``badnets``, ``ubw-p``) take the clean branch on a poisoned
+batch instead: their fixed patch is stamped on the planned images and their labels swapped
+(:mod:`cuba.attack.poison`) before augmentation. Schedules that keep joint training from collapsing (METHOD.md "Known failure modes"):
 an optional clean warm-up of F, and a residual bound annealed from ``eps_start`` (the
 trigger is obvious, F learns it) down to ``eps`` (stealthy) over ``eps_anneal`` of training.
 """
@@ -26,13 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attack import OBJECTIVES, build_targets
+from .attack import OBJECTIVES, POISON_ATTACKS, attack_targets, build_trigger, make_poison_plan, needs_reference_model
 from .config import ConfigError, TrainConfig
 from .data import ImageDataset
 from .data.augment import augment_batch, augment_policy
 from .engine import Engine, seed_everything
 from .evaluate import evaluate_models
-from .models import TriggerGenerator, build_classifier
+from .models import build_classifier
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,7 +44,7 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainResult:
     classifier: nn.Module
-    generator: TriggerGenerator | None
+    generator: nn.Module | None  # the trigger: a U-Net TriggerGenerator or a fixed PatchTrigger
     targets: torch.Tensor | None
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
@@ -89,21 +91,26 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> TrainResult:
     k = data.num_classes
     if cfg.variant == "nra" and cfg.is_attack and not 0 < cfg.k < k:
         raise ConfigError(f"k: must satisfy 0 < k < K = {k} for {data.name}, got {cfg.k}")
-    if cfg.vicinity == "similar" and cfg.variant == "nra" and cfg.is_attack and cfg.warmup_epochs <= 0:
+    if needs_reference_model(cfg) and cfg.warmup_epochs <= 0:
         raise ConfigError("warmup_epochs: vicinity 'similar' needs warmup_epochs > 0 (the warmed-up classifier is the clean reference model)")
+    if cfg.is_attack and cfg.target_class >= k:
+        raise ConfigError(f"target_class: must lie in [0, {k}) for {data.name}, got {cfg.target_class}")
+    if cfg.attack in POISON_ATTACKS and cfg.patch_size > data.image_size:
+        raise ConfigError(f"patch_size: must be at most the image size {data.image_size}, got {cfg.patch_size}")
     mean, std = channel_stats(data.x_train)
     classifier = engine.prepare(build_classifier(cfg.model, data.channels, k, data.image_size, mean, std))
-    generator: TriggerGenerator | None = None
-    targets: torch.Tensor | None = None
-    if cfg.is_attack:
-        generator = engine.prepare(TriggerGenerator(data.channels, data.image_size, cfg.generator_mode, cfg.eps, cfg.generator_width))
-        if cfg.vicinity != "similar" or cfg.variant == "fra":
-            targets = build_targets(cfg.variant, k, cfg.k, cfg.vicinity, cfg.targets)
+    trigger = build_trigger(cfg, data.channels, data.image_size)
+    generator = engine.prepare(trigger) if trigger is not None else None
+    targets = None if needs_reference_model(cfg) else attack_targets(cfg, k)
+    poison = None
+    if cfg.attack in POISON_ATTACKS:
+        poison = make_poison_plan(cfg.attack, data.y_train, k, cfg.poison_rate, cfg.target_class, gen).to(engine.device)
 
     n = len(data.y_train)
     steps_per_epoch = max(1, n // cfg.batch_size)  # drop the ragged last batch: constant BN statistics
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch)) if cfg.is_attack else 0
+    learned = cfg.attack in OBJECTIVES  # a generator trained jointly with F (not a fixed patch)
+    warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch)) if learned else 0
     params = list(classifier.parameters())
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
@@ -113,7 +120,7 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> TrainResult:
         opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.15, anneal_strategy="cos",
         cycle_momentum=False, div_factor=10.0, final_div_factor=100.0,
     )
-    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.generator_lr) if generator is not None else None
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.generator_lr) if learned else None
     objective = OBJECTIVES.get(cfg.attack)
     pad, flip = augment_policy(cfg.augment, data.name)
     x_all = data.x_train.to(engine.device)
@@ -122,7 +129,7 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> TrainResult:
     history: list[dict[str, Any]] = []
     target_rows: torch.Tensor | None = None
     classifier.train()
-    if generator is not None:
+    if learned:
         generator.train()
     t0 = time.perf_counter()
     # redraw at most every 30 s when stderr is a file or pipe (logs stay readable)
@@ -136,11 +143,13 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> TrainResult:
             if step >= total_steps:
                 break
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = augment_batch(engine.batch(x_all[idx]), pad, flip)
-            y = y_all[idx]
-            if step == warmup_steps and targets is None and generator is not None:
-                targets = build_targets(cfg.variant, k, cfg.k, cfg.vicinity, cfg.targets, class_confusion(classifier, data, engine))
-            joint = generator is not None and step >= warmup_steps
+            x, y = engine.batch(x_all[idx]), y_all[idx]
+            if poison is not None:
+                x, y = poison.apply(x, y, idx, generator)
+            x = augment_batch(x, pad, flip)
+            if step == warmup_steps and targets is None and learned:
+                targets = attack_targets(cfg, k, class_confusion(classifier, data, engine))
+            joint = learned and step >= warmup_steps
             with engine.autocast():
                 if not joint:
                     logits = classifier(x)
@@ -191,12 +200,13 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> TrainResult:
                 line += f"  ASR {m['asr']:.4f}  DS {m['ds']:.4f}  DS-min {m['ds_min']:.4f}"
             tqdm.write(line + f"  ({m['seconds']:.0f} s)")
             classifier.train()
-            if generator is not None:
+            if learned:
                 generator.train()
     bar.close()
     seconds = time.perf_counter() - t0
     classifier.eval()
     if generator is not None:
         generator.eval()
+    if learned:
         generator.eps = cfg.eps
     return TrainResult(classifier, generator, targets, history, seconds, total_steps * cfg.batch_size / max(seconds, 1e-9))

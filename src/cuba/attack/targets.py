@@ -9,6 +9,9 @@ only has to produce one.
 * NRA-k ``similar``: the k classes a clean reference model confuses y with most (mean softmax
   mass on j over the images of class y); see :func:`similar_targets`.
 * NRA ``explicit``: a user mapping {class: [targets]}, or one global set S with T(y) = S minus {y}.
+* all-to-one (the targeted controls ``targeted`` and ``badnets``): T(y) = {t} for y != t, and
+  T(t) is *empty*: images of the target class itself are not attacked, and the metrics leave them
+  out of ASR and DS (:func:`cuba.metrics.attacked_mask`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ def index_targets(num_classes: int, k: int) -> torch.Tensor:
     for y in range(num_classes):
         for step in range(1, k + 1):
             m[y, (y + step) % num_classes] = True
+    return m
+
+
+def all_to_one_targets(num_classes: int, target: int) -> torch.Tensor:
+    """T(y) = {target} for every y != target; the target class's own row is empty (not attacked)."""
+    _check_class(target, num_classes)
+    m = torch.zeros(num_classes, num_classes, dtype=torch.bool)
+    m[:, target] = True
+    m[target, target] = False
     return m
 
 
@@ -73,14 +85,17 @@ def explicit_targets(num_classes: int, spec: Mapping[int | str, Sequence[int]] |
     return m
 
 
-def validate_targets(m: torch.Tensor) -> None:
+def validate_targets(m: torch.Tensor, allow_empty: bool = False) -> None:
+    """Square bool matrix, no class in its own set, and (unless ``allow_empty``) no empty set."""
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.dtype != torch.bool:
         raise TargetSetError(f"a target matrix must be a square bool tensor, got {tuple(m.shape)} {m.dtype}")
     diag = m.diagonal().nonzero().flatten().tolist()
     if diag:
         raise TargetSetError(f"target sets of classes {diag[:10]} contain their own source class")
     empty = (~m.any(dim=1)).nonzero().flatten().tolist()
-    if empty:
+    if len(empty) == m.shape[0]:
+        raise TargetSetError("every target set is empty: nothing would be attacked")
+    if empty and not allow_empty:
         raise TargetSetError(f"target sets of classes {empty[:10]} are empty")
 
 
