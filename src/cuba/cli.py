@@ -1,4 +1,4 @@
-"""The ``cuba`` command line: train, evaluate, compare, sweep, demo.
+"""The ``cuba`` command line: train, evaluate, defend, compare, sweep, demo.
 
 Every user error (bad config value, missing data, unknown run folder) ends as one line on
 stderr and exit code 2, never a traceback.
@@ -113,6 +113,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def summarize_defense(name: str, f: dict[str, Any]) -> str:
+    """One line per defense with its headline numbers."""
+    if "auroc" in f:
+        extra = f"FAR@FRR1% {f['far_at_frr_1pct']:.3f}" if "far_at_frr_1pct" in f else f"TPR@FPR5% {f.get('tpr_at_fpr_5pct', math.nan):.3f}"
+        return f"AUROC {f['auroc']:.3f}  {extra}"
+    if "anomaly_index" in f:
+        return f"anomaly index {f['anomaly_index']:.2f}  flagged {f['flagged_classes'] or 'none'}"
+    rows = f.get("rows", [])
+    key = "prune_ratio" if rows and "prune_ratio" in rows[0] else "epoch"
+    return "  ".join(f"{key} {r[key]:g}: CA {100 * r['ca']:.1f} ASR {_fmt(r['asr'])}" for r in rows)
+
+
+def cmd_defend(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .defenses import DEFENSES, load_attack_run, run_defense
+
+    names = list(DEFENSES) if args.name == "all" else [args.name]
+    if args.name != "all" and args.name not in DEFENSES:
+        raise ConfigError(f"defense: must be one of {', '.join(DEFENSES)} or all, got {args.name!r}")
+    params: dict[str, Any] = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects PARAM=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        params[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+    run = load_attack_run(args.run_dir, device=args.device)
+    out = Path(args.out) if args.out else None
+    for name in names:
+        accepted = set(DEFENSES[name].__init__.__code__.co_varnames)
+        unknown = sorted(set(params) - accepted) if args.name != "all" else []
+        if unknown:
+            raise ConfigError(f"--set: {name} has no parameter {', '.join(unknown)}")
+        res = run_defense(name, run, out, **{k: v for k, v in params.items() if k in accepted})
+        print(f"{name:<15} {summarize_defense(name, res.fields)}  ({res.seconds:.0f} s)", flush=True)
+    print(f"defense.json and figures in {(out or Path(args.run_dir) / 'defenses')}/<defense>/")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
@@ -177,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--write", action="store_true", help="store the recomputed metrics in metrics.json and predictions.npz")
     e.set_defaults(func=cmd_evaluate)
+    f = sub.add_parser("defend", help="run a defense (or all) on a trained run; writes defense.json + figures")
+    f.add_argument("name", help="strip | neural-cleanse | sentinet | fine-pruning | nad | all")
+    f.add_argument("run_dir")
+    f.add_argument("--out", default=None, help="folder for <defense>/defense.json (default RUN_DIR/defenses)")
+    f.add_argument("--device", default="auto")
+    f.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", help="a defense parameter, e.g. --set n_eval=500")
+    f.set_defaults(func=cmd_defend)
     c = sub.add_parser("compare", help="one table (Markdown + CSV) of runs, seeds folded into mean ± std")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders holding run folders")
     c.add_argument("--out", default=".", help="folder for NAME.md / NAME.csv (default: current folder)")

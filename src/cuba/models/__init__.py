@@ -49,6 +49,17 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize(x))
 
+    def stages(self) -> list[nn.Module]:
+        """The backbone's feature stages, shallow to deep (``feature_stages`` of the architecture).
+
+        Defenses hook these: the last is "the last convolutional layer" of Fine-pruning and
+        SentiNet's Grad-CAM, the last three are NAD's attention stages.
+        """
+        names = getattr(self.backbone, "feature_stages", None)
+        if not names:
+            raise ValueError(f"{type(self.backbone).__name__} declares no feature_stages; defenses need them")
+        return [self.backbone.get_submodule(n) for n in names]
+
 
 def build_classifier(
     name: str, in_channels: int, num_classes: int, image_size: int,

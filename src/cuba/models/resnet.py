@@ -53,6 +53,9 @@ class PreActBlock(nn.Module):
 class _CifarResNet(nn.Module):
     preact = False
 
+    # the residual stages' outputs, shallow to deep (read by the defenses; see SimpleCNN)
+    feature_stages = ("layer1", "layer2", "layer3", "layer4")
+
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32) -> None:
         super().__init__()
         block = PreActBlock if self.preact else BasicBlock

@@ -16,6 +16,10 @@ class SimpleCNN(nn.Module):
     input instead of being hard-coded for 28x28.
     """
 
+    # post-ReLU outputs of the conv stages, shallow to deep (defenses read them: Fine-pruning
+    # prunes the last, NAD aligns attention maps, SentiNet's Grad-CAM looks at the last)
+    feature_stages = ("features.1", "features.4")
+
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
         super().__init__()
         if image_size % 4:

@@ -1,0 +1,102 @@
+"""The defenses' figures: STRIP histograms (paper Fig. 6), Neural Cleanse norms (Fig. 7a),
+SentiNet scatter and Grad-CAM maps (Fig. 7b), Fine-pruning / NAD curves (Table III as a plot)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_strip(e_clean: np.ndarray, e_bd: np.ndarray, threshold: float, path: Path, title: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bins = np.linspace(0, max(float(np.max(e_clean)), float(np.max(e_bd)), 1e-3), 40)
+    ax.hist(e_clean, bins=bins, alpha=0.6, density=True, label="clean inputs")
+    ax.hist(e_bd, bins=bins, alpha=0.6, density=True, label="backdoor inputs")
+    ax.axvline(threshold, color="k", ls="--", lw=1, label="threshold (FRR 1%)")
+    ax.set_xlabel("mean entropy over superimpositions (bits)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_neural_cleanse(norms: Sequence[float], flagged: Sequence[int], anomaly_index: float, masks: np.ndarray,
+                        path: Path, title: str = "") -> Path:
+    k = len(norms)
+    fig = plt.figure(figsize=(max(6, 0.9 * k), 4.2))
+    ax = fig.add_subplot(2, 1, 1)
+    colors = ["tab:red" if c in flagged else "tab:blue" for c in range(k)]
+    ax.bar(np.arange(k), norms, color=colors)
+    ax.axhline(float(np.median(norms)), color="k", ls="--", lw=0.8, label="median")
+    ax.set_ylabel("mask L1 norm")
+    ax.set_xticks(np.arange(k))
+    ax.legend(fontsize=7)
+    ax.set_title(title or f"Neural Cleanse: anomaly index {anomaly_index:.2f} (flag > 2; red = flagged)", fontsize=9)
+    for c in range(k):
+        a = fig.add_subplot(2, k, k + c + 1)
+        a.imshow(masks[c], cmap="gray", vmin=0, vmax=1)
+        a.set_xticks([])
+        a.set_yticks([])
+        a.set_xlabel(str(c), fontsize=7)
+    return _save(fig, path)
+
+
+def plot_sentinet(clean: np.ndarray, bd: np.ndarray, coeffs: Sequence[float], path: Path, title: str = "") -> Path:
+    """Points are (average confidence on the inert patch, fooled rate); the curve is the fitted boundary."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.scatter(clean[:, 0], clean[:, 1], s=6, alpha=0.5, label="clean inputs")
+    ax.scatter(bd[:, 0], bd[:, 1], s=6, alpha=0.5, label="backdoor inputs")
+    xs = np.linspace(0, 1, 100)
+    ax.plot(xs, np.polyval(coeffs, xs), "k--", lw=1, label="boundary")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("average confidence on the inert patch")
+    ax.set_ylabel("fooled rate")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_cam_maps(images: np.ndarray, cams: np.ndarray, labels: Sequence[str], path: Path, title: str = "") -> Path:
+    """Row 1: images; row 2: their Grad-CAM maps over the image."""
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(1.4 * n, 3.2), squeeze=False)
+    for i in range(n):
+        img = images[i]
+        shown = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        for r in range(2):
+            axes[r, i].imshow(shown, cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1)
+            axes[r, i].set_xticks([])
+            axes[r, i].set_yticks([])
+        axes[1, i].imshow(cams[i], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        axes[0, i].set_title(labels[i], fontsize=7)
+    fig.suptitle(title or "Grad-CAM of the predicted class (SentiNet's saliency)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_removal(rows: Sequence[dict], x_key: str, path: Path, xlabel: str, title: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    xs = [r[x_key] for r in rows]
+    ax.plot(xs, [100 * r["ca"] for r in rows], "o-", label="CA")
+    ax.plot(xs, [100 * r["asr"] if r["asr"] is not None else np.nan for r in rows], "s-", label="ASR")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,135 @@
+"""SentiNet (Chou et al., S&P Workshops 2020): a trigger is a small region that drives the decision
+on its own, so pasting it onto other images hijacks them while an inert patch does not.
+
+For an input x with predicted class c: Grad-CAM of c at the last feature stage (pytorch-grad-cam)
+gives a saliency map; its top ``mask_fraction`` pixels form the mask M. On ``n_holdout`` clean
+images h: the *fooled rate* is the share of h*(1-M) + x*M classified as c; the *average
+confidence* is the mean top-class softmax of h*(1-M) + r*M with r uniform noise (an inert
+patch in the same place). Each input becomes a point (average confidence, fooled rate).
+
+The boundary is fitted on clean calibration inputs (from the training set): split the
+confidence axis into ``bins`` bins, take the largest fooled rate per bin and fit a quadratic
+through those maxima; an input is flagged above it. Its height above the curve is the score.
+
+defense.json: ``auroc`` (score separating backdoor from clean *test* inputs), ``tpr_at_fpr_5pct``,
+``flagged_backdoor`` / ``flagged_clean`` (shares above the boundary), ``boundary`` (quadratic
+coefficients, highest power first), and the points.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from .base import AttackRun, Defense, DefenseResult, _check, register
+from .plots import plot_cam_maps, plot_sentinet
+
+
+def gradcam(run: AttackRun, x: torch.Tensor, classes: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Grad-CAM maps (N, H, W) in [0, 1] of ``classes`` at the classifier's last feature stage."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = run.classifier
+    model.requires_grad_(True)  # Grad-CAM needs gradients at the stage; the weights are not changed
+    try:
+        with GradCAM(model=model, target_layers=[model.stages()[-1]]) as cam:
+            maps = [
+                torch.from_numpy(cam(input_tensor=xb, targets=[ClassifierOutputTarget(int(c)) for c in cb]))
+                for xb, cb in zip(x.split(batch_size), classes.split(batch_size))
+            ]
+    finally:
+        model.requires_grad_(False)
+        model.eval()
+    return torch.cat(maps).float()
+
+
+def top_mask(cams: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per image, 1 on its ``fraction`` most salient pixels (at least one), else 0: (N, 1, H, W)."""
+    flat = cams.flatten(1)
+    k = max(1, round(fraction * flat.shape[1]))
+    thresh = flat.topk(k, dim=1).values[:, -1:]
+    return (flat >= thresh).float().view(cams.shape)[:, None]
+
+
+@torch.inference_mode()
+def sentinet_points(run: AttackRun, x: torch.Tensor, holdout: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """(N, 2) points (average inert confidence, fooled rate) and the CAMs of inputs ``x``."""
+    pred = run.logits(x).argmax(1)
+    with torch.inference_mode(False):
+        cams = gradcam(run, x.clone(), pred.clone())
+    masks = top_mask(cams, fraction).to(x.device)
+    g = torch.Generator().manual_seed(seed)
+    n_h = len(holdout)
+    pts = []
+    per = max(1, 8192 // n_h)
+    for xb, mb, cb in zip(x.split(per), masks.split(per), pred.split(per)):
+        m = mb[:, None]  # (b, 1, 1, H, W)
+        pasted = holdout[None] * (1 - m) + xb[:, None] * m
+        noise = torch.rand(xb.shape, generator=g).to(x.device)[:, None]
+        inert = holdout[None] * (1 - m) + noise * m
+        fooled = (run.logits(pasted.flatten(0, 1)).argmax(1).view(len(xb), n_h) == cb[:, None]).float().mean(1)
+        conf = run.logits(inert.flatten(0, 1)).softmax(1).amax(1).view(len(xb), n_h).mean(1)
+        pts.append(torch.stack([conf, fooled], 1).cpu())
+    return torch.cat(pts).numpy(), cams
+
+
+def fit_boundary(points: np.ndarray, bins: int = 10) -> np.ndarray:
+    """Quadratic through the per-bin maximum fooled rate of clean points, binned along confidence."""
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(points[:, 0], edges) - 1, 0, bins - 1)
+    xs, ys = [], []
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            xs.append(points[sel, 0].mean())
+            ys.append(points[sel, 1].max())
+    deg = min(2, len(xs) - 1)
+    coeffs = np.polyfit(xs, ys, deg) if deg >= 1 else np.array([ys[0]])
+    return np.pad(coeffs, (3 - len(coeffs), 0))
+
+
+@register
+class SentiNet(Defense):
+    name = "sentinet"
+    needs_trigger = True
+
+    def __init__(self, n_eval: int = 200, n_calib: int = 200, n_holdout: int = 100, mask_fraction: float = 0.1,
+                 bins: int = 10, seed: int = 0) -> None:
+        super().__init__(seed)
+        for name, v in (("n_eval", n_eval), ("n_calib", n_calib), ("n_holdout", n_holdout), ("bins", bins)):
+            _check(name, isinstance(v, int) and v >= 2, "an integer >= 2", v)
+        _check("mask_fraction", 0 < mask_fraction < 1, "in (0, 1)", mask_fraction)
+        self.n_eval, self.n_calib, self.n_holdout, self.mask_fraction, self.bins = n_eval, n_calib, n_holdout, mask_fraction, bins
+
+    def run(self, run: AttackRun, out: Path) -> DefenseResult:
+        held, _ = run.clean_train(self.n_holdout + self.n_calib, seed=self.seed)
+        holdout, calib = held[: self.n_holdout], held[self.n_holdout:]
+        x, _ = run.attacked_test(self.n_eval, seed=self.seed)
+        xb = run.backdoor(x)
+        p_calib, _ = sentinet_points(run, calib, holdout, self.mask_fraction, self.seed)
+        p_clean, cam_clean = sentinet_points(run, x, holdout, self.mask_fraction, self.seed + 1)
+        p_bd, cam_bd = sentinet_points(run, xb, holdout, self.mask_fraction, self.seed + 2)
+        coeffs = fit_boundary(p_calib, self.bins)
+        score = lambda p: p[:, 1] - np.polyval(coeffs, p[:, 0])  # noqa: E731
+        s_clean, s_bd = score(p_clean), score(p_bd)
+        labels = np.r_[np.zeros(len(s_clean)), np.ones(len(s_bd))]
+        fpr, tpr, _ = roc_curve(labels, np.r_[s_clean, s_bd])
+        fields = {
+            "auroc": float(roc_auc_score(labels, np.r_[s_clean, s_bd])),
+            "tpr_at_fpr_5pct": float(tpr[fpr <= 0.05].max()),
+            "flagged_backdoor": float((s_bd > 0).mean()), "flagged_clean": float((s_clean > 0).mean()),
+            "boundary": coeffs.tolist(), "trigger": run.trigger_kind,
+            "points_clean": p_clean.round(4).tolist(), "points_backdoor": p_bd.round(4).tolist(),
+        }
+        figs = [
+            plot_sentinet(p_clean, p_bd, coeffs, out / "sentinet_scatter.png", title=f"SentiNet on {run.cfg.label()}: AUROC {fields['auroc']:.3f}"),
+            plot_cam_maps(
+                torch.cat([x[:5], xb[:5]]).cpu().numpy(), torch.cat([cam_clean[:5], cam_bd[:5]]).numpy(),
+                ["clean"] * 5 + ["backdoor"] * 5, out / "sentinet_gradcam.png",
+            ),
+        ]
+        return DefenseResult(self.name, fields, self.params, figs)
