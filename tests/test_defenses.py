@@ -157,3 +157,15 @@ def test_clean_model_gets_a_probe_patch(tmp_path: Path) -> None:
     assert run.trigger is None and run.ca_asr()[1] is None
     f = run_defense("strip", run, tmp_path, n_overlay=10, n_eval=50, n_calib=50).fields
     assert f["trigger"].startswith("probe patch")
+
+
+def test_defend_cli_then_defense_table(badnets_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["defend", "fine-pruning", str(badnets_run), "--set", "ratios=[0.0, 0.5]"]) == 0
+    assert "fine-pruning    prune_ratio 0: CA" in capsys.readouterr().out
+    f = json.loads((badnets_run / "defenses" / "fine-pruning" / "defense.json").read_text())
+    assert f["setting"] == "badnets-t0" and [r["prune_ratio"] for r in f["rows"]] == [0.0, 0.5] and f["seconds"] >= 0
+    assert main(["defense-table", str(badnets_run), "--names", "BadNets", "--out", str(tmp_path / "t.md")]) == 0
+    md = (tmp_path / "t.md").read_text()
+    assert "| fine-pruning | prune_ratio 0: " in md and "| strip | – |" in md and "| 0.5 | " in md
+    assert main(["defense-table", str(tmp_path)]) == 2
+    assert "has no defenses/<defense>/defense.json" in capsys.readouterr().err

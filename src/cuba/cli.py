@@ -152,6 +152,21 @@ def cmd_defend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_defense_table(args: argparse.Namespace) -> int:
+    from .defenses.table import defense_tables
+    from .runs import write_text
+
+    names = args.names.split(",") if args.names else None
+    if names and len(names) != len(args.runs):
+        raise ConfigError(f"--names: give one name per run ({len(args.runs)}), got {len(names)}")
+    md = defense_tables([Path(r) for r in args.runs], names)
+    print(md)
+    if args.out:
+        write_text(Path(args.out), md + "\n")
+        print(f"\nwritten: {args.out}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
@@ -223,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="auto")
     f.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", help="a defense parameter, e.g. --set n_eval=500")
     f.set_defaults(func=cmd_defend)
+    dt = sub.add_parser("defense-table", help="defenses x runs table from the runs' defense.json files")
+    dt.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    dt.add_argument("--names", default=None, help="comma-separated column names (default: each run's setting)")
+    dt.add_argument("--out", default=None, help="write the Markdown here too")
+    dt.set_defaults(func=cmd_defense_table)
     c = sub.add_parser("compare", help="one table (Markdown + CSV) of runs, seeds folded into mean ± std")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders holding run folders")
     c.add_argument("--out", default=".", help="folder for NAME.md / NAME.csv (default: current folder)")
