@@ -14,6 +14,15 @@ import torch  # noqa: E402
 from .metrics import per_class_ds  # noqa: E402
 
 
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure; return its path."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _show(ax: plt.Axes, img: np.ndarray) -> None:
     if img.shape[0] == 1:
         ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
@@ -41,11 +50,7 @@ def plot_triggers(clean: torch.Tensor, backdoor: torch.Tensor, path: Path, label
     for r, name in enumerate(("clean", "backdoor", "residual")):
         axes[r, 0].set_ylabel(name)
     fig.suptitle("Clean images, backdoor images, and |x* - x| (amplified by the factor shown)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_histograms(
@@ -76,11 +81,7 @@ def plot_histograms(
     for ax in list(axes.flat)[len(sources):]:
         ax.axis("off")
     fig.suptitle(title or "Predictions of backdoor images per source class (red: target set, blue: true class; dashed: uniform)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_source_class_comparison(
@@ -108,11 +109,7 @@ def plot_source_class_comparison(
         ax.set_xticks(np.arange(k), [classes[j] if classes else str(j) for j in range(k)], fontsize=6)
     src = classes[source] if classes else str(source)
     fig.suptitle(f"Backdoor predictions of source class {src} (red: target set, blue: true class)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_sweep(rows: list[dict], field: str, path: Path) -> Path:
@@ -130,8 +127,4 @@ def plot_sweep(rows: list[dict], field: str, path: Path) -> Path:
         ax.grid(alpha=0.3)
     n = sorted({r["n"] for r in rows})
     fig.suptitle(f"Sweep over {field} (mean ± sample std over {'/'.join(map(str, n))} seed(s))", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

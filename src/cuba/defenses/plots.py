@@ -12,13 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+from ..figures import save_figure as _save  # noqa: E402
 
 
 def plot_strip(e_clean: np.ndarray, e_bd: np.ndarray, threshold: float, path: Path, title: str = "") -> Path:
