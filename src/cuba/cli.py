@@ -63,7 +63,7 @@ def _config_values(args: argparse.Namespace, base: dict[str, Any] | None = None)
         if key not in FIELDS:
             raise ConfigError(f"--set: unknown config field {key!r}")
         values[key] = yaml.safe_load(raw)
-    for name in [*TRAIN_FLAGS, "download", "progress"]:
+    for name in [*TRAIN_FLAGS, "download", "progress", "deterministic", "checkpoint_every"]:
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
@@ -93,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .pipeline import run_training
 
     cfg = make_config(_config_values(args))
-    run_dir, metrics = run_training(cfg)
+    run_dir, metrics = run_training(cfg, overwrite=args.overwrite)
     print(format_metrics_table([(cfg.label(), metrics)]))
     print(f"run folder: {run_dir}")
     return 0
@@ -210,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for label, overrides in (("clean", {"attack": "none"}), ("cuba-fra", {"attack": "cuba", "variant": "fra"})):
         cfg = make_config({**base, **overrides, "out": str(out / label), "progress": not args.no_progress})
         print(f"== {label}: {cfg.dataset} / {cfg.model}, {cfg.epochs:g} epochs", flush=True)
-        _, m = run_training(cfg)
+        _, m = run_training(cfg, overwrite=True)  # a demo always trains
         rows.append((label, m))
     print()
     print(format_metrics_table(rows))
@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a clean or backdoored model and write a run folder")
     _add_train_flags(t)
+    t.add_argument("--overwrite", action="store_true", help="retrain from scratch even if --out holds a finished or interrupted run")
+    t.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms (bit-exact resume on CPU)")
+    t.add_argument("--checkpoint-every", dest="checkpoint_every", type=float, default=None, help="epochs between checkpoints (0: none)")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("evaluate", help="recompute a saved run's metrics")
     e.add_argument("run_dir")

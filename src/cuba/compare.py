@@ -30,7 +30,7 @@ COLUMNS: tuple[tuple[str, str, float], ...] = (
     ("ds_min", "DS-min %", 100.0), ("d_p", "D_p", 1.0), ("psnr", "PSNR dB", 1.0), ("train_seconds", "train s", 1.0),
 )
 # config fields that do not change the trained model (or only its file names)
-NOT_A_SETTING = {"seed", "out", "name", "progress", "device", "data_dir", "download", "eval_batch_size"}
+NOT_A_SETTING = {"seed", "out", "name", "progress", "device", "data_dir", "download", "eval_batch_size", "checkpoint_every"}
 # fields already spelled out by TrainConfig.label()
 IN_LABEL = {"attack", "variant", "k", "target_class"}
 
@@ -84,9 +84,9 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 def load_run(path: Path) -> Run:
     import yaml
 
-    cfg_dict = yaml.safe_load((path / "config.yaml").read_text())
-    label = make_config(cfg_dict).label()
-    return Run(path, cfg_dict, read_json(path / "metrics.json"), label)
+    cfg = make_config(yaml.safe_load((path / "config.yaml").read_text()))
+    # the resolved config: a field added after a run was made reads as its default, not as a difference
+    return Run(path, cfg.to_dict(), read_json(path / "metrics.json"), cfg.label())
 
 
 def _fmt_value(v: Any) -> str:

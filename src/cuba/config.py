@@ -69,6 +69,8 @@ class TrainConfig:
     generator_lr: float = 1e-3
     grad_clip: float = 5.0  # max gradient L2 norm, per model
     seed: int = 0
+    checkpoint_every: float = 1.0  # epochs between training checkpoints (fractions: mid-epoch; 0: none)
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resume on CPU
     # engine
     device: str = "auto"
     precision: str = "auto"
@@ -176,6 +178,7 @@ def validate(cfg: TrainConfig) -> None:
         "eps_start": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "eps_anneal": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
         "backdoor_ratio": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "warmup_epochs": (float, lambda v: v >= 0, ">= 0"), "gamma_ramp_epochs": (float, lambda v: v >= 0, ">= 0"),
         "k": (int, lambda v: v >= 1, ">= 1"), "seed": (int, lambda v: v >= 0, ">= 0"),
+        "checkpoint_every": (float, lambda v: v >= 0, ">= 0"),
         "generator_width": (int, lambda v: v >= 4, ">= 4"), "target_class": (int, lambda v: v >= 0, ">= 0"),
         "poison_rate": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "patch_size": (int, lambda v: v >= 1, ">= 1"),
         "eval_batch_size": (int, lambda v: v >= 1, ">= 1"),
@@ -202,7 +205,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} or an existing .npz/.zip/folder path, got {cfg.dataset!r}")
     if cfg.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", str(cfg.device)):
         raise ConfigError(f"device: must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
-    for name in ("download", "channels_last", "progress"):
+    for name in ("download", "channels_last", "progress", "deterministic"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{name}: must be true or false, got {getattr(cfg, name)!r}")
     if cfg.attack in FIXED_RULE and cfg.variant != "fra":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import TrainConfig
+from .checkpoint import CHECKPOINT
+from .config import ConfigError, TrainConfig
 from .data import ImageDataset, load_dataset
 from .engine import Engine, make_engine
 from .evaluate import metrics_from_predictions, predict
@@ -45,14 +47,44 @@ def _figures(run_dir: Path, cfg: TrainConfig, data: ImageDataset, classifier: to
                     data.classes, title=f"{data.name} {cfg.model} {cfg.label()}: backdoor predictions per source class")
 
 
-def run_training(cfg: TrainConfig, run_dir: Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """Train, evaluate and write a complete run folder; return (run_dir, metrics)."""
+def _same_setting(a: TrainConfig, b: TrainConfig) -> bool:
+    """Two configs train the same model (they may differ in output, progress and device only)."""
+    skip = {"out", "name", "progress", "device", "eval_batch_size", "checkpoint_every"}
+    da, db = a.to_dict(), b.to_dict()
+    return all(da[k] == db[k] for k in da if k not in skip)
+
+
+def run_training(cfg: TrainConfig, run_dir: Path | None = None, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Train, evaluate and write a complete run folder; return (run_dir, metrics).
+
+    Re-running into a folder continues it: a finished run is returned as it is, an interrupted
+    one resumes from its checkpoint (the same setting is required), unless ``overwrite``.
+    ``status.json`` says running / finished / failed (with the error).
+    """
     run_dir = Path(run_dir or cfg.out or default_run_dir(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
+    status = read_json(run_dir / "status.json") if (run_dir / "status.json").is_file() else {}
+    if (run_dir / "config.yaml").is_file() and not overwrite:
+        old = load_run_config(run_dir)
+        if not _same_setting(old, cfg):
+            raise ConfigError(f"{run_dir} holds a run of a different setting; choose another --out or pass --overwrite")
+        if status.get("state") == "finished" and (run_dir / "metrics.json").is_file():
+            print(f"{run_dir} is already finished; its stored metrics follow (--overwrite retrains)", flush=True)
+            return run_dir, read_json(run_dir / "metrics.json")
+    if overwrite and (run_dir / CHECKPOINT).is_file():
+        (run_dir / CHECKPOINT).unlink()
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
     engine = make_engine(cfg.device, cfg.precision, cfg.channels_last)
     data = load_data(cfg)
     save_config(run_dir, cfg)
-    result = train(cfg, data, engine)
+    write_json(run_dir / "status.json", {"state": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()})
+    try:
+        result = train(cfg, data, engine, run_dir)
+    except BaseException as e:  # noqa: BLE001 - recorded, then re-raised unchanged
+        write_json(run_dir / "status.json", {"state": "failed", "error": f"{type(e).__name__}: {e}",
+                                             "checkpoint": (run_dir / CHECKPOINT).is_file()})
+        raise
     t_eval = time.perf_counter()
     pred = predict(result.classifier, result.generator, data, engine, cfg.eval_batch_size, stealth=True, progress=cfg.progress)
     metrics = metrics_from_predictions(pred, result.targets, cfg.full_range)
@@ -73,6 +105,9 @@ def run_training(cfg: TrainConfig, run_dir: Path | None = None) -> tuple[Path, d
     write_json(run_dir / "history.json", result.history)
     _figures(run_dir, cfg, data, result.classifier, result.generator, engine, pred, result.targets)
     write_json(run_dir / "metrics.json", metrics)
+    if (run_dir / CHECKPOINT).is_file():
+        (run_dir / CHECKPOINT).unlink()  # the weights are saved; the training state is no longer needed
+    write_json(run_dir / "status.json", {"state": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return run_dir, metrics
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import CHECKPOINT, capture, load_checkpoint, restore, save_checkpoint
 from .attack import OBJECTIVES, POISON_ATTACKS, attack_targets, build_trigger, make_poison_plan, needs_reference_model
 from .config import ConfigError, TrainConfig
 from .data import ImageDataset
@@ -85,8 +87,12 @@ def class_confusion(classifier: nn.Module, data: ImageDataset, engine: Engine, m
     return conf / torch.bincount(y, minlength=k).clamp_min(1)[:, None]
 
 
-def train(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> TrainResult:
-    """Train a classifier (and, for an attack, its trigger generator) as ``cfg`` says."""
+def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | None = None) -> TrainResult:
+    """Train a classifier (and, for an attack, its trigger generator) as ``cfg`` says.
+
+    With ``run_dir``, a checkpoint is written there every ``cfg.checkpoint_every`` epochs
+    (fractions allowed: mid-epoch), and a checkpoint found there is resumed from.
+    """
     gen = seed_everything(cfg.seed)
     k = data.num_classes
     if cfg.variant == "nra" and cfg.is_attack and not 0 < cfg.k < k:
@@ -131,15 +137,24 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> TrainResult:
     classifier.train()
     if learned:
         generator.train()
-    t0 = time.perf_counter()
     # redraw at most every 30 s when stderr is a file or pipe (logs stay readable)
     bar = tqdm(total=total_steps, desc=f"train {cfg.label()}", disable=not cfg.progress, unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    step = 0
-    epoch = 0
+    step, epoch, start_i, order, elapsed = 0, 0, 0, None, 0.0
+    every = round(cfg.checkpoint_every * steps_per_epoch) if run_dir is not None and cfg.checkpoint_every > 0 else 0
+    saved = load_checkpoint(run_dir) if run_dir is not None else None
+    if saved is not None:
+        st = restore(saved, classifier, generator, opt, opt_g, sched, gen)
+        step, epoch, start_i, elapsed, history = st["step"], st["epoch"], st["in_epoch"], st["elapsed"], st["history"]
+        order = st["order"].to(engine.device) if st["order"] is not None else None
+        targets = st["targets"] if st["targets"] is not None else targets
+        bar.update(step)
+        tqdm.write(f"resumed from {run_dir / CHECKPOINT} at step {step} (epoch {epoch})")
+    t0 = time.perf_counter() - elapsed
     while step < total_steps:
-        order = torch.randperm(n, generator=gen).to(engine.device)
-        for i in range(steps_per_epoch):
+        if order is None:
+            order = torch.randperm(n, generator=gen).to(engine.device)
+        for i in range(start_i, steps_per_epoch):
             if step >= total_steps:
                 break
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
@@ -190,6 +205,11 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> TrainResult:
             bar.update(1)
             if parts:
                 bar.set_postfix({k_: f"{v:.3g}" for k_, v in parts.items()}, refresh=False)
+            if every and step % every == 0 and step < total_steps:
+                state = {"step": step, "epoch": epoch, "in_epoch": i + 1, "order": order.cpu(), "history": history,
+                         "targets": targets, "elapsed": time.perf_counter() - t0}
+                save_checkpoint(run_dir, capture(classifier, generator, opt, opt_g, sched, gen, state))
+        start_i, order = 0, None
         epoch += 1
         if cfg.extra.get("eval_each_epoch", True):
             m = evaluate_models(classifier, generator, data, engine, targets, cfg.full_range, cfg.eval_batch_size, stealth=False)

@@ -28,15 +28,15 @@ from .base import AttackRun, Defense, DefenseResult, _check, register
 from .plots import plot_cam_maps, plot_sentinet
 
 
-def gradcam(run: AttackRun, x: torch.Tensor, classes: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Grad-CAM maps (N, H, W) in [0, 1] of ``classes`` at the classifier's last feature stage."""
+def gradcam(run: AttackRun, x: torch.Tensor, classes: torch.Tensor, stage: int = -1, batch_size: int = 256) -> torch.Tensor:
+    """Grad-CAM maps (N, H, W) in [0, 1] of ``classes`` at a feature stage (default the last)."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model = run.classifier
     model.requires_grad_(True)  # Grad-CAM needs gradients at the stage; the weights are not changed
     try:
-        with GradCAM(model=model, target_layers=[model.stages()[-1]]) as cam:
+        with GradCAM(model=model, target_layers=[model.stages()[stage]]) as cam:
             maps = [
                 torch.from_numpy(cam(input_tensor=xb, targets=[ClassifierOutputTarget(int(c)) for c in cb]))
                 for xb, cb in zip(x.split(batch_size), classes.split(batch_size))
@@ -56,11 +56,12 @@ def top_mask(cams: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def sentinet_points(run: AttackRun, x: torch.Tensor, holdout: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+def sentinet_points(run: AttackRun, x: torch.Tensor, holdout: torch.Tensor, fraction: float, seed: int,
+                    stage: int = -1) -> tuple[np.ndarray, torch.Tensor]:
     """(N, 2) points (average inert confidence, fooled rate) and the CAMs of inputs ``x``."""
     pred = run.logits(x).argmax(1)
     with torch.inference_mode(False):
-        cams = gradcam(run, x.clone(), pred.clone())
+        cams = gradcam(run, x.clone(), pred.clone(), stage)
     masks = top_mask(cams, fraction).to(x.device)
     g = torch.Generator().manual_seed(seed)
     n_h = len(holdout)
@@ -98,21 +99,23 @@ class SentiNet(Defense):
     needs_trigger = True
 
     def __init__(self, n_eval: int = 200, n_calib: int = 200, n_holdout: int = 100, mask_fraction: float = 0.1,
-                 bins: int = 10, seed: int = 0) -> None:
+                 bins: int = 10, stage: int = -1, seed: int = 0) -> None:
         super().__init__(seed)
         for name, v in (("n_eval", n_eval), ("n_calib", n_calib), ("n_holdout", n_holdout), ("bins", bins)):
             _check(name, isinstance(v, int) and v >= 2, "an integer >= 2", v)
         _check("mask_fraction", 0 < mask_fraction < 1, "in (0, 1)", mask_fraction)
+        _check("stage", isinstance(stage, int), "an integer index into the model's feature stages (-1: the last)", stage)
         self.n_eval, self.n_calib, self.n_holdout, self.mask_fraction, self.bins = n_eval, n_calib, n_holdout, mask_fraction, bins
+        self.stage = stage
 
     def run(self, run: AttackRun, out: Path) -> DefenseResult:
         held, _ = run.clean_train(self.n_holdout + self.n_calib, seed=self.seed)
         holdout, calib = held[: self.n_holdout], held[self.n_holdout:]
         x, _ = run.attacked_test(self.n_eval, seed=self.seed)
         xb = run.backdoor(x)
-        p_calib, _ = sentinet_points(run, calib, holdout, self.mask_fraction, self.seed)
-        p_clean, cam_clean = sentinet_points(run, x, holdout, self.mask_fraction, self.seed + 1)
-        p_bd, cam_bd = sentinet_points(run, xb, holdout, self.mask_fraction, self.seed + 2)
+        p_calib, _ = sentinet_points(run, calib, holdout, self.mask_fraction, self.seed, self.stage)
+        p_clean, cam_clean = sentinet_points(run, x, holdout, self.mask_fraction, self.seed + 1, self.stage)
+        p_bd, cam_bd = sentinet_points(run, xb, holdout, self.mask_fraction, self.seed + 2, self.stage)
         coeffs = fit_boundary(p_calib, self.bins)
         score = lambda p: p[:, 1] - np.polyval(coeffs, p[:, 0])  # noqa: E731
         s_clean, s_bd = score(p_clean), score(p_bd)

@@ -1,0 +1,96 @@
+"""Resume after a crash: a real `cuba train` subprocess is killed with SIGKILL mid-epoch, then the
+same command is run again; its final metrics and weights must equal an uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cuba.checkpoint import CHECKPOINT, load_checkpoint
+
+# digits: 1,437 training images, batch 128 -> 11 steps per epoch; a checkpoint every 3 steps
+# lands inside epochs (in-epoch positions 3, 6, 9, 1, ...), never on an epoch boundary.
+ARGS = ["--dataset", "digits", "--epochs", "6", "--batch-size", "128", "--lr", "0.05", "--precision", "fp32",
+        "--deterministic", "--checkpoint-every", "0.25", "--no-progress", "--set", "generator_width=8"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def cuba_train(out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cuba", "train", *ARGS, "--out", str(out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    full = cuba_train(tmp_path / "full")
+    assert full.wait(timeout=600) == 0, full.stdout.read()
+
+    victim = cuba_train(tmp_path / "killed")
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / CHECKPOINT).is_file():
+        assert victim.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)  # let it train on past the checkpoint: the kill loses work that must be redone
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed = tmp_path / "killed"
+    assert not (killed / "metrics.json").exists()
+    assert json.loads((killed / "status.json").read_text())["state"] == "running"  # a SIGKILL leaves no goodbye
+    state = load_checkpoint(killed)["state"]
+    assert 0 < state["in_epoch"] < 11, state["in_epoch"]  # mid-epoch
+
+    resumed = cuba_train(killed)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert f"resumed from {killed / CHECKPOINT} at step {state['step']}" in out or "resumed from" in out
+
+    a = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    for key in ("ca", "asr", "asr_c", "ds", "ds_min", "d_p", "psnr", "ssim", "linf"):
+        assert a[key] == b[key], key
+    for name in ("classifier.safetensors", "generator.safetensors"):
+        wa, wb = load_file(tmp_path / "full" / name), load_file(killed / name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    with np.load(tmp_path / "full" / "predictions.npz") as pa, np.load(killed / "predictions.npz") as pb:
+        assert np.array_equal(pa["y_pred_backdoor"], pb["y_pred_backdoor"])
+    assert json.loads((killed / "status.json").read_text())["state"] == "finished"
+    assert not (killed / CHECKPOINT).exists()  # removed once the weights are written
+
+
+def test_rerunning_a_finished_run_does_not_retrain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cuba.cli import main
+
+    args = ["train", "--dataset", "digits", "--attack", "none", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    first = (tmp_path / "r" / "metrics.json").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "is already finished" in capsys.readouterr().out
+    assert (tmp_path / "r" / "metrics.json").read_text() == first
+    assert main([*args[:-2], "--lr", "0.5", "--out", str(tmp_path / "r")]) == 2
+    assert "holds a run of a different setting" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_failed_run_records_its_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cuba.attack import losses
+    from cuba.config import make_config
+    from cuba.pipeline import run_training
+    from cuba.train import NonFiniteLossError
+
+    monkeypatch.setitem(losses.OBJECTIVES, "cuba", lambda z, y, t, tau, eps: z.sum() * float("nan"))
+    cfg = make_config({"dataset": "digits", "epochs": 1, "progress": False, "out": str(tmp_path / "nan")})
+    with pytest.raises(NonFiniteLossError):
+        run_training(cfg)
+    status = json.loads((tmp_path / "nan" / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"].startswith("NonFiniteLossError: the loss became nan at step 0")
