@@ -167,6 +167,17 @@ def cmd_defense_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_model(args: argparse.Namespace) -> int:
+    from .importing import import_model
+
+    parse = lambda v: [float(x) for x in v.split(",")] if v else None  # noqa: E731
+    run_dir = import_model(args.weights, args.out, args.model, args.dataset, args.data_dir, args.allow_pickle,
+                           parse(args.mean), parse(args.std))
+    m = json.loads((run_dir / "metrics.json").read_text())
+    print(f"imported {args.weights} -> {run_dir} (CA {100 * m['ca']:.2f}%); audit it with: cuba defend all {run_dir}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
@@ -241,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="auto")
     f.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", help="a defense parameter, e.g. --set n_eval=500")
     f.set_defaults(func=cmd_defend)
+    im = sub.add_parser("import-model", help="make a run folder from someone else's classifier weights (to audit it)")
+    im.add_argument("weights", help=".safetensors, or a pickle .pt/.pth with --allow-pickle")
+    im.add_argument("--model", required=True, help="simplecnn | resnet18 | preactresnet18")
+    im.add_argument("--dataset", required=True)
+    im.add_argument("--data-dir", default=None)
+    im.add_argument("--out", required=True, help="run folder to create")
+    im.add_argument("--allow-pickle", action="store_true", help="read a pickle file with torch.load(weights_only=True)")
+    im.add_argument("--mean", default=None, help="input normalisation of a bare backbone, e.g. 0.1307")
+    im.add_argument("--std", default=None, help="e.g. 0.3081")
+    im.set_defaults(func=cmd_import_model)
     dt = sub.add_parser("defense-table", help="defenses x runs table from the runs' defense.json files")
     dt.add_argument("runs", nargs="+", metavar="RUN_DIR")
     dt.add_argument("--names", default=None, help="comma-separated column names (default: each run's setting)")

@@ -15,10 +15,11 @@ from .metrics import per_class_ds  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: Path) -> Path:
-    """Lay out, write (creating the folder) and close a figure; return its path."""
+    """Lay out, write (atomically: a killed run never leaves half a PNG) and close a figure; return its path."""
+    from .runs import _atomic_write
+
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    _atomic_write(path, lambda t: fig.savefig(t, dpi=120, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path
 
