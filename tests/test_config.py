@@ -74,7 +74,7 @@ def test_explicit_vicinity_without_targets() -> None:
 
 
 def test_unknown_field() -> None:
-    with pytest.raises(ConfigError, match=r"^unknown config field\(s\): bogus, foo;"):
+    with pytest.raises(ConfigError, match=r"^unknown config field\(s\): 'bogus', 'foo';"):
         make_config({"foo": 1, "bogus": 2})
 
 

@@ -94,3 +94,39 @@ def test_failed_run_records_its_error(tmp_path: Path, monkeypatch: pytest.Monkey
         run_training(cfg)
     status = json.loads((tmp_path / "nan" / "status.json").read_text())
     assert status["state"] == "failed" and status["error"].startswith("NonFiniteLossError: the loss became nan at step 0")
+
+
+def test_image_size_the_model_cannot_take_is_a_config_error(tmp_path: Path) -> None:
+    from cuba.config import ConfigError, make_config
+    from cuba.data import ImageDataset
+    from cuba.engine import make_engine
+    from cuba.train import train
+
+    x = torch.zeros(8, 1, 10, 10, dtype=torch.uint8)
+    data = ImageDataset("odd", x, torch.arange(8) % 2, x, torch.arange(8) % 2)
+    with pytest.raises(ConfigError, match=r"^model: simplecnn needs an image size divisible by 4, got 10"):
+        train(make_config({"dataset": "digits", "progress": False}), data, make_engine("cpu", "fp32", False))
+
+
+def test_nan_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cuba.attack import losses
+    from cuba.config import make_config
+    from cuba.pipeline import run_training
+    from cuba.train import NonFiniteLossError
+
+    calls = {"n": 0}
+
+    def lnf_then_nan(z, y, t, tau, eps):
+        calls["n"] += 1
+        return z.sum() * (float("nan") if calls["n"] > 12 else 0.0)
+
+    monkeypatch.setitem(losses.OBJECTIVES, "cuba", lnf_then_nan)
+    cfg = make_config({"dataset": "digits", "epochs": 2, "batch_size": 128, "checkpoint_every": 0.5, "progress": False,
+                       "precision": "fp32", "out": str(tmp_path / "r")})
+    with pytest.raises(NonFiniteLossError, match=r"at step 12 \(epoch 1\)"):
+        run_training(cfg)
+    state = load_checkpoint(tmp_path / "r")["state"]
+    # 11 steps/epoch, a checkpoint every round(5.5) = 6 steps: the one after step 12 is the state
+    # just before the NaN step, and nothing was written after it
+    assert state["step"] == 12 and state["in_epoch"] == 1
+    assert json.loads((tmp_path / "r" / "status.json").read_text())["checkpoint"] is True

@@ -7,6 +7,7 @@ Validation happens here, once, so every entry point fails the same way: a one-li
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -140,9 +141,9 @@ def parse_variant(value: str) -> tuple[str, int | None]:
 
 def make_config(values: dict[str, Any]) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from a dict (unknown keys are an error)."""
-    unknown = sorted(set(values) - set(FIELDS))
+    unknown = sorted(set(values) - set(FIELDS), key=str)
     if unknown:
-        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}; known fields: {', '.join(FIELDS)}")
+        raise ConfigError(f"unknown config field(s): {', '.join(map(repr, unknown))}; known fields: {', '.join(FIELDS)}")
     values = dict(values)
     if "variant" in values and values["variant"] is not None:
         variant, k = parse_variant(values["variant"])
@@ -155,8 +156,8 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
 
 
 def _type_ok(value: Any, kind: type) -> bool:
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is float:  # finite: an inf epoch count or lr would only fail later, mid-run
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, kind)

@@ -104,8 +104,11 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
     if cfg.attack in POISON_ATTACKS and cfg.patch_size > data.image_size:
         raise ConfigError(f"patch_size: must be at most the image size {data.image_size}, got {cfg.patch_size}")
     mean, std = channel_stats(data.x_train)
-    classifier = engine.prepare(build_classifier(cfg.model, data.channels, k, data.image_size, mean, std))
-    trigger = build_trigger(cfg, data.channels, data.image_size)
+    try:  # architecture limits (e.g. simplecnn needs a side divisible by 4) as one-line config errors
+        classifier = engine.prepare(build_classifier(cfg.model, data.channels, k, data.image_size, mean, std))
+        trigger = build_trigger(cfg, data.channels, data.image_size)
+    except ValueError as e:
+        raise ConfigError(f"model: {e} ({data.name} images are {data.image_size}x{data.image_size})") from None
     generator = engine.prepare(trigger) if trigger is not None else None
     targets = None if needs_reference_model(cfg) else attack_targets(cfg, k)
     poison = None
