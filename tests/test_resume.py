@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from cuba.checkpoint import CHECKPOINT, load_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # digits: 1,437 training images, batch 128 -> 11 steps per epoch; a checkpoint every 3 steps
 # lands inside epochs (in-epoch positions 3, 6, 9, 1, ...), never on an epoch boundary.
 ARGS = ["--dataset", "digits", "--epochs", "6", "--batch-size", "128", "--lr", "0.05", "--precision", "fp32",
