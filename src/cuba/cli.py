@@ -178,6 +178,22 @@ def cmd_import_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import CASES, run_bench
+
+    res = run_bench(quick=args.quick, device=args.device)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"device {res['device']}, bf16 {res['bf16']}, {res['threads']} threads, batch {res['batch_size']}")
+    print(f"{'case':<14}{'clean img/s':>12}{'CUBA img/s':>12}{'ref img/s':>11}{'CUBA/clean step':>17}{'engine/ref':>12}{'peak MB':>9}")
+    for name, *_ in CASES:
+        r = res[name]
+        print(f"{name:<14}{r['engine_clean_img_s']:>12.0f}{r['engine_cuba_img_s']:>12.0f}{r['reference_img_s']:>11.0f}"
+              f"{r['cuba_step_over_clean_step']:>17.2f}{r['engine_over_reference']:>12.2f}{r['peak_memory_mb']:>9.0f}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
@@ -252,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="auto")
     f.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", help="a defense parameter, e.g. --set n_eval=500")
     f.set_defaults(func=cmd_defend)
+    b = sub.add_parser("bench", help="engine vs conventional loop, CUBA step vs clean step (images/s, memory)")
+    b.add_argument("--quick", action="store_true", help="few steps: under 2 minutes on 2 CPU cores")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--device", default="auto")
+    b.set_defaults(func=cmd_bench)
     im = sub.add_parser("import-model", help="make a run folder from someone else's classifier weights (to audit it)")
     im.add_argument("weights", help=".safetensors, or a pickle .pt/.pth with --allow-pickle")
     im.add_argument("--model", required=True, help="simplecnn | resnet18 | preactresnet18")

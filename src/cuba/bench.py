@@ -1,0 +1,120 @@
+"""``cuba bench``: training throughput of the engine, of a CUBA step, and of a conventional loop.
+
+Three measurements per (classifier, input size), side by side in one process on synthetic
+uint8 data of the real shape (speed does not depend on pixel values):
+
+* **engine, clean**: :func:`cuba.train.train` with ``--attack none`` -- tensors resident on the
+  device, batched on-device augmentation, bf16 autocast where supported, channels_last;
+* **engine, CUBA**: the same loop with the joint generator step (``--attack cuba``);
+* **reference**: the conventional BackdoorBench-style loop on the same work -- a torchvision
+  ``Dataset`` returning PIL images, per-sample ``transforms`` (random crop + flip for 32x32
+  RGB, none for 28x28), a ``DataLoader``, fp32, NCHW.
+
+``cuba_step_over_clean_step`` = CUBA step time / clean step time; ``engine_over_reference`` =
+clean engine images/s / reference images/s. Peak memory is the CUDA allocator's peak on a GPU,
+and the process's maximum resident set size (cumulative over the run) on CPU.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import make_config
+from .data import ImageDataset
+from .engine import make_engine
+from .models import build_classifier
+from .train import train
+
+# (name, classifier, channels, image size, augment, steps with --quick, steps without)
+CASES = (("simplecnn_28", "simplecnn", 1, 28, "none", 20, 100), ("resnet18_32", "resnet18", 3, 32, "crop+flip", 4, 30))
+
+
+def synthetic(channels: int, size: int, n: int, k: int = 10, seed: int = 0) -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8)
+    y = torch.arange(n) % k
+    return ImageDataset(f"synthetic{size}", x, y, x[:256], y[:256])
+
+
+def engine_throughput(model: str, data: ImageDataset, attack: str, augment: str, steps: int, batch: int, device: str) -> float:
+    """Images/s of the training loop itself (no evaluation, no setup), over ``steps`` steps."""
+    cfg = make_config({
+        "dataset": "digits", "model": model, "attack": attack, "augment": augment, "batch_size": batch,
+        "epochs": steps * batch / len(data.y_train), "warmup_epochs": 0.0, "progress": False, "device": device,
+        "extra": {"eval_each_epoch": False}, "checkpoint_every": 0.0,
+    })
+    return train(cfg, data, make_engine(device, "auto", True)).images_per_second
+
+
+def reference_throughput(model: str, data: ImageDataset, augment: str, steps: int, batch: int, device: str) -> float:
+    """Images/s of a conventional loop: PIL per sample, torchvision transforms, DataLoader, fp32."""
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms as T
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    ops = [T.RandomCrop(data.image_size, padding=4), T.RandomHorizontalFlip()] if augment != "none" else []
+    tf = T.Compose([*ops, T.ToTensor(), T.Normalize([0.5] * data.channels, [0.5] * data.channels)])
+    arr = data.x_train.permute(0, 2, 3, 1).squeeze(-1).numpy() if data.channels == 1 else data.x_train.permute(0, 2, 3, 1).numpy()
+
+    class PILDataset(Dataset):
+        def __len__(self) -> int:
+            return len(arr)
+
+        def __getitem__(self, i: int):
+            return tf(Image.fromarray(arr[i])), int(data.y_train[i])
+
+    loader = DataLoader(PILDataset(), batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
+    net = build_classifier(model, data.channels, data.num_classes, data.image_size).to(dev).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    done, t0 = 0, None
+    while done < steps + 2:
+        for x, y in loader:
+            if done == 2:  # the first two steps warm the allocator and kernels up, as in the engine's timing
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            loss = F.cross_entropy(net(x.to(dev)), y.to(dev))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done += 1
+            if done >= steps + 2:
+                break
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def _peak_memory_mb(device: str) -> float:
+    if torch.cuda.is_available() and device != "cpu":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_bench(quick: bool = False, device: str = "auto", batch: int = 128) -> dict[str, Any]:
+    """Measure every case; ``quick`` uses few steps (under 2 minutes on 2 CPU cores)."""
+    out: dict[str, Any] = {"device": str(make_engine(device).device), "bf16": make_engine(device).bf16,
+                           "threads": torch.get_num_threads(), "batch_size": batch, "torch": torch.__version__}
+    for name, model, ch, size, aug, quick_steps, full_steps in CASES:
+        n_steps = quick_steps if quick else full_steps
+        n = n_steps * batch + batch  # one pass plus a spare batch: every step sees new images
+        data = synthetic(ch, size, n)
+        t0 = time.perf_counter()
+        clean = engine_throughput(model, data, "none", aug, n_steps, batch, device)
+        cuba = engine_throughput(model, data, "cuba", aug, n_steps, batch, device)
+        ref = reference_throughput(model, data, aug, n_steps, batch, device)
+        out[name] = {
+            "steps": n_steps, "engine_clean_img_s": round(clean, 1), "engine_cuba_img_s": round(cuba, 1),
+            "reference_img_s": round(ref, 1), "cuba_step_over_clean_step": round(clean / cuba, 3),
+            "engine_over_reference": round(clean / ref, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    out["cuba_step_over_clean_step"] = max(out[c[0]]["cuba_step_over_clean_step"] for c in CASES)
+    out["engine_over_reference"] = min(out[c[0]]["engine_over_reference"] for c in CASES)
+    return out
