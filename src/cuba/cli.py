@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -94,6 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = make_config(_config_values(args))
     run_dir, metrics = run_training(cfg, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun only rank 0 reports
     print(format_metrics_table([(cfg.label(), metrics)]))
     print(f"run folder: {run_dir}")
     return 0

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageDataset
+from .distributed import Dist, gather_rows
 from .engine import Engine
 from .metrics import compute_metrics, linf_per_image, psnr_per_image, ssim_per_image
 
@@ -35,13 +36,16 @@ class Predictions:
 @torch.inference_mode()
 def predict(
     classifier: nn.Module, generator: nn.Module | None, data: ImageDataset, engine: Engine,
-    batch_size: int = 1024, stealth: bool = True, progress: bool = False,
+    batch_size: int = 1024, stealth: bool = True, progress: bool = False, dist: Dist | None = None,
 ) -> Predictions:
+    """Predictions on the whole test set; under torchrun each rank takes ``x_test[rank::world]``
+    and the shards are gathered, so every rank returns the full arrays."""
     classifier.eval()
     if generator is not None:
         generator.eval()
+    d = dist or Dist()
     clean, bd, psnr, linf, ssim = [], [], [], [], []
-    batches = data.x_test.split(batch_size)
+    batches = data.x_test[d.rank::d.world].split(batch_size)
     for xb in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
         x = engine.batch(xb)
         clean.append(classifier(x).argmax(1).cpu())
@@ -55,13 +59,15 @@ def predict(
             if stealth:
                 ssim.append(ssim_per_image(x_cpu, x_bd_cpu))
     has_bd = generator is not None
+    n = len(data.y_test)
+    full = lambda parts: gather_rows(torch.cat(parts), n, d).numpy()  # noqa: E731
     return Predictions(
         y_true=data.y_test.numpy(),
-        y_pred_clean=torch.cat(clean).numpy(),
-        y_pred_backdoor=torch.cat(bd).numpy() if has_bd else None,
-        psnr=torch.cat(psnr).numpy() if has_bd else None,
-        linf=torch.cat(linf).numpy() if has_bd else None,
-        ssim=np.concatenate(ssim) if has_bd and stealth else None,
+        y_pred_clean=full(clean),
+        y_pred_backdoor=full(bd) if has_bd else None,
+        psnr=full(psnr) if has_bd else None,
+        linf=full(linf) if has_bd else None,
+        ssim=full([torch.from_numpy(np.concatenate(ssim))]) if has_bd and stealth else None,
     )
 
 
@@ -78,6 +84,7 @@ def metrics_from_predictions(pred: Predictions, targets: torch.Tensor | None, fu
 
 def evaluate_models(
     classifier: nn.Module, generator: nn.Module | None, data: ImageDataset, engine: Engine,
-    targets: torch.Tensor | None, full_range: bool, batch_size: int = 1024, stealth: bool = True,
+    targets: torch.Tensor | None, full_range: bool, batch_size: int = 1024, stealth: bool = True, dist: Dist | None = None,
 ) -> dict:
-    return metrics_from_predictions(predict(classifier, generator, data, engine, batch_size, stealth), targets, full_range)
+    pred = predict(classifier, generator, data, engine, batch_size, stealth, dist=dist)
+    return metrics_from_predictions(pred, targets, full_range)

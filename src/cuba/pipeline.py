@@ -14,6 +14,7 @@ from . import __version__
 from .checkpoint import CHECKPOINT
 from .config import ConfigError, TrainConfig
 from .data import ImageDataset, load_dataset
+from .distributed import finish, setup
 from .engine import Engine, make_engine
 from .evaluate import metrics_from_predictions, predict
 from .figures import plot_histograms, plot_triggers
@@ -75,26 +76,34 @@ def run_training(cfg: TrainConfig, run_dir: Path | None = None, overwrite: bool 
         (run_dir / CHECKPOINT).unlink()
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    engine = make_engine(cfg.device, cfg.precision, cfg.channels_last)
+    d, device = setup(cfg.device)  # a torchrun launch joins its process group here
+    engine = make_engine(device, cfg.precision, cfg.channels_last)
     data = load_data(cfg)
-    save_config(run_dir, cfg)
-    write_json(run_dir / "status.json", {"state": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()})
+    if d.is_main:
+        save_config(run_dir, cfg)
+        write_json(run_dir / "status.json", {"state": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                             "pid": os.getpid(), "processes": d.world})
     try:
-        result = train(cfg, data, engine, run_dir)
+        result = train(cfg, data, engine, run_dir, dist=d)
     except BaseException as e:  # noqa: BLE001 - recorded, then re-raised unchanged
-        write_json(run_dir / "status.json", {"state": "failed", "error": f"{type(e).__name__}: {e}",
-                                             "checkpoint": (run_dir / CHECKPOINT).is_file()})
+        if d.is_main:
+            write_json(run_dir / "status.json", {"state": "failed", "error": f"{type(e).__name__}: {e}",
+                                                 "checkpoint": (run_dir / CHECKPOINT).is_file()})
         raise
     t_eval = time.perf_counter()
-    pred = predict(result.classifier, result.generator, data, engine, cfg.eval_batch_size, stealth=True, progress=cfg.progress)
+    pred = predict(result.classifier, result.generator, data, engine, cfg.eval_batch_size, stealth=True,
+                   progress=cfg.progress and d.is_main, dist=d)
     metrics = metrics_from_predictions(pred, result.targets, cfg.full_range)
+    if not d.is_main:  # rank 0 writes the run folder; the others wait for it at the barrier
+        finish(d)
+        return run_dir, metrics
     metrics.update(
         train_seconds=round(result.seconds, 2), eval_seconds=round(time.perf_counter() - t_eval, 2),
         train_images_per_second=round(result.images_per_second, 1), num_classes=data.num_classes,
         n_train=len(data.y_train), n_test=len(data.y_test), dataset=data.name, setting=cfg.label(),
         generator_mode=("patch" if cfg.attack in POISON_ATTACKS else cfg.generator_mode) if cfg.is_attack else None,
         device=str(engine.device), bf16=engine.bf16, torch=torch.__version__, cuba=__version__,
-        machine=platform.machine(), threads=torch.get_num_threads(),
+        machine=platform.machine(), threads=torch.get_num_threads(), processes=d.world,
     )
     save_weights(run_dir / "classifier.safetensors", result.classifier)
     if result.generator is not None:
@@ -108,6 +117,7 @@ def run_training(cfg: TrainConfig, run_dir: Path | None = None, overwrite: bool 
     if (run_dir / CHECKPOINT).is_file():
         (run_dir / CHECKPOINT).unlink()  # the weights are saved; the training state is no longer needed
     write_json(run_dir / "status.json", {"state": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    finish(d)
     return run_dir, metrics
 
 

@@ -34,6 +34,7 @@ from .attack import OBJECTIVES, POISON_ATTACKS, attack_targets, build_trigger, m
 from .config import ConfigError, TrainConfig
 from .data import ImageDataset
 from .data.augment import augment_batch, augment_policy
+from .distributed import Dist, all_mean
 from .engine import Engine, seed_everything
 from .evaluate import evaluate_models
 from .models import build_classifier
@@ -87,12 +88,16 @@ def class_confusion(classifier: nn.Module, data: ImageDataset, engine: Engine, m
     return conf / torch.bincount(y, minlength=k).clamp_min(1)[:, None]
 
 
-def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | None = None) -> TrainResult:
+def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | None = None, dist: Dist | None = None) -> TrainResult:
     """Train a classifier (and, for an attack, its trigger generator) as ``cfg`` says.
 
     With ``run_dir``, a checkpoint is written there every ``cfg.checkpoint_every`` epochs
-    (fractions allowed: mid-epoch), and a checkpoint found there is resumed from.
+    (fractions allowed: mid-epoch), and a checkpoint found there is resumed from. Under torchrun
+    (``dist``), each rank trains on its slice of every global batch (:mod:`cuba.distributed`).
     """
+    d = dist or Dist()
+    if d.enabled and cfg.batch_size % d.world:
+        raise ConfigError(f"batch_size: must be divisible by the {d.world} torchrun processes, got {cfg.batch_size}")
     gen = seed_everything(cfg.seed)
     k = data.num_classes
     if cfg.variant == "nra" and cfg.is_attack and not 0 < cfg.k < k:
@@ -111,6 +116,15 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
         raise ConfigError(f"model: {e} ({data.name} images are {data.image_size}x{data.image_size})") from None
     generator = engine.prepare(trigger) if trigger is not None else None
     targets = None if needs_reference_model(cfg) else attack_targets(cfg, k)
+    # the model forward passes go through DDP wrappers when distributed (gradients averaged in backward)
+    fwd_f, fwd_g = classifier, generator
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd_f = DDP(classifier)
+        if cfg.attack in OBJECTIVES:
+            fwd_g = DDP(generator)
+        torch.manual_seed(cfg.seed + 7919 * (d.rank + 1))  # augmentation draws differ across ranks
     poison = None
     if cfg.attack in POISON_ATTACKS:
         poison = make_poison_plan(cfg.attack, data.y_train, k, cfg.poison_rate, cfg.target_class, gen).to(engine.device)
@@ -141,7 +155,7 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
     if learned:
         generator.train()
     # redraw at most every 30 s when stderr is a file or pipe (logs stay readable)
-    bar = tqdm(total=total_steps, desc=f"train {cfg.label()}", disable=not cfg.progress, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total_steps, desc=f"train {cfg.label()}", disable=not cfg.progress or not d.is_main, unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     step, epoch, start_i, order, elapsed = 0, 0, 0, None, 0.0
     every = round(cfg.checkpoint_every * steps_per_epoch) if run_dir is not None and cfg.checkpoint_every > 0 else 0
@@ -160,7 +174,7 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
         for i in range(start_i, steps_per_epoch):
             if step >= total_steps:
                 break
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size][d.rank::d.world]
             x, y = engine.batch(x_all[idx]), y_all[idx]
             if poison is not None:
                 x, y = poison.apply(x, y, idx, generator)
@@ -170,14 +184,14 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
             joint = learned and step >= warmup_steps
             with engine.autocast():
                 if not joint:
-                    logits = classifier(x)
+                    logits = fwd_f(x)
                     loss = F.cross_entropy(logits.float(), y)
                     parts = {"ce": loss.item()} if step % 50 == 0 else {}
                 else:
                     progress = (step - warmup_steps) / max(1, (total_steps - warmup_steps) * cfg.eps_anneal) if cfg.eps_anneal > 0 else 1.0
                     generator.eps = cosine(cfg.eps_start, cfg.eps, progress)
-                    xb = generator(x[:n_bd])
-                    logits = classifier(torch.cat([x, xb]))
+                    xb = fwd_g(x[:n_bd])
+                    logits = fwd_f(torch.cat([x, xb]))
                     zc, zb = logits[: len(x)], logits[len(x):]
                     mse = (xb.float() - x[:n_bd]).pow(2)
                     mse = mse.mean() if cfg.mse_reduction == "mean" else mse.flatten(1).sum(1).mean()
@@ -189,7 +203,7 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
                     gamma = cfg.gamma * min(1.0, (step - warmup_steps + 1) / ramp) if ramp > 0 else cfg.gamma
                     loss = cfg.alpha * mse + cfg.beta * ce + gamma * bd
                     parts = {"mse": mse.item(), "ce": ce.item(), "bd": bd.item(), "eps": generator.eps} if step % 50 == 0 else {}
-            if not torch.isfinite(loss):
+            if not torch.isfinite(all_mean(loss, d)):  # the same verdict on every rank
                 bar.close()
                 raise NonFiniteLossError(f"the loss became {loss.item()} at step {step} (epoch {epoch}); lower lr or gamma")
             opt.zero_grad(set_to_none=True)
@@ -208,20 +222,21 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
             bar.update(1)
             if parts:
                 bar.set_postfix({k_: f"{v:.3g}" for k_, v in parts.items()}, refresh=False)
-            if every and step % every == 0 and step < total_steps:
+            if every and d.is_main and step % every == 0 and step < total_steps:
                 state = {"step": step, "epoch": epoch, "in_epoch": i + 1, "order": order.cpu(), "history": history,
                          "targets": targets, "elapsed": time.perf_counter() - t0}
                 save_checkpoint(run_dir, capture(classifier, generator, opt, opt_g, sched, gen, state))
         start_i, order = 0, None
         epoch += 1
         if cfg.extra.get("eval_each_epoch", True):
-            m = evaluate_models(classifier, generator, data, engine, targets, cfg.full_range, cfg.eval_batch_size, stealth=False)
+            m = evaluate_models(classifier, generator, data, engine, targets, cfg.full_range, cfg.eval_batch_size, stealth=False, dist=d)
             m.update(epoch=epoch, step=step, seconds=round(time.perf_counter() - t0, 2))
             history.append(m)
             line = f"epoch {epoch}: CA {m['ca']:.4f}"
             if generator is not None and targets is not None:
                 line += f"  ASR {m['asr']:.4f}  DS {m['ds']:.4f}  DS-min {m['ds_min']:.4f}"
-            tqdm.write(line + f"  ({m['seconds']:.0f} s)")
+            if d.is_main:
+                tqdm.write(line + f"  ({m['seconds']:.0f} s)")
             classifier.train()
             if learned:
                 generator.train()
@@ -232,4 +247,4 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
         generator.eval()
     if learned:
         generator.eps = cfg.eps
-    return TrainResult(classifier, generator, targets, history, seconds, total_steps * cfg.batch_size / max(seconds, 1e-9))
+    return TrainResult(classifier, generator, targets, history, seconds, total_steps * cfg.batch_size / max(seconds, 1e-9))  # global images/s
