@@ -197,6 +197,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .reproduce import expand, load_grid, run_grid, write_table2
+
+    raw = load_grid(args.grid)
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        raw.setdefault("set", {})[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    if args.data_dir:
+        raw["data_dir"] = args.data_dir
+    cells = expand(raw)
+    out = Path(args.out)
+    if args.dry_run:
+        for c in cells:
+            print(f"{c.name}  defenses: {', '.join(c.defenses) or '-'}")
+        print(f"{len(cells)} cells")
+        return 0
+    slurm = {k: v for k, v in (("slurm_partition", args.partition), ("gpus_per_node", args.gpus),
+                               ("timeout_min", args.timeout_min), ("cpus_per_task", args.cpus)) if v is not None}
+    run_grid(cells, out, args.executor, args.jobs, slurm, wait=not args.no_wait)
+    files = write_table2(out)
+    print("\n" + files[0].read_text())
+    print("written: " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
@@ -271,6 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="auto")
     f.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", help="a defense parameter, e.g. --set n_eval=500")
     f.set_defaults(func=cmd_defend)
+    r = sub.add_parser("reproduce", help="run a grid (data sets x models x attacks x seeds + defenses); write table2")
+    r.add_argument("grid", help="a grid YAML file, or a shipped grid: cpu")
+    r.add_argument("--out", required=True, help="folder for runs/<cell>/ and the tables")
+    r.add_argument("--data-dir", default=None, help="folder of the named data sets")
+    r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a config field for every cell")
+    r.add_argument("--executor", default="sequential", choices=["sequential", "local", "slurm"])
+    r.add_argument("--jobs", type=int, default=2, help="parallel processes with --executor local")
+    r.add_argument("--partition", default=None, help="SLURM partition")
+    r.add_argument("--gpus", type=int, default=None, help="GPUs per SLURM job")
+    r.add_argument("--cpus", type=int, default=None, help="CPUs per SLURM job")
+    r.add_argument("--timeout-min", type=int, default=None, help="SLURM time limit per cell, minutes")
+    r.add_argument("--no-wait", action="store_true", help="submit to SLURM and return (re-run later to aggregate)")
+    r.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    r.set_defaults(func=cmd_reproduce)
     b = sub.add_parser("bench", help="engine vs conventional loop, CUBA step vs clean step (images/s, memory)")
     b.add_argument("--quick", action="store_true", help="few steps: under 2 minutes on 2 CPU cores")
     b.add_argument("--json", action="store_true", help="print one JSON object")

@@ -1,0 +1,7 @@
+"""``cuba reproduce``: run a grid of attacks x data sets x seeds (+ defenses) and aggregate the paper's tables."""
+
+from .grid import Cell, expand, load_grid
+from .runner import is_done, run_cell, run_grid
+from .tables import write_table2
+
+__all__ = ["Cell", "expand", "is_done", "load_grid", "run_cell", "run_grid", "write_table2"]

@@ -1,0 +1,134 @@
+"""A reproduction grid: data sets x models x attacks/variants x seeds, plus the defenses per model.
+
+A grid file (YAML) names the axes; :func:`expand` turns it into one :class:`Cell` per run,
+each a complete, validated training config -- every cell is checked before the first trains.
+
+    name: cpu
+    datasets: [mnist]                    # names or paths
+    models: {mnist: simplecnn}           # or a list: every data set with every model
+    presets: {mnist: mnist}              # config preset (packaged name or YAML path) per data set
+    attacks: [none, cuba]                # none = the clean baseline; also the baselines' names
+    variants: [fra, nra-5, nra-2]        # for attacks whose target rule comes from the variant
+    seeds: [0, 1, 2]
+    epochs: null                         # a number, {data set: number}, or null (the preset's)
+    defenses: [strip, neural-cleanse, sentinet, fine-pruning, nad]
+    defense_seeds: [0]                   # which seeds' models the defenses inspect
+    data_dir: ../shared/data
+    set: {}                              # config fields for every cell
+    overrides:                           # per-cell fields: every `match` key must equal the cell's
+      - {match: {dataset: mnist, variant: nra-2}, set: {tau: 0.04}}
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, load_config_file, make_config
+
+KEYS = ("name", "datasets", "models", "presets", "attacks", "variants", "seeds", "epochs", "defenses",
+        "defense_seeds", "data_dir", "set", "overrides")
+
+
+@dataclass
+class Cell:
+    """One training run of the grid, and the defenses to run on its model."""
+
+    name: str
+    values: dict[str, Any]
+    defenses: list[str] = field(default_factory=list)
+
+    def key(self, field_name: str) -> Any:
+        return self.values.get(field_name)
+
+
+def _as_list(v: Any, name: str) -> list:
+    if v is None:
+        return []
+    if isinstance(v, (str, int, float)):
+        return [v]
+    if not isinstance(v, list):
+        raise ConfigError(f"grid: {name} must be a list, got {type(v).__name__}")
+    return v
+
+
+def _preset(spec: str) -> dict[str, Any]:
+    """A packaged preset (``mnist``) or a YAML/TOML file."""
+    path = resources.files("cuba") / "configs" / f"{spec}.yaml"
+    if path.is_file():
+        return yaml.safe_load(path.read_text()) or {}
+    if Path(spec).is_file():
+        return load_config_file(spec)
+    raise ConfigError(f"grid: preset {spec!r} is neither a packaged preset nor a config file")
+
+
+def load_grid(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        shipped = resources.files("cuba") / "configs" / "grids" / f"{path}.yaml"
+        if not shipped.is_file():
+            raise ConfigError(f"grid: {path} is neither a file nor a shipped grid (paper, cpu)")
+        return yaml.safe_load(shipped.read_text())
+    raw = yaml.safe_load(p.read_text())
+    if not isinstance(raw, dict):
+        raise ConfigError(f"grid: {p} must hold a mapping of {', '.join(KEYS)}")
+    return raw
+
+
+def expand(raw: dict[str, Any]) -> list[Cell]:
+    """Every cell of the grid, validated; raises ConfigError naming the first bad key or cell."""
+    from ..attack import FIXED_RULE
+    from ..defenses import DEFENSES
+
+    unknown = sorted(set(raw) - set(KEYS), key=str)
+    if unknown:
+        raise ConfigError(f"grid: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(KEYS)}")
+    datasets = _as_list(raw.get("datasets"), "datasets")
+    if not datasets:
+        raise ConfigError("grid: datasets must name at least one data set")
+    models = raw.get("models") or {}
+    presets = raw.get("presets") or {}
+    attacks = _as_list(raw.get("attacks", ["none", "cuba"]), "attacks")
+    variants = _as_list(raw.get("variants", ["fra"]), "variants")
+    seeds = _as_list(raw.get("seeds", [0]), "seeds")
+    defenses = _as_list(raw.get("defenses"), "defenses")
+    bad = [d for d in defenses if d not in DEFENSES]
+    if bad:
+        raise ConfigError(f"grid: unknown defense(s) {', '.join(bad)}; choose from {', '.join(DEFENSES)}")
+    defense_seeds = _as_list(raw.get("defense_seeds", seeds[:1]), "defense_seeds")
+    epochs = raw.get("epochs")
+    overrides = _as_list(raw.get("overrides"), "overrides")
+    cells: list[Cell] = []
+    for ds in datasets:
+        ds_models = _as_list(models.get(ds) if isinstance(models, dict) else models, "models") or ["simplecnn"]
+        base = _preset(presets[ds]) if ds in presets else {}
+        for model, attack, seed in itertools.product(ds_models, attacks, seeds):
+            for variant in (["fra"] if attack == "none" or attack in FIXED_RULE else variants):
+                values = {**base, **(raw.get("set") or {}), "dataset": ds, "model": model, "attack": attack,
+                          "variant": variant, "seed": seed, "progress": False}
+                if raw.get("data_dir"):
+                    values["data_dir"] = raw["data_dir"]
+                ep = epochs.get(ds) if isinstance(epochs, dict) else epochs
+                if ep is not None:
+                    values["epochs"] = ep
+                for o in overrides:
+                    if not isinstance(o, dict) or not isinstance(o.get("match"), dict) or not isinstance(o.get("set"), dict):
+                        raise ConfigError("grid: each override needs a `match` mapping and a `set` mapping")
+                    if all(str(values.get(k)) == str(v) for k, v in o["match"].items()):
+                        values.update(o["set"])
+                try:
+                    cfg = make_config(values)
+                except ConfigError as e:
+                    raise ConfigError(f"grid cell {ds}/{model}/{attack}/{variant}/seed {seed}: {e}") from None
+                name = f"{Path(str(ds)).stem}-{model}-{cfg.label()}-s{seed}"
+                cells.append(Cell(name, values, defenses if seed in defense_seeds else []))
+    names = [c.name for c in cells]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"grid: cells repeat ({', '.join(dup[:3])}); remove duplicate attacks, variants or seeds")
+    return cells

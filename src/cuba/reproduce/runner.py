@@ -1,0 +1,90 @@
+"""Running a grid's cells: one after another in this process, in parallel local processes, or on
+SLURM -- the last two through submitit, so the same function runs everywhere.
+
+A cell is *done* when its run folder says ``finished`` (status.json) and each of its defenses
+has a defense.json; done cells are skipped, so re-running ``cuba reproduce`` after an
+interruption continues where it stopped (an interrupted training also resumes from its
+checkpoint).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from ..runs import read_json
+from .grid import Cell
+
+
+def cell_dir(out: Path, cell: Cell) -> Path:
+    return Path(out) / "runs" / cell.name
+
+
+def trained(run_dir: Path) -> bool:
+    status = run_dir / "status.json"
+    return (run_dir / "metrics.json").is_file() and (not status.is_file() or read_json(status).get("state") == "finished")
+
+
+def is_done(out: Path, cell: Cell) -> bool:
+    d = cell_dir(out, cell)
+    return trained(d) and all((d / "defenses" / name / "defense.json").is_file() for name in cell.defenses)
+
+
+def run_cell(values: dict[str, Any], defenses: list[str], run_dir: str) -> str:
+    """Train (or resume, or skip) one cell, then run its missing defenses. Top-level: submitit pickles it."""
+    from ..config import make_config
+    from ..defenses import load_attack_run, run_defense
+    from ..pipeline import run_training
+
+    path = Path(run_dir)
+    if not trained(path):
+        run_training(make_config({**values, "out": run_dir}))
+    missing = [d for d in defenses if not (path / "defenses" / d / "defense.json").is_file()]
+    if missing:
+        run = load_attack_run(path, device=values.get("device", "auto"))
+        for name in missing:
+            run_defense(name, run)
+    return run_dir
+
+
+def run_grid(
+    cells: list[Cell], out: Path, executor: str = "sequential", jobs: int = 2, slurm: dict[str, Any] | None = None,
+    wait: bool = True, log: Callable[[str], None] = print,
+) -> list[Cell]:
+    """Run every cell that is not done; return the cells that were pending."""
+    pending = [c for c in cells if not is_done(out, c)]
+    log(f"{len(cells)} cells, {len(cells) - len(pending)} done, {len(pending)} to run ({executor})")
+    if not pending:
+        return pending
+    if executor == "sequential":
+        for cell in tqdm(pending, desc="grid", unit="cell"):
+            tqdm.write(f"-> {cell.name}")
+            run_cell(cell.values, cell.defenses, str(cell_dir(out, cell)))
+        return pending
+    import submitit
+
+    folder = Path(out) / "submitit"
+    if executor == "local":
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=int((slurm or {}).get("timeout_min", 24 * 60)))
+        bar = tqdm(total=len(pending), desc="grid", unit="cell")
+        for start in range(0, len(pending), jobs):  # at most `jobs` processes at a time
+            wave = [ex.submit(run_cell, c.values, c.defenses, str(cell_dir(out, c))) for c in pending[start:start + jobs]]
+            for job in wave:
+                job.result()
+                bar.update(1)
+        bar.close()
+        return pending
+    if executor == "slurm":
+        ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        ex.update_parameters(**(slurm or {}))
+        with ex.batch():
+            submitted = [ex.submit(run_cell, c.values, c.defenses, str(cell_dir(out, c))) for c in pending]
+        log("submitted SLURM jobs " + ", ".join(j.job_id for j in submitted) + f" (logs in {folder})")
+        if wait:
+            for job in tqdm(submitted, desc="grid", unit="cell"):
+                job.result()
+        return pending
+    raise ValueError(f"executor must be sequential, local or slurm, got {executor!r}")

@@ -1,0 +1,79 @@
+"""cuba reproduce on a tiny digits grid: expansion and its errors, skipping finished cells, submitit's
+local executor, table2, and a kill-and-rerun that finishes the grid without redoing cells."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cuba.config import ConfigError
+from cuba.reproduce import expand, is_done, run_grid, write_table2
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {"datasets": ["digits"], "models": {"digits": "simplecnn"}, "attacks": ["none", "cuba"], "variants": ["fra"],
+        "seeds": [0, 1], "defenses": ["fine-pruning"], "defense_seeds": [0],
+        "set": {"epochs": 1, "generator_width": 4, "device": "cpu", "precision": "fp32", "channels_last": False}}
+
+
+def test_expand_names_and_validates_cells() -> None:
+    cells = expand(TINY)
+    assert [c.name for c in cells] == ["digits-simplecnn-clean-s0", "digits-simplecnn-clean-s1",
+                                       "digits-simplecnn-cuba-fra-s0", "digits-simplecnn-cuba-fra-s1"]
+    assert [c.defenses for c in cells] == [["fine-pruning"], [], ["fine-pruning"], []]
+    nra = expand({**TINY, "variants": ["fra", "nra-2"], "attacks": ["cuba", "badnets"], "seeds": [0]})
+    assert [c.name for c in nra] == ["digits-simplecnn-cuba-fra-s0", "digits-simplecnn-cuba-nra2-s0", "digits-simplecnn-badnets-t0-s0"]
+    with pytest.raises(ConfigError, match=r"^grid: unknown key\(s\) 'colour'"):
+        expand({**TINY, "colour": 1})
+    with pytest.raises(ConfigError, match=r"^grid: unknown defense\(s\) spectral"):
+        expand({**TINY, "defenses": ["spectral"]})
+    bad = {**TINY, "overrides": [{"match": {"attack": "cuba", "seed": 1}, "set": {"tau": -1}}]}
+    with pytest.raises(ConfigError, match=r"^grid cell digits/simplecnn/cuba/fra/seed 1: tau: must be a number > 0"):
+        expand(bad)
+    with pytest.raises(ConfigError, match="cells repeat"):
+        expand({**TINY, "seeds": [0, 0]})
+
+
+def test_grid_runs_skips_and_aggregates(tmp_path: Path) -> None:
+    cells = expand(TINY)
+    assert len(run_grid(cells, tmp_path, log=lambda s: None)) == 4
+    assert all(is_done(tmp_path, c) for c in cells)
+    assert (tmp_path / "runs" / "digits-simplecnn-cuba-fra-s0" / "defenses" / "fine-pruning" / "defense.json").is_file()
+    assert run_grid(cells, tmp_path, log=lambda s: None) == []  # everything done: nothing re-runs
+    md = write_table2(tmp_path)[0].read_text()
+    assert "| digits / simplecnn | cuba-fra | 2 |" in md and (tmp_path / "table2.tex").is_file()
+
+
+def test_submitit_local_executor(tmp_path: Path) -> None:
+    pytest.importorskip("submitit")
+    cells = expand({**TINY, "attacks": ["none"], "defenses": []})
+    run_grid(cells, tmp_path, executor="local", jobs=2, log=lambda s: None)
+    assert all(is_done(tmp_path, c) for c in cells)
+    assert (tmp_path / "submitit").is_dir()
+
+
+def test_killed_reproduce_finishes_without_redoing_cells(tmp_path: Path) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({**TINY, "defenses": []}))
+    cmd = [sys.executable, "-m", "cuba", "reproduce", str(grid), "--out", str(tmp_path / "o")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = tmp_path / "o" / "runs" / "digits-simplecnn-clean-s0" / "metrics.json"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not first.is_file():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stamp = first.stat().st_mtime_ns
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "4 cells, " in res.stdout and first.stat().st_mtime_ns == stamp  # the finished cell was not redone
+    assert all(is_done(tmp_path / "o", c) for c in expand(TINY) if not c.defenses)
