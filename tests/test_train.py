@@ -128,3 +128,15 @@ def test_gamma_ramp_changes_training() -> None:
     a = train(tiny_cfg(extra={"eval_each_epoch": False}), tiny_data(), ENGINE).classifier
     b = train(tiny_cfg(gamma_ramp_epochs=1.0, extra={"eval_each_epoch": False}), tiny_data(), ENGINE).classifier
     assert any(not torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_compile_flag_trains_the_same_model_shape() -> None:
+    pytest.importorskip("torch._inductor")
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on CPU needs a C compiler")
+    res = train(tiny_cfg(attack="none", compile=True, extra={"eval_each_epoch": False}), tiny_data(), ENGINE)
+    plain = train(tiny_cfg(attack="none", extra={"eval_each_epoch": False}), tiny_data(), ENGINE)
+    for (ka, va), (kb, vb) in zip(res.classifier.state_dict().items(), plain.classifier.state_dict().items()):
+        assert ka == kb and torch.allclose(va, vb, atol=1e-4), ka  # compiled kernels: same math, float-order noise

@@ -76,6 +76,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
+    compile: bool = False  # torch.compile the training forward passes (first steps pay the compile time)
     eval_batch_size: int = 1024
     # output
     out: str | None = None
@@ -206,7 +207,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} or an existing .npz/.zip/folder path, got {cfg.dataset!r}")
     if cfg.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", str(cfg.device)):
         raise ConfigError(f"device: must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
-    for name in ("download", "channels_last", "progress", "deterministic"):
+    for name in ("download", "channels_last", "progress", "deterministic", "compile"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{name}: must be true or false, got {getattr(cfg, name)!r}")
     if cfg.attack in FIXED_RULE and cfg.variant != "fra":

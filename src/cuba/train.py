@@ -125,6 +125,10 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
         if cfg.attack in OBJECTIVES:
             fwd_g = DDP(generator)
         torch.manual_seed(cfg.seed + 7919 * (d.rank + 1))  # augmentation draws differ across ranks
+    if cfg.compile:  # the wrappers share parameters with the plain modules (checkpoints, evaluation)
+        fwd_f = torch.compile(fwd_f)
+        if cfg.attack in OBJECTIVES:
+            fwd_g = torch.compile(fwd_g)
     poison = None
     if cfg.attack in POISON_ATTACKS:
         poison = make_poison_plan(cfg.attack, data.y_train, k, cfg.poison_rate, cfg.target_class, gen).to(engine.device)
