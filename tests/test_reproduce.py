@@ -77,3 +77,15 @@ def test_killed_reproduce_finishes_without_redoing_cells(tmp_path: Path) -> None
     assert res.returncode == 0, res.stderr[-2000:]
     assert "4 cells, " in res.stdout and first.stat().st_mtime_ns == stamp  # the finished cell was not redone
     assert all(is_done(tmp_path / "o", c) for c in expand(TINY) if not c.defenses)
+
+
+def test_shipped_grids_expand() -> None:
+    from cuba.reproduce import load_grid
+
+    paper = expand(load_grid("paper"))
+    # 4 data sets x 3 seeds x (clean + 3 generator attacks x 3 variants + ubw-p + badnets + targeted)
+    assert len(paper) == 4 * 3 * (1 + 3 * 3 + 3)
+    assert {c.values["model"] for c in paper} == {"simplecnn", "preactresnet18", "resnet18"}
+    assert len(expand(load_grid("cpu"))) == 12
+    with pytest.raises(ConfigError, match="neither a file nor a shipped grid"):
+        load_grid("nonexistent")
