@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from cuba.config import ConfigError
-from cuba.reproduce import expand, is_done, run_grid, write_table2
+from cuba.reproduce import expand, is_done, run_grid, write_report, write_table2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,6 +49,11 @@ def test_grid_runs_skips_and_aggregates(tmp_path: Path) -> None:
     assert run_grid(cells, tmp_path, log=lambda s: None) == []  # everything done: nothing re-runs
     md = write_table2(tmp_path)[0].read_text()
     assert "| digits / simplecnn | cuba-fra | 2 |" in md and (tmp_path / "table2.tex").is_file()
+    page = write_report(tmp_path).read_text()
+    assert "<h2>Table III" in page and "fine-pruning" in page and "<details><summary>digits-simplecnn-clean-s1" in page
+    assert page.count("data:image/png;base64,") >= 2  # Fig. 4 and Fig. 5 of the CUBA run, embedded
+    assert "src='http" not in page  # nothing fetched from outside: viewable offline
+    assert "| digits-simplecnn-cuba-fra-s0 | fine-pruning | 0.9 |" in (tmp_path / "table3.md").read_text()
 
 
 def test_submitit_local_executor(tmp_path: Path) -> None:

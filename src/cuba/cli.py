@@ -200,7 +200,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import yaml
 
-    from .reproduce import expand, load_grid, run_grid, write_table2
+    from .reproduce import expand, load_grid, run_grid, write_report, write_table2
 
     raw = load_grid(args.grid)
     for item in args.set:
@@ -222,7 +222,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     run_grid(cells, out, args.executor, args.jobs, slurm, wait=not args.no_wait)
     files = write_table2(out)
     print("\n" + files[0].read_text())
-    print("written: " + ", ".join(str(f) for f in files))
+    report = write_report(out, title=f"cuba reproduce {args.grid}")
+    print("written: " + ", ".join(str(f) for f in [*files, out / "table3.md", report]))
     return 0
 
 

@@ -1,0 +1,130 @@
+"""The paper's Table III and Figures 4-8 from a grid's run folders, and one self-contained report.html.
+
+* ``table3.{md,csv,tex}``: Fine-pruning (CA / ASR per prune ratio) and NAD (per epoch) for every
+  run that has those defense.json files.
+* figures (``figures/``): Fig. 4 triggers and Fig. 5 histograms of a CUBA run (copied from its run
+  folder), Fig. 6 STRIP entropies, Fig. 7 Neural Cleanse norms and SentiNet scatter (from the
+  defense folders), Fig. 8 the source-class-1 histograms of CUBA FRA beside the untargeted
+  baselines (drawn by :func:`cuba.compare.compare`).
+* ``report.html``: table2 (with the paper's numbers and the differences), table3, every figure
+  embedded as base64 PNG, and each run's config in a collapsible block -- one file, viewable
+  offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import shutil
+from pathlib import Path
+
+import yaml
+
+from ..runs import read_json, write_text
+from .tables import finished_runs, table2_markdown, table2_rows
+
+REMOVAL = (("fine-pruning", "prune_ratio"), ("nad", "epoch"))
+
+
+def table3_rows(out: Path) -> list[dict]:
+    rows = []
+    for run in finished_runs(out):
+        for name, key in REMOVAL:
+            f = run.path / "defenses" / name / "defense.json"
+            if f.is_file():
+                for r in read_json(f)["rows"]:
+                    rows.append({"run": run.path.name, "setting": run.label, "defense": name, "step": r[key],
+                                 "ca": r["ca"], "asr": r["asr"]})
+    return rows
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.2f}"
+
+
+def write_table3(out: Path) -> list[Path]:
+    rows = table3_rows(out)
+    md = ["| run | defense | prune ratio / epoch | CA | ASR |", "|---|---|---|---|---|"]
+    md += [f"| {r['run']} | {r['defense']} | {r['step']:g} | {_pct(r['ca'])} | {_pct(r['asr'])} |" for r in rows]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["run", "setting", "defense", "step", "ca", "asr"])
+    for r in rows:
+        w.writerow([r["run"], r["setting"], r["defense"], r["step"], r["ca"], "" if r["asr"] is None else r["asr"]])
+    tex = ["\\begin{tabular}{lllrr}", "\\toprule", "Run & Defense & Ratio / epoch & CA (\\%) & ASR (\\%) \\\\", "\\midrule"]
+    tex += [f"{r['run']} & {r['defense']} & {r['step']:g} & {_pct(r['ca'])} & {_pct(r['asr'])} \\\\".replace("–", "--").replace("_", "\\_") for r in rows]
+    tex += ["\\bottomrule", "\\end{tabular}"]
+    files = []
+    for suffix, text in (("md", "\n".join(md)), ("csv", buf.getvalue()), ("tex", "\n".join(tex))):
+        write_text(out / f"table3.{suffix}", text.rstrip("\n") + "\n")
+        files.append(out / f"table3.{suffix}")
+    return files
+
+
+def collect_figures(out: Path) -> list[tuple[str, Path]]:
+    """(caption, path) of the paper's figures that the finished runs allow, copied into OUT/figures."""
+    runs = finished_runs(out)
+    figs: list[tuple[str, Path]] = []
+    dest = out / "figures"
+    dest.mkdir(parents=True, exist_ok=True)
+
+    def first(pred) -> object | None:
+        return next((r for r in sorted(runs, key=lambda r: r.seed) if pred(r)), None)
+
+    cuba = first(lambda r: r.label == "cuba-fra") or first(lambda r: r.label.startswith("cuba-"))
+    if cuba is not None:
+        for fig, src, cap in (("fig4", "figures/triggers.png", "Fig. 4: clean, backdoor and amplified residual"),
+                              ("fig5", "figures/histograms.png", "Fig. 5: backdoor predictions per source class")):
+            if (cuba.path / src).is_file():
+                figs.append((f"{cap} ({cuba.path.name})", Path(shutil.copy(cuba.path / src, dest / f"{fig}-{cuba.path.name}.png"))))
+    for fig, name, png, cap in (("fig6", "strip", "strip_entropy.png", "Fig. 6: STRIP entropy"),
+                                ("fig7a", "neural-cleanse", "neural_cleanse.png", "Fig. 7a: Neural Cleanse norms"),
+                                ("fig7b", "sentinet", "sentinet_scatter.png", "Fig. 7b: SentiNet")):
+        for r in runs:
+            src = r.path / "defenses" / name / png
+            if src.is_file():
+                figs.append((f"{cap} ({r.path.name})", Path(shutil.copy(src, dest / f"{fig}-{r.path.name}.png"))))
+    fig8 = [r.path for r in runs if r.label in ("cuba-fra", "untargeted-ce-fra", "push-away-fra")]
+    if len({p.name.rsplit("-s", 1)[0] for p in fig8}) > 1:
+        from ..compare import compare
+
+        _, files = compare(fig8, out=dest, name="fig8", source_class=1)
+        figs.append(("Fig. 8: source class 1, CUBA FRA vs the untargeted baselines", dest / "fig8-source1.png"))
+    return figs
+
+
+def _md_table_to_html(md: str) -> str:
+    lines = [ln for ln in md.strip().splitlines() if ln.startswith("|")]
+    if len(lines) < 2:
+        return "<p>(no rows yet)</p>"
+    cells = lambda ln: [html.escape(c.strip()) for c in ln.strip().strip("|").split("|")]  # noqa: E731
+    head = "".join(f"<th>{c}</th>" for c in cells(lines[0]))
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in cells(ln)) + "</tr>" for ln in lines[2:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(out: Path, title: str = "cuba reproduction report") -> Path:
+    """Tables, figures and configs of every finished run in one offline HTML file."""
+    out = Path(out)
+    write_table3(out)
+    t2 = table2_markdown(table2_rows(finished_runs(out)))
+    t3 = (out / "table3.md").read_text()
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<p>Run folder: {html.escape(str(out))}</p>",
+             "<h2>Table II: ASR, DS, CA (mean ± std over seeds), beside the paper</h2>", _md_table_to_html(t2),
+             "<h2>Table III: Fine-pruning and NAD</h2>", _md_table_to_html(t3), "<h2>Figures</h2>"]
+    for caption, path in collect_figures(out):
+        data = base64.b64encode(path.read_bytes()).decode()
+        parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("<h2>Runs and their configs</h2>")
+    for run in finished_runs(out):
+        cfg = html.escape(yaml.safe_dump(run.config, sort_keys=False))
+        parts.append(f"<details><summary>{html.escape(run.path.name)}</summary><pre>{cfg}</pre></details>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
+             "th{background:#f2f2f2}img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#555;font-size:13px}")
+    page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    write_text(out / "report.html", page)
+    return out / "report.html"
