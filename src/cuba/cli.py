@@ -116,117 +116,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def summarize_defense(name: str, f: dict[str, Any]) -> str:
-    """One line per defense with its headline numbers."""
-    if "auroc" in f:
-        extra = f"FAR@FRR1% {f['far_at_frr_1pct']:.3f}" if "far_at_frr_1pct" in f else f"TPR@FPR5% {f.get('tpr_at_fpr_5pct', math.nan):.3f}"
-        return f"AUROC {f['auroc']:.3f}  {extra}"
-    if "anomaly_index" in f:
-        return f"anomaly index {f['anomaly_index']:.2f}  flagged {f['flagged_classes'] or 'none'}"
-    rows = f.get("rows", [])
-    key = "prune_ratio" if rows and "prune_ratio" in rows[0] else "epoch"
-    return "  ".join(f"{key} {r[key]:g}: CA {100 * r['ca']:.1f} ASR {_fmt(r['asr'])}" for r in rows)
-
-
-def cmd_defend(args: argparse.Namespace) -> int:
-    import yaml
-
-    from .defenses import DEFENSES, load_attack_run, run_defense
-
-    names = list(DEFENSES) if args.name == "all" else [args.name]
-    if args.name != "all" and args.name not in DEFENSES:
-        raise ConfigError(f"defense: must be one of {', '.join(DEFENSES)} or all, got {args.name!r}")
-    params: dict[str, Any] = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set expects PARAM=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        params[key.strip().replace("-", "_")] = yaml.safe_load(raw)
-    run = load_attack_run(args.run_dir, device=args.device)
-    out = Path(args.out) if args.out else None
-    for name in names:
-        accepted = set(DEFENSES[name].__init__.__code__.co_varnames)
-        unknown = sorted(set(params) - accepted) if args.name != "all" else []
-        if unknown:
-            raise ConfigError(f"--set: {name} has no parameter {', '.join(unknown)}")
-        res = run_defense(name, run, out, **{k: v for k, v in params.items() if k in accepted})
-        print(f"{name:<15} {summarize_defense(name, res.fields)}  ({res.seconds:.0f} s)", flush=True)
-    print(f"defense.json and figures in {(out or Path(args.run_dir) / 'defenses')}/<defense>/")
-    return 0
-
-
-def cmd_defense_table(args: argparse.Namespace) -> int:
-    from .defenses.table import defense_tables
-    from .runs import write_text
-
-    names = args.names.split(",") if args.names else None
-    if names and len(names) != len(args.runs):
-        raise ConfigError(f"--names: give one name per run ({len(args.runs)}), got {len(names)}")
-    md = defense_tables([Path(r) for r in args.runs], names)
-    print(md)
-    if args.out:
-        write_text(Path(args.out), md + "\n")
-        print(f"\nwritten: {args.out}")
-    return 0
-
-
-def cmd_import_model(args: argparse.Namespace) -> int:
-    from .importing import import_model
-
-    parse = lambda v: [float(x) for x in v.split(",")] if v else None  # noqa: E731
-    run_dir = import_model(args.weights, args.out, args.model, args.dataset, args.data_dir, args.allow_pickle,
-                           parse(args.mean), parse(args.std))
-    m = json.loads((run_dir / "metrics.json").read_text())
-    print(f"imported {args.weights} -> {run_dir} (CA {100 * m['ca']:.2f}%); audit it with: cuba defend all {run_dir}")
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import CASES, run_bench
-
-    res = run_bench(quick=args.quick, device=args.device)
-    if args.json:
-        print(json.dumps(res, indent=2))
-        return 0
-    print(f"device {res['device']}, bf16 {res['bf16']}, {res['threads']} threads, batch {res['batch_size']}")
-    print(f"{'case':<14}{'clean img/s':>12}{'CUBA img/s':>12}{'ref img/s':>11}{'CUBA/clean step':>17}{'engine/ref':>12}{'peak MB':>9}")
-    for name, *_ in CASES:
-        r = res[name]
-        print(f"{name:<14}{r['engine_clean_img_s']:>12.0f}{r['engine_cuba_img_s']:>12.0f}{r['reference_img_s']:>11.0f}"
-              f"{r['cuba_step_over_clean_step']:>17.2f}{r['engine_over_reference']:>12.2f}{r['peak_memory_mb']:>9.0f}")
-    return 0
-
-
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    import yaml
-
-    from .reproduce import expand, load_grid, run_grid, write_report, write_table2
-
-    raw = load_grid(args.grid)
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        raw.setdefault("set", {})[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    if args.data_dir:
-        raw["data_dir"] = args.data_dir
-    cells = expand(raw)
-    out = Path(args.out)
-    if args.dry_run:
-        for c in cells:
-            print(f"{c.name}  defenses: {', '.join(c.defenses) or '-'}")
-        print(f"{len(cells)} cells")
-        return 0
-    slurm = {k: v for k, v in (("slurm_partition", args.partition), ("gpus_per_node", args.gpus),
-                               ("timeout_min", args.timeout_min), ("cpus_per_task", args.cpus)) if v is not None}
-    run_grid(cells, out, args.executor, args.jobs, slurm, wait=not args.no_wait)
-    files = write_table2(out)
-    print("\n" + files[0].read_text())
-    report = write_report(out, title=f"cuba reproduce {args.grid}")
-    print("written: " + ", ".join(str(f) for f in [*files, out / "table3.md", report]))
-    return 0
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
@@ -294,47 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--write", action="store_true", help="store the recomputed metrics in metrics.json and predictions.npz")
     e.set_defaults(func=cmd_evaluate)
-    f = sub.add_parser("defend", help="run a defense (or all) on a trained run; writes defense.json + figures")
-    f.add_argument("name", help="strip | neural-cleanse | sentinet | fine-pruning | nad | all")
-    f.add_argument("run_dir")
-    f.add_argument("--out", default=None, help="folder for <defense>/defense.json (default RUN_DIR/defenses)")
-    f.add_argument("--device", default="auto")
-    f.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", help="a defense parameter, e.g. --set n_eval=500")
-    f.set_defaults(func=cmd_defend)
-    r = sub.add_parser("reproduce", help="run a grid (data sets x models x attacks x seeds + defenses); write table2")
-    r.add_argument("grid", help="a grid YAML file, or a shipped grid: cpu")
-    r.add_argument("--out", required=True, help="folder for runs/<cell>/ and the tables")
-    r.add_argument("--data-dir", default=None, help="folder of the named data sets")
-    r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a config field for every cell")
-    r.add_argument("--executor", default="sequential", choices=["sequential", "local", "slurm"])
-    r.add_argument("--jobs", type=int, default=2, help="parallel processes with --executor local")
-    r.add_argument("--partition", default=None, help="SLURM partition")
-    r.add_argument("--gpus", type=int, default=None, help="GPUs per SLURM job")
-    r.add_argument("--cpus", type=int, default=None, help="CPUs per SLURM job")
-    r.add_argument("--timeout-min", type=int, default=None, help="SLURM time limit per cell, minutes")
-    r.add_argument("--no-wait", action="store_true", help="submit to SLURM and return (re-run later to aggregate)")
-    r.add_argument("--dry-run", action="store_true", help="list the cells and exit")
-    r.set_defaults(func=cmd_reproduce)
-    b = sub.add_parser("bench", help="engine vs conventional loop, CUBA step vs clean step (images/s, memory)")
-    b.add_argument("--quick", action="store_true", help="few steps: under 2 minutes on 2 CPU cores")
-    b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--device", default="auto")
-    b.set_defaults(func=cmd_bench)
-    im = sub.add_parser("import-model", help="make a run folder from someone else's classifier weights (to audit it)")
-    im.add_argument("weights", help=".safetensors, or a pickle .pt/.pth with --allow-pickle")
-    im.add_argument("--model", required=True, help="simplecnn | resnet18 | preactresnet18")
-    im.add_argument("--dataset", required=True)
-    im.add_argument("--data-dir", default=None)
-    im.add_argument("--out", required=True, help="run folder to create")
-    im.add_argument("--allow-pickle", action="store_true", help="read a pickle file with torch.load(weights_only=True)")
-    im.add_argument("--mean", default=None, help="input normalisation of a bare backbone, e.g. 0.1307")
-    im.add_argument("--std", default=None, help="e.g. 0.3081")
-    im.set_defaults(func=cmd_import_model)
-    dt = sub.add_parser("defense-table", help="defenses x runs table from the runs' defense.json files")
-    dt.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    dt.add_argument("--names", default=None, help="comma-separated column names (default: each run's setting)")
-    dt.add_argument("--out", default=None, help="write the Markdown here too")
-    dt.set_defaults(func=cmd_defense_table)
+    from . import cli_audit, cli_grid  # here, not at the top: they import helpers from this module
+
+    cli_audit.add_parsers(sub)
+    cli_grid.add_parsers(sub)
     c = sub.add_parser("compare", help="one table (Markdown + CSV) of runs, seeds folded into mean ± std")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders holding run folders")
     c.add_argument("--out", default=".", help="folder for NAME.md / NAME.csv (default: current folder)")

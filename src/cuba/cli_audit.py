@@ -1,0 +1,101 @@
+"""``cuba defend``, ``cuba defense-table`` and ``cuba import-model``: the auditor's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .cli import _fmt
+from .config import ConfigError
+
+def summarize_defense(name: str, f: dict[str, Any]) -> str:
+    """One line per defense with its headline numbers."""
+    if "auroc" in f:
+        extra = f"FAR@FRR1% {f['far_at_frr_1pct']:.3f}" if "far_at_frr_1pct" in f else f"TPR@FPR5% {f.get('tpr_at_fpr_5pct', math.nan):.3f}"
+        return f"AUROC {f['auroc']:.3f}  {extra}"
+    if "anomaly_index" in f:
+        return f"anomaly index {f['anomaly_index']:.2f}  flagged {f['flagged_classes'] or 'none'}"
+    rows = f.get("rows", [])
+    key = "prune_ratio" if rows and "prune_ratio" in rows[0] else "epoch"
+    return "  ".join(f"{key} {r[key]:g}: CA {100 * r['ca']:.1f} ASR {_fmt(r['asr'])}" for r in rows)
+
+
+def cmd_defend(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .defenses import DEFENSES, load_attack_run, run_defense
+
+    names = list(DEFENSES) if args.name == "all" else [args.name]
+    if args.name != "all" and args.name not in DEFENSES:
+        raise ConfigError(f"defense: must be one of {', '.join(DEFENSES)} or all, got {args.name!r}")
+    params: dict[str, Any] = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects PARAM=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        params[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+    run = load_attack_run(args.run_dir, device=args.device)
+    out = Path(args.out) if args.out else None
+    for name in names:
+        accepted = set(DEFENSES[name].__init__.__code__.co_varnames)
+        unknown = sorted(set(params) - accepted) if args.name != "all" else []
+        if unknown:
+            raise ConfigError(f"--set: {name} has no parameter {', '.join(unknown)}")
+        res = run_defense(name, run, out, **{k: v for k, v in params.items() if k in accepted})
+        print(f"{name:<15} {summarize_defense(name, res.fields)}  ({res.seconds:.0f} s)", flush=True)
+    print(f"defense.json and figures in {(out or Path(args.run_dir) / 'defenses')}/<defense>/")
+    return 0
+
+
+def cmd_defense_table(args: argparse.Namespace) -> int:
+    from .defenses.table import defense_tables
+    from .runs import write_text
+
+    names = args.names.split(",") if args.names else None
+    if names and len(names) != len(args.runs):
+        raise ConfigError(f"--names: give one name per run ({len(args.runs)}), got {len(names)}")
+    md = defense_tables([Path(r) for r in args.runs], names)
+    print(md)
+    if args.out:
+        write_text(Path(args.out), md + "\n")
+        print(f"\nwritten: {args.out}")
+    return 0
+
+
+def cmd_import_model(args: argparse.Namespace) -> int:
+    from .importing import import_model
+
+    parse = lambda v: [float(x) for x in v.split(",")] if v else None  # noqa: E731
+    run_dir = import_model(args.weights, args.out, args.model, args.dataset, args.data_dir, args.allow_pickle,
+                           parse(args.mean), parse(args.std))
+    m = json.loads((run_dir / "metrics.json").read_text())
+    print(f"imported {args.weights} -> {run_dir} (CA {100 * m['ca']:.2f}%); audit it with: cuba defend all {run_dir}")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    f = sub.add_parser("defend", help="run a defense (or all) on a trained run; writes defense.json + figures")
+    f.add_argument("name", help="strip | neural-cleanse | sentinet | fine-pruning | nad | all")
+    f.add_argument("run_dir")
+    f.add_argument("--out", default=None, help="folder for <defense>/defense.json (default RUN_DIR/defenses)")
+    f.add_argument("--device", default="auto")
+    f.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", help="a defense parameter, e.g. --set n_eval=500")
+    f.set_defaults(func=cmd_defend)
+    dt = sub.add_parser("defense-table", help="defenses x runs table from the runs' defense.json files")
+    dt.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    dt.add_argument("--names", default=None, help="comma-separated column names (default: each run's setting)")
+    dt.add_argument("--out", default=None, help="write the Markdown here too")
+    dt.set_defaults(func=cmd_defense_table)
+    im = sub.add_parser("import-model", help="make a run folder from someone else's classifier weights (to audit it)")
+    im.add_argument("weights", help=".safetensors, or a pickle .pt/.pth with --allow-pickle")
+    im.add_argument("--model", required=True, help="simplecnn | resnet18 | preactresnet18")
+    im.add_argument("--dataset", required=True)
+    im.add_argument("--data-dir", default=None)
+    im.add_argument("--out", required=True, help="run folder to create")
+    im.add_argument("--allow-pickle", action="store_true", help="read a pickle file with torch.load(weights_only=True)")
+    im.add_argument("--mean", default=None, help="input normalisation of a bare backbone, e.g. 0.1307")
+    im.add_argument("--std", default=None, help="e.g. 0.3081")
+    im.set_defaults(func=cmd_import_model)

@@ -1,0 +1,77 @@
+"""``cuba reproduce`` and ``cuba bench``: the paper grid and the speed benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .reproduce import expand, load_grid, run_grid, write_report, write_table2
+
+    raw = load_grid(args.grid)
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        raw.setdefault("set", {})[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    if args.data_dir:
+        raw["data_dir"] = args.data_dir
+    cells = expand(raw)
+    out = Path(args.out)
+    if args.dry_run:
+        for c in cells:
+            print(f"{c.name}  defenses: {', '.join(c.defenses) or '-'}")
+        print(f"{len(cells)} cells")
+        return 0
+    slurm = {k: v for k, v in (("slurm_partition", args.partition), ("gpus_per_node", args.gpus),
+                               ("timeout_min", args.timeout_min), ("cpus_per_task", args.cpus)) if v is not None}
+    run_grid(cells, out, args.executor, args.jobs, slurm, wait=not args.no_wait)
+    files = write_table2(out)
+    print("\n" + files[0].read_text())
+    report = write_report(out, title=f"cuba reproduce {args.grid}")
+    print("written: " + ", ".join(str(f) for f in [*files, out / "table3.md", report]))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import CASES, run_bench
+
+    res = run_bench(quick=args.quick, device=args.device)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"device {res['device']}, bf16 {res['bf16']}, {res['threads']} threads, batch {res['batch_size']}")
+    print(f"{'case':<14}{'clean img/s':>12}{'CUBA img/s':>12}{'ref img/s':>11}{'CUBA/clean step':>17}{'engine/ref':>12}{'peak MB':>9}")
+    for name, *_ in CASES:
+        r = res[name]
+        print(f"{name:<14}{r['engine_clean_img_s']:>12.0f}{r['engine_cuba_img_s']:>12.0f}{r['reference_img_s']:>11.0f}"
+              f"{r['cuba_step_over_clean_step']:>17.2f}{r['engine_over_reference']:>12.2f}{r['peak_memory_mb']:>9.0f}")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    r = sub.add_parser("reproduce", help="run a grid (data sets x models x attacks x seeds + defenses); write table2")
+    r.add_argument("grid", help="a grid YAML file, or a shipped grid: cpu")
+    r.add_argument("--out", required=True, help="folder for runs/<cell>/ and the tables")
+    r.add_argument("--data-dir", default=None, help="folder of the named data sets")
+    r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a config field for every cell")
+    r.add_argument("--executor", default="sequential", choices=["sequential", "local", "slurm"])
+    r.add_argument("--jobs", type=int, default=2, help="parallel processes with --executor local")
+    r.add_argument("--partition", default=None, help="SLURM partition")
+    r.add_argument("--gpus", type=int, default=None, help="GPUs per SLURM job")
+    r.add_argument("--cpus", type=int, default=None, help="CPUs per SLURM job")
+    r.add_argument("--timeout-min", type=int, default=None, help="SLURM time limit per cell, minutes")
+    r.add_argument("--no-wait", action="store_true", help="submit to SLURM and return (re-run later to aggregate)")
+    r.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    r.set_defaults(func=cmd_reproduce)
+    b = sub.add_parser("bench", help="engine vs conventional loop, CUBA step vs clean step (images/s, memory)")
+    b.add_argument("--quick", action="store_true", help="few steps: under 2 minutes on 2 CPU cores")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--device", default="auto")
+    b.set_defaults(func=cmd_bench)
