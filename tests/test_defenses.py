@@ -121,6 +121,7 @@ def test_strip_and_sentinet_write_their_fields(badnets_run: Path, tmp_path: Path
     run = load_attack_run(badnets_run, device="cpu")
     s = run_defense("strip", run, tmp_path, n_overlay=20, n_eval=100, n_calib=100).fields
     assert s["auroc"] > 0.9 and 0 <= s["far_at_frr_1pct"] <= 1 and len(s["entropy_clean"]) == 100
+    assert s["auroc"] + s["auroc_high_entropy"] == pytest.approx(1.0, abs=0.02)  # the two tails (ties aside)
     t = run_defense("sentinet", run, tmp_path, n_eval=40, n_calib=40, n_holdout=20).fields
     assert 0 <= t["auroc"] <= 1 and 0 <= t["tpr_at_fpr_5pct"] <= 1 and len(t["points_backdoor"]) == 40
     assert {p.name for p in (tmp_path / "sentinet").iterdir()} == {"defense.json", "sentinet_scatter.png", "sentinet_gradcam.png"}

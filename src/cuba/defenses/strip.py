@@ -8,6 +8,7 @@ threshold is the FRR-quantile (1%) of a normal fitted to the entropies of clean 
 images; inputs below it are flagged.
 
 defense.json: ``auroc`` (ROC AUC of -entropy separating backdoor from clean test inputs),
+``auroc_high_entropy`` (the same with +entropy: the tail STRIP does not test),
 ``far_at_frr_1pct`` (share of backdoor inputs *not* flagged at that threshold),
 ``frr_measured`` (share of clean test inputs flagged), ``threshold``, and the per-input
 entropy arrays ``entropy_clean`` / ``entropy_backdoor`` (paper Fig. 6).
@@ -70,6 +71,9 @@ class Strip(Defense):
         labels = np.r_[np.zeros(len(e_clean)), np.ones(len(e_bd))]
         fields = {
             "auroc": float(roc_auc_score(labels, -np.r_[e_clean, e_bd])),
+            # the opposite tail, which STRIP does not test: a backdoor that spreads its predictions
+            # (CUBA) can give *higher* entropy than clean inputs; an adaptive defender would look here
+            "auroc_high_entropy": float(roc_auc_score(labels, np.r_[e_clean, e_bd])),
             "far_at_frr_1pct" if self.frr == 0.01 else f"far_at_frr_{self.frr:g}": float((e_bd >= threshold).mean()),
             "frr_measured": float((e_clean < threshold).mean()),
             "threshold": threshold, "calib_mean": mu, "calib_std": sigma, "trigger": run.trigger_kind,

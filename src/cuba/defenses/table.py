@@ -22,7 +22,8 @@ def _pct(v: Any) -> str:
 def headline(name: str, f: dict[str, Any]) -> str:
     """The numbers a reader needs from one defense.json, in one cell."""
     if name == "strip":
-        return f"AUROC {f['auroc']:.3f}, FAR@FRR1% {f['far_at_frr_1pct']:.3f}"
+        high = f" (high-entropy AUROC {f['auroc_high_entropy']:.3f})" if "auroc_high_entropy" in f else ""
+        return f"AUROC {f['auroc']:.3f}, FAR@FRR1% {f['far_at_frr_1pct']:.3f}{high}"
     if name == "sentinet":
         return f"AUROC {f['auroc']:.3f}, TPR@FPR5% {f['tpr_at_fpr_5pct']:.3f}"
     if name == "neural-cleanse":
