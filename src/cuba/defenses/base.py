@@ -175,7 +175,7 @@ def register(cls: type[Defense]) -> type[Defense]:
     return cls
 
 
-def _check(name: str, ok: bool, allowed: str, value: Any) -> None:
+def check_param(name: str, ok: bool, allowed: str, value: Any) -> None:
     """One-line parameter validation, in the style of the config's errors."""
     if not ok:
         raise ConfigError(f"{name}: must be {allowed}, got {value!r}")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttackRun, Defense, DefenseResult, _check, register
+from .base import AttackRun, Defense, DefenseResult, check_param, register
 from .plots import plot_removal
 
 DEFAULT_RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
@@ -69,9 +69,9 @@ class FinePruning(Defense):
                  lr: float = 0.01, seed: int = 0) -> None:
         super().__init__(seed)
         ratios = tuple(float(r) for r in ratios)
-        _check("ratios", len(ratios) > 0 and all(0 <= r < 1 for r in ratios), "values in [0, 1)", ratios)
-        _check("clean_fraction", 0 < clean_fraction <= 1, "in (0, 1]", clean_fraction)
-        _check("finetune_epochs", isinstance(finetune_epochs, int) and finetune_epochs >= 0, "an integer >= 0", finetune_epochs)
+        check_param("ratios", len(ratios) > 0 and all(0 <= r < 1 for r in ratios), "values in [0, 1)", ratios)
+        check_param("clean_fraction", 0 < clean_fraction <= 1, "in (0, 1]", clean_fraction)
+        check_param("finetune_epochs", isinstance(finetune_epochs, int) and finetune_epochs >= 0, "an integer >= 0", finetune_epochs)
         self.ratios, self.clean_fraction, self.finetune_epochs, self.lr = ratios, clean_fraction, finetune_epochs, lr
 
     def run(self, run: AttackRun, out: Path) -> DefenseResult:

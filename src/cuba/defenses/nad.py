@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttackRun, Defense, DefenseResult, _check, register
+from .base import AttackRun, Defense, DefenseResult, check_param, register
 from .fine_pruning import finetune
 from .plots import plot_removal
 
@@ -59,9 +59,9 @@ class NAD(Defense):
                  batch_size: int = 64, seed: int = 0) -> None:
         super().__init__(seed)
         for name, v in (("epochs", epochs), ("report_every", report_every), ("teacher_epochs", teacher_epochs), ("batch_size", batch_size)):
-            _check(name, isinstance(v, int) and v >= 1, "an integer >= 1", v)
-        _check("betas", len(betas) >= 1 and all(b >= 0 for b in betas), "non-negative numbers", betas)
-        _check("clean_fraction", 0 < clean_fraction <= 1, "in (0, 1]", clean_fraction)
+            check_param(name, isinstance(v, int) and v >= 1, "an integer >= 1", v)
+        check_param("betas", len(betas) >= 1 and all(b >= 0 for b in betas), "non-negative numbers", betas)
+        check_param("clean_fraction", 0 < clean_fraction <= 1, "in (0, 1]", clean_fraction)
         self.epochs, self.report_every, self.betas, self.p = epochs, report_every, tuple(float(b) for b in betas), p
         self.lr, self.lr_after, self.lr_drop_epoch = lr, lr_after, lr_drop_epoch
         self.teacher_epochs, self.teacher_lr, self.clean_fraction, self.batch_size = teacher_epochs, teacher_lr, clean_fraction, batch_size

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import AttackRun, Defense, DefenseResult, _check, register
+from .base import AttackRun, Defense, DefenseResult, check_param, register
 from .plots import plot_neural_cleanse
 
 
@@ -111,9 +111,9 @@ class NeuralCleanse(Defense):
                  lr: float = 0.1, init_cost: float = 1e-3, batched: bool = True, seed: int = 0) -> None:
         super().__init__(seed)
         for name, v in (("epochs", epochs), ("batches_per_epoch", batches_per_epoch), ("batch_size", batch_size), ("n_pool", n_pool)):
-            _check(name, isinstance(v, int) and v >= 1, "an integer >= 1", v)
-        _check("lr", lr > 0, "> 0", lr)
-        _check("init_cost", init_cost > 0, "> 0", init_cost)
+            check_param(name, isinstance(v, int) and v >= 1, "an integer >= 1", v)
+        check_param("lr", lr > 0, "> 0", lr)
+        check_param("init_cost", init_cost > 0, "> 0", init_cost)
         self.epochs, self.batches_per_epoch, self.batch_size, self.n_pool = epochs, batches_per_epoch, batch_size, n_pool
         self.lr, self.init_cost, self.batched = lr, init_cost, bool(batched)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from .base import AttackRun, Defense, DefenseResult, _check, register
+from .base import AttackRun, Defense, DefenseResult, check_param, register
 from .plots import plot_cam_maps, plot_sentinet
 
 
@@ -102,9 +102,9 @@ class SentiNet(Defense):
                  bins: int = 10, stage: int = -1, seed: int = 0) -> None:
         super().__init__(seed)
         for name, v in (("n_eval", n_eval), ("n_calib", n_calib), ("n_holdout", n_holdout), ("bins", bins)):
-            _check(name, isinstance(v, int) and v >= 2, "an integer >= 2", v)
-        _check("mask_fraction", 0 < mask_fraction < 1, "in (0, 1)", mask_fraction)
-        _check("stage", isinstance(stage, int), "an integer index into the model's feature stages (-1: the last)", stage)
+            check_param(name, isinstance(v, int) and v >= 2, "an integer >= 2", v)
+        check_param("mask_fraction", 0 < mask_fraction < 1, "in (0, 1)", mask_fraction)
+        check_param("stage", isinstance(stage, int), "an integer index into the model's feature stages (-1: the last)", stage)
         self.n_eval, self.n_calib, self.n_holdout, self.mask_fraction, self.bins = n_eval, n_calib, n_holdout, mask_fraction, bins
         self.stage = stage
 

@@ -23,7 +23,7 @@ import torch
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from .base import AttackRun, Defense, DefenseResult, _check, register
+from .base import AttackRun, Defense, DefenseResult, check_param, register
 from .plots import plot_strip
 
 
@@ -54,10 +54,10 @@ class Strip(Defense):
                  blend: str = "sum", alpha: float = 0.5, seed: int = 0) -> None:
         super().__init__(seed)
         for name, v in (("n_overlay", n_overlay), ("n_eval", n_eval), ("n_calib", n_calib)):
-            _check(name, isinstance(v, int) and v >= 2, "an integer >= 2", v)
-        _check("frr", 0 < frr < 0.5, "in (0, 0.5)", frr)
-        _check("blend", blend in ("sum", "alpha"), "sum or alpha", blend)
-        _check("alpha", 0 < alpha < 1, "in (0, 1)", alpha)
+            check_param(name, isinstance(v, int) and v >= 2, "an integer >= 2", v)
+        check_param("frr", 0 < frr < 0.5, "in (0, 0.5)", frr)
+        check_param("blend", blend in ("sum", "alpha"), "sum or alpha", blend)
+        check_param("alpha", 0 < alpha < 1, "in (0, 1)", alpha)
         self.n_overlay, self.n_eval, self.n_calib, self.frr, self.blend, self.alpha = n_overlay, n_eval, n_calib, frr, blend, alpha
 
     def run(self, run: AttackRun, out: Path) -> DefenseResult:
