@@ -157,3 +157,15 @@ def test_logits_are_fp32_under_bf16_autocast(name: str) -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.rand(2, 1, 16 if name == "simplecnn" else 8, 16 if name == "simplecnn" else 8))
     assert out.dtype == torch.float32
+
+
+def test_half_resolution_generator_keeps_shape_and_bound() -> None:
+    gen = TriggerGenerator(1, 28, mode="residual", eps=0.05, base=4, scale=2)
+    assert gen.unet.depth == 1  # 14x14 -> 7x7
+    x = torch.rand(3, 1, 28, 28)
+    out = gen(x)
+    assert out.shape == x.shape and (out - x).abs().max() <= 0.05 + 1e-6
+    full = TriggerGenerator(1, 28, base=4)
+    assert sum(p.numel() for p in gen.parameters()) < sum(p.numel() for p in full.parameters())
+    with pytest.raises(ValueError, match="generator scale must be a divisor of the image size 28, got 3"):
+        TriggerGenerator(1, 28, scale=3)

@@ -45,6 +45,7 @@ class TrainConfig:
     targets: Any = None  # explicit target sets: {class: [classes]} or one global [classes]
     generator_mode: str = "residual"  # residual | image
     generator_width: int = 16
+    generator_scale: int = 1  # >1: the U-Net runs at 1/scale resolution (cheaper, smoother trigger)
     target_class: int = 0  # all-to-one controls (targeted, badnets)
     poison_rate: float = 0.1  # poisoning baselines (badnets, ubw-p): share of eligible training images
     patch_size: int = 3  # side of the square patch trigger of badnets / ubw-p, in pixels
@@ -181,7 +182,7 @@ def validate(cfg: TrainConfig) -> None:
         "backdoor_ratio": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "warmup_epochs": (float, lambda v: v >= 0, ">= 0"), "gamma_ramp_epochs": (float, lambda v: v >= 0, ">= 0"),
         "k": (int, lambda v: v >= 1, ">= 1"), "seed": (int, lambda v: v >= 0, ">= 0"),
         "checkpoint_every": (float, lambda v: v >= 0, ">= 0"),
-        "generator_width": (int, lambda v: v >= 4, ">= 4"), "target_class": (int, lambda v: v >= 0, ">= 0"),
+        "generator_width": (int, lambda v: v >= 4, ">= 4"), "generator_scale": (int, lambda v: v >= 1, ">= 1"), "target_class": (int, lambda v: v >= 0, ">= 0"),
         "poison_rate": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "patch_size": (int, lambda v: v >= 1, ">= 1"),
         "eval_batch_size": (int, lambda v: v >= 1, ">= 1"),
     }

@@ -43,7 +43,7 @@ def build_trigger(cfg: "TrainConfig", channels: int, image_size: int) -> nn.Modu
     if cfg.attack in POISON_ATTACKS:
         return PatchTrigger(channels, image_size, cfg.patch_size)
     if cfg.attack in GENERATOR_ATTACKS:
-        return TriggerGenerator(channels, image_size, cfg.generator_mode, cfg.eps, cfg.generator_width)
+        return TriggerGenerator(channels, image_size, cfg.generator_mode, cfg.eps, cfg.generator_width, cfg.generator_scale)
     return None
 
 
