@@ -96,7 +96,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = make_config(_config_values(args))
     run_dir, metrics = run_training(cfg, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":
-        return 0  # under torchrun only rank 0 reports
+        # under torchrun only rank 0 reports; the other ranks leave at once: letting the
+        # interpreter tear down a gloo process group after its peer has gone can abort (SIGABRT),
+        # which torchrun would report as a failed run although every output is written
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     print(format_metrics_table([(cfg.label(), metrics)]))
     print(f"run folder: {run_dir}")
     return 0
