@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError, make_config
+from .config import RUN_ONLY_FIELDS, ConfigError, make_config
 from .runs import read_json
 
 # (metrics.json key, column title, scale): the columns plus stealth and time
@@ -30,7 +30,7 @@ COLUMNS: tuple[tuple[str, str, float], ...] = (
     ("ds_min", "DS-min %", 100.0), ("d_p", "D_p", 1.0), ("psnr", "PSNR dB", 1.0), ("train_seconds", "train s", 1.0),
 )
 # config fields that do not change the trained model (or only its file names)
-NOT_A_SETTING = {"seed", "out", "name", "progress", "device", "data_dir", "download", "eval_batch_size", "checkpoint_every"}
+NOT_A_SETTING = RUN_ONLY_FIELDS | {"seed"}  # seeds of one setting are folded together
 # fields already spelled out by TrainConfig.label()
 IN_LABEL = {"attack", "variant", "k", "target_class"}
 

@@ -114,6 +114,8 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# fields that change where and how a run is shown or stored, never the model it trains
+RUN_ONLY_FIELDS = frozenset({"out", "name", "progress", "device", "data_dir", "download", "eval_batch_size", "checkpoint_every"})
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -54,6 +54,17 @@ def plot_triggers(clean: torch.Tensor, backdoor: torch.Tensor, path: Path, label
     return save_figure(fig, path)
 
 
+def _source_bars(ax: plt.Axes, y_true: np.ndarray, y_pred: np.ndarray, targets: torch.Tensor, source: int) -> np.ndarray:
+    """Bar chart of where the backdoor images of ``source`` were classified (red: T(source), blue: itself)."""
+    k = targets.shape[0]
+    preds = y_pred[y_true == source]
+    share = np.bincount(preds, minlength=k) / max(1, len(preds))
+    colors = np.where(targets[source].numpy(), "tab:red", "tab:gray")
+    colors[source] = "tab:blue"
+    ax.bar(np.arange(k), share, color=colors)
+    return share
+
+
 def plot_histograms(
     y_true: np.ndarray, y_pred_bd: np.ndarray, targets: torch.Tensor, full_range: bool, path: Path,
     classes: list[str] | None = None, max_sources: int = 10, title: str = "",
@@ -66,11 +77,7 @@ def plot_histograms(
     rows = (len(sources) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.3 * rows), squeeze=False)
     for ax, c in zip(axes.flat, sources):
-        preds = y_pred_bd[y_true == c]
-        share = np.bincount(preds, minlength=k) / max(1, len(preds))
-        colors = np.where(targets[c].numpy(), "tab:red", "tab:gray")
-        colors[c] = "tab:blue"
-        ax.bar(np.arange(k), share, color=colors)
+        share = _source_bars(ax, y_true, y_pred_bd, targets, c)
         name = classes[c] if classes else str(c)
         if targets[c].any():
             ax.axhline(1.0 / targets[c].sum().item(), color="k", lw=0.7, ls="--")
@@ -99,11 +106,7 @@ def plot_source_class_comparison(
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
     for ax, (name, y_true, y_pred, targets, full_range) in zip(axes[0], entries):
         k = targets.shape[0]
-        preds = y_pred[y_true == source]
-        share = np.bincount(preds, minlength=k) / max(1, len(preds))
-        colors = np.where(targets[source].numpy(), "tab:red", "tab:gray")
-        colors[source] = "tab:blue"
-        ax.bar(np.arange(k), share, color=colors)
+        _source_bars(ax, y_true, y_pred, targets, source)
         ds_c = per_class_ds(y_true, y_pred, targets, full_range)[source]
         ax.set_title(f"{name}\nDS_{source}={ds_c:.3f}", fontsize=8)
         ax.set_ylim(0, 1.0)

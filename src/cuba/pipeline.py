@@ -12,7 +12,7 @@ import torch
 
 from . import __version__
 from .checkpoint import CHECKPOINT
-from .config import ConfigError, TrainConfig
+from .config import RUN_ONLY_FIELDS, ConfigError, TrainConfig
 from .data import ImageDataset, load_dataset
 from .distributed import finish, setup
 from .engine import Engine, make_engine
@@ -50,9 +50,8 @@ def _figures(run_dir: Path, cfg: TrainConfig, data: ImageDataset, classifier: to
 
 def _same_setting(a: TrainConfig, b: TrainConfig) -> bool:
     """Two configs train the same model (they may differ in output, progress and device only)."""
-    skip = {"out", "name", "progress", "device", "eval_batch_size", "checkpoint_every"}
     da, db = a.to_dict(), b.to_dict()
-    return all(da[k] == db[k] for k in da if k not in skip)
+    return all(da[k] == db[k] for k in da if k not in RUN_ONLY_FIELDS)
 
 
 def run_training(cfg: TrainConfig, run_dir: Path | None = None, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
