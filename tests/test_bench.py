@@ -21,6 +21,7 @@ def test_bench_json_has_the_ratios(monkeypatch: pytest.MonkeyPatch, capsys: pyte
         assert r["engine_clean_img_s"] > 0 and r["reference_img_s"] > 0 and r["peak_memory_mb"] > 0
         assert r["cuba_step_over_clean_step"] == pytest.approx(r["engine_clean_img_s"] / r["engine_cuba_img_s"], rel=1e-2)
         assert r["cuba_step_over_clean_step"] > 1.0  # a CUBA step does strictly more work
+        assert r["cuba_half_res_step_over_clean_step"] == pytest.approx(r["engine_clean_img_s"] / r["engine_cuba_half_res_img_s"], rel=1e-2)
     assert res["engine_over_reference"] == min(res[c]["engine_over_reference"] for c in ("tiny_rgb", "tiny_gray"))
     assert main(["bench", "--quick", "--device", "cpu"]) == 0
     assert "CUBA/clean step" in capsys.readouterr().out

@@ -54,6 +54,10 @@ def test_grid_runs_skips_and_aggregates(tmp_path: Path) -> None:
     assert page.count("data:image/png;base64,") >= 2  # Fig. 4 and Fig. 5 of the CUBA run, embedded
     assert "src='http" not in page  # nothing fetched from outside: viewable offline
     assert "| digits-simplecnn-cuba-fra-s0 | fine-pruning | 0.9 |" in (tmp_path / "table3.md").read_text()
+    # the grid edited after the run (same cell names, another learning rate): refused, not reused
+    edited = expand({**TINY, "set": {**TINY.get("set", {}), "lr": 0.0123}})
+    with pytest.raises(ConfigError, match=r"^cell digits-simplecnn-clean-s0: .* holds a run of a different setting \(lr: "):
+        run_grid(edited, tmp_path, log=lambda s: None)
 
 
 def test_submitit_local_executor(tmp_path: Path) -> None:

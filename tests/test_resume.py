@@ -80,7 +80,7 @@ def test_rerunning_a_finished_run_does_not_retrain(tmp_path: Path, capsys: pytes
     assert "is already finished" in capsys.readouterr().out
     assert (tmp_path / "r" / "metrics.json").read_text() == first
     assert main([*args[:-2], "--lr", "0.5", "--out", str(tmp_path / "r")]) == 2
-    assert "holds a run of a different setting" in capsys.readouterr().err
+    assert "holds a run of a different setting (lr: 0.01 != 0.5)" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
 
 

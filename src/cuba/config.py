@@ -118,6 +118,13 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 RUN_ONLY_FIELDS = frozenset({"out", "name", "progress", "device", "data_dir", "download", "eval_batch_size", "checkpoint_every"})
 
 
+def setting_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """The fields (outside RUN_ONLY_FIELDS) where two configs would train different models, as
+    ``name: a-value != b-value``; empty when they train the same model."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{k}: {da[k]!r} != {db[k]!r}" for k in da if k not in RUN_ONLY_FIELDS and da[k] != db[k]]
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (.yaml/.yml) or TOML (.toml) file into a dict of config fields."""
     p = Path(path)

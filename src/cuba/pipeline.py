@@ -12,7 +12,7 @@ import torch
 
 from . import __version__
 from .checkpoint import CHECKPOINT
-from .config import RUN_ONLY_FIELDS, ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, setting_differences
 from .data import ImageDataset, load_dataset
 from .distributed import finish, setup
 from .engine import Engine, make_engine
@@ -48,12 +48,6 @@ def _figures(run_dir: Path, cfg: TrainConfig, data: ImageDataset, classifier: to
                     data.classes, title=f"{data.name} {cfg.model} {cfg.label()}: backdoor predictions per source class")
 
 
-def _same_setting(a: TrainConfig, b: TrainConfig) -> bool:
-    """Two configs train the same model (they may differ in output, progress and device only)."""
-    da, db = a.to_dict(), b.to_dict()
-    return all(da[k] == db[k] for k in da if k not in RUN_ONLY_FIELDS)
-
-
 def run_training(cfg: TrainConfig, run_dir: Path | None = None, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
     """Train, evaluate and write a complete run folder; return (run_dir, metrics).
 
@@ -66,8 +60,10 @@ def run_training(cfg: TrainConfig, run_dir: Path | None = None, overwrite: bool 
     status = read_json(run_dir / "status.json") if (run_dir / "status.json").is_file() else {}
     if (run_dir / "config.yaml").is_file() and not overwrite:
         old = load_run_config(run_dir)
-        if not _same_setting(old, cfg):
-            raise ConfigError(f"{run_dir} holds a run of a different setting; choose another --out or pass --overwrite")
+        diff = setting_differences(old, cfg)
+        if diff:
+            raise ConfigError(f"{run_dir} holds a run of a different setting ({'; '.join(diff[:3])}); "
+                              "choose another --out or pass --overwrite")
         if status.get("state") == "finished" and (run_dir / "metrics.json").is_file():
             print(f"{run_dir} is already finished; its stored metrics follow (--overwrite retrains)", flush=True)
             return run_dir, read_json(run_dir / "metrics.json")

@@ -4,7 +4,8 @@ SLURM -- the last two through submitit, so the same function runs everywhere.
 A cell is *done* when its run folder says ``finished`` (status.json) and each of its defenses
 has a defense.json; done cells are skipped, so re-running ``cuba reproduce`` after an
 interruption continues where it stopped (an interrupted training also resumes from its
-checkpoint).
+checkpoint). Before anything runs, every existing cell folder is checked to hold the cell's
+setting: a grid edited after a run, or a run folder copied in by hand, is never reused silently.
 """
 
 from __future__ import annotations
@@ -32,6 +33,20 @@ def is_done(out: Path, cell: Cell) -> bool:
     return trained(d) and all((d / "defenses" / name / "defense.json").is_file() for name in cell.defenses)
 
 
+def check_settings(out: Path, cells: list[Cell]) -> None:
+    """Raise ConfigError if a cell's folder holds a run of another setting than the cell's."""
+    from ..config import ConfigError, make_config, setting_differences
+    from ..runs import load_run_config
+
+    for cell in cells:
+        d = cell_dir(out, cell)
+        if (d / "config.yaml").is_file():
+            diff = setting_differences(load_run_config(d), make_config({**cell.values, "out": str(d)}))
+            if diff:
+                raise ConfigError(f"cell {cell.name}: {d} holds a run of a different setting ({'; '.join(diff[:3])}); "
+                                  "move it away or choose another --out")
+
+
 def run_cell(values: dict[str, Any], defenses: list[str], run_dir: str) -> str:
     """Train (or resume, or skip) one cell, then run its missing defenses. Top-level: submitit pickles it."""
     from ..config import make_config
@@ -54,6 +69,7 @@ def run_grid(
     wait: bool = True, log: Callable[[str], None] = print,
 ) -> list[Cell]:
     """Run every cell that is not done; return the cells that were pending."""
+    check_settings(out, cells)
     pending = [c for c in cells if not is_done(out, c)]
     log(f"{len(cells)} cells, {len(cells) - len(pending)} done, {len(pending)} to run ({executor})")
     if not pending:
