@@ -64,6 +64,10 @@ def test_differing_fields_appear_in_the_name(tmp_path: Path) -> None:
     assert [r["setting"] for r in rows] == ["cuba-fra (tau=0.04)", "cuba-fra (tau=0.1)"]  # sorted by tau
     table = list(csv.DictReader(io.StringIO(to_csv(rows, by="tau"))))
     assert table[0]["tau"] == "0.04" and table[0]["ca_mean"] == "80" and table[0]["ca_std"] == ""
+    assert rows[0]["ca_values"] == [80.0] and rows[1]["ca_values"] == [90.0]  # per seed, for the sweep plot's dots
+    from cuba.figures import plot_sweep
+
+    assert plot_sweep(rows, "tau", tmp_path / "sweep.png").stat().st_size > 1000
 
 
 def test_compare_writes_markdown_csv_and_fig8(runs: Path, tmp_path: Path) -> None:

@@ -134,6 +134,7 @@ def table_rows(groups: list[Group], by: str | None = None) -> list[dict[str, Any
             row[by] = g.runs[0].config.get(by)
         for key, _, scale in COLUMNS:
             row[key] = summarize(g, key, scale)
+            row[f"{key}_values"] = [v * scale for v in g.values(key)]  # per seed: plots show them all
         rows.append(row)
     if by is not None:
         rows.sort(key=lambda r: (r[by] is None, r[by] if isinstance(r[by], (int, float)) else str(r[by])))

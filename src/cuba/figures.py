@@ -117,18 +117,25 @@ def plot_source_class_comparison(
 
 
 def plot_sweep(rows: list[dict], field: str, path: Path) -> Path:
-    """DS, ASR and CA (mean ± std over seeds) against one swept config field; log x-axis for wide ranges."""
+    """DS, ASR and CA against one swept config field: every seed as a dot, the mean as a line.
+
+    Dots rather than mean ± std error bars: a sweep's failures are bimodal (one seed collapses,
+    the others do not), which a std bar hides and even draws above 100%. Log x-axis for wide ranges.
+    """
     xs = np.array([float(r[field]) for r in rows])
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.0))
     for ax, (key, title) in zip(axes, (("ds", "DS %"), ("asr", "ASR %"), ("ca", "CA %"))):
-        mean = np.array([r[key][0] for r in rows])
-        std = np.nan_to_num(np.array([r[key][1] for r in rows]))
-        ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3)
+        ax.plot(xs, [r[key][0] for r in rows], marker="o", label="mean")
+        for x, r in zip(xs, rows):
+            vals = r.get(f"{key}_values", [])
+            ax.scatter([x] * len(vals), vals, s=14, color="0.4", alpha=0.7, zorder=3,
+                       label="one seed" if x == xs[0] else None)
         if len(xs) > 1 and xs.min() > 0 and xs.max() / xs.min() > 20:
             ax.set_xscale("log")
         ax.set_xlabel(field)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     n = sorted({r["n"] for r in rows})
-    fig.suptitle(f"Sweep over {field} (mean ± sample std over {'/'.join(map(str, n))} seed(s))", fontsize=9)
+    fig.suptitle(f"Sweep over {field} ({'/'.join(map(str, n))} seed(s) per value: dots = seeds, line = mean)", fontsize=9)
     return save_figure(fig, path)
