@@ -123,6 +123,21 @@ def test_neural_cleanse_flags_the_badnets_target_batched_like_one_by_one(badnets
         NeuralCleanse(precision="fp16")
 
 
+def test_neural_cleanse_batches_by_device(badnets_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cuba.defenses import neural_cleanse
+
+    calls: list[list[int]] = []
+    real = neural_cleanse.reverse_engineer
+    monkeypatch.setattr(neural_cleanse, "reverse_engineer", lambda run, classes, *a, **k: (calls.append(classes), real(run, classes, *a, **k))[1])
+    run = load_attack_run(badnets_run, device="cpu")
+    kw = dict(epochs=1, batches_per_epoch=1, batch_size=4, n_pool=20)
+    assert len(NeuralCleanse(**kw).reverse(run)["norm"]) == 10
+    assert calls == [[c] for c in range(10)]  # auto on a CPU: one class at a time (faster there)
+    calls.clear()
+    NeuralCleanse(batched=True, **kw).reverse(run)
+    assert calls == [list(range(10))]
+
+
 def test_strip_and_sentinet_write_their_fields(badnets_run: Path, tmp_path: Path) -> None:
     run = load_attack_run(badnets_run, device="cpu")
     s = run_defense("strip", run, tmp_path, n_overlay=20, n_eval=100, n_calib=100).fields

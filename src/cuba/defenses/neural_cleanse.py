@@ -18,8 +18,10 @@ flagged when its norm is below M and a_c > 2.
 Batched: all K optimisations run in one pass per step (a K*B batch), each class with its own
 parameters, lambda, counters and early stop; a stopped class leaves the batch. Adam is
 element-wise and every class sees the same mini-batches, so each class follows the trajectory it
-would follow alone (``batched=False`` runs them one by one to check; only floating-point
-summation order differs). ``precision`` "auto" runs the classifier under bf16 autocast where the
+would follow alone (``batched=False`` runs them one by one; only floating-point summation
+order differs). ``batched=None`` (the default) batches on a GPU, where K small batches would
+leave it idle, and runs one by one on a CPU, where one class's batch already keeps the cores busy
+(measured on MNIST, 2-core CPU: batched 33.0 s vs 30.0 s one by one, identical norms). ``precision`` "auto" runs the classifier under bf16 autocast where the
 hardware has native bf16 (the engine's rule); the loss, masks and Adam stay fp32.
 """
 
@@ -130,7 +132,7 @@ class NeuralCleanse(Defense):
     name = "neural-cleanse"
 
     def __init__(self, epochs: int = 100, batches_per_epoch: int = 10, batch_size: int = 32, n_pool: int = 2000,
-                 lr: float = 0.1, init_cost: float = 1e-3, early_stop: int = 10, batched: bool = True,
+                 lr: float = 0.1, init_cost: float = 1e-3, early_stop: int = 10, batched: bool | None = None,
                  precision: str = "auto", channels_last: bool = True, seed: int = 0) -> None:
         super().__init__(seed)
         for name, v in (("epochs", epochs), ("batches_per_epoch", batches_per_epoch), ("batch_size", batch_size), ("n_pool", n_pool)):
@@ -140,7 +142,7 @@ class NeuralCleanse(Defense):
         self.epochs, self.batches_per_epoch, self.batch_size, self.n_pool = epochs, batches_per_epoch, batch_size, n_pool
         check_param("early_stop", isinstance(early_stop, int) and early_stop >= 0, "an integer >= 0 (0: off)", early_stop)
         check_param("precision", precision in PRECISIONS, " or ".join(PRECISIONS), precision)
-        self.lr, self.init_cost, self.batched, self.early_stop, self.precision = lr, init_cost, bool(batched), early_stop, precision
+        self.lr, self.init_cost, self.batched, self.early_stop, self.precision = lr, init_cost, batched, early_stop, precision
         self.channels_last = bool(channels_last)
 
     def reverse(self, run: AttackRun) -> dict[str, torch.Tensor]:
@@ -153,7 +155,8 @@ class NeuralCleanse(Defense):
         run.classifier.to(memory_format=layout)
         kw = {"seed": self.seed, "early_stop": self.early_stop, "autocast": amp.autocast, "layout": layout}
         k = run.num_classes
-        if self.batched:
+        batched = run.engine.device.type == "cuda" if self.batched is None else bool(self.batched)
+        if batched:
             return reverse_engineer(run, list(range(k)), *args, **kw)
         parts = [reverse_engineer(run, [c], *args, **kw) for c in range(k)]
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
