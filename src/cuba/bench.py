@@ -48,7 +48,8 @@ def engine_throughput(model: str, data: ImageDataset, attack: str, augment: str,
 
     ``fields`` are extra config fields (e.g. ``generator_scale=2``) for the variants the bench compares.
     """
-    cfg = make_config({**fields, 
+    cfg = make_config({
+        **fields,
         "dataset": "digits", "model": model, "attack": attack, "augment": augment, "batch_size": batch,
         "epochs": steps * batch / len(data.y_train), "warmup_epochs": 0.0, "progress": False, "device": device,
         "extra": {"eval_each_epoch": False}, "checkpoint_every": 0.0,

@@ -21,8 +21,9 @@ element-wise and every class sees the same mini-batches, so each class follows t
 would follow alone (``batched=False`` runs them one by one; only floating-point summation
 order differs). ``batched=None`` (the default) batches on a GPU, where K small batches would
 leave it idle, and runs one by one on a CPU, where one class's batch already keeps the cores busy
-(measured on MNIST, 2-core CPU: batched 33.0 s vs 30.0 s one by one, identical norms). ``precision`` "auto" runs the classifier under bf16 autocast where the
-hardware has native bf16 (the engine's rule); the loss, masks and Adam stay fp32.
+(measured on MNIST, 2-core CPU: batched 33.0 s vs 30.0 s one by one, identical norms).
+``precision`` "auto" runs the classifier under bf16 autocast where the hardware has native bf16
+(the engine's rule); the loss, masks and Adam stay fp32.
 """
 
 from __future__ import annotations
