@@ -141,3 +141,21 @@ def test_load_invalid_toml(tmp_path: Path) -> None:
 def test_load_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config_file(tmp_path / "absent.yaml")
+
+
+def test_setting_differences_same_file_by_name_or_path(tmp_path: Path) -> None:
+    """A run on ``path/mnist.npz`` and a grid cell naming ``mnist`` under data_dir=path train on
+    the same file, so a grid may adopt the run; another file or another field still differs."""
+    from cuba.config import setting_differences
+
+    (tmp_path / "mnist.npz").write_bytes(b"x")
+    (tmp_path / "other.npz").write_bytes(b"x")
+    by_path = make_config({"dataset": str(tmp_path / "mnist.npz")})
+    by_name = make_config({"dataset": "mnist", "data_dir": str(tmp_path)})
+    assert setting_differences(by_path, by_name) == []
+    other = make_config({"dataset": str(tmp_path / "other.npz")})
+    assert setting_differences(other, by_name) == [f"dataset: {str(tmp_path / 'other.npz')!r} != 'mnist'"]
+    elsewhere = make_config({"dataset": "mnist", "data_dir": str(tmp_path / "missing")})
+    assert setting_differences(by_path, elsewhere) != []  # no file there: never called equal
+    assert setting_differences(by_path, make_config({"dataset": "mnist", "data_dir": str(tmp_path), "lr": 0.5})) == [
+        f"lr: {by_path.lr!r} != 0.5"]

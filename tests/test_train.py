@@ -140,3 +140,21 @@ def test_compile_flag_trains_the_same_model_shape() -> None:
     plain = train(tiny_cfg(attack="none", extra={"eval_each_epoch": False}), tiny_data(), ENGINE)
     for (ka, va), (kb, vb) in zip(res.classifier.state_dict().items(), plain.classifier.state_dict().items()):
         assert ka == kb and torch.allclose(va, vb, atol=1e-4), ka  # compiled kernels: same math, float-order noise
+
+
+def test_split_passes_train_the_same_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without BatchNorm, F(x) and F(x*) in two passes equal one pass over cat([x, x*]): the
+    faster path (no input gradient for the clean half) must not change what is trained."""
+    from cuba.models import build_classifier
+    import cuba.train as train_mod
+
+    assert train_mod.batch_independent(build_classifier("simplecnn", 1, 10, 28))
+    assert not train_mod.batch_independent(build_classifier("resnet18", 3, 10, 32))
+    cfg = tiny_cfg(extra={"eval_each_epoch": False}, epochs=3, warmup_epochs=0.0)
+    split = train(cfg, tiny_data(), ENGINE)
+    monkeypatch.setattr(train_mod, "batch_independent", lambda model: False)
+    joint = train(cfg, tiny_data(), ENGINE)
+    for name, module in (("classifier", "classifier"), ("generator", "generator")):
+        a, b = getattr(split, module).state_dict(), getattr(joint, module).state_dict()
+        for key in a:
+            assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5), f"{name}.{key}"

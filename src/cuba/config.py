@@ -120,9 +120,17 @@ RUN_ONLY_FIELDS = frozenset({"out", "name", "progress", "device", "data_dir", "d
 
 def setting_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
     """The fields (outside RUN_ONLY_FIELDS) where two configs would train different models, as
-    ``name: a-value != b-value``; empty when they train the same model."""
+    ``name: a-value != b-value``; empty when they train the same model. Two dataset specs are the
+    same when they name the same local file (``mnist`` under data_dir vs a path to mnist.npz)."""
     da, db = a.to_dict(), b.to_dict()
-    return [f"{k}: {da[k]!r} != {db[k]!r}" for k in da if k not in RUN_ONLY_FIELDS and da[k] != db[k]]
+    diff = [k for k in da if k not in RUN_ONLY_FIELDS and da[k] != db[k]]
+    if "dataset" in diff:
+        from .data.sources import dataset_file
+
+        file_a, file_b = dataset_file(a.dataset, a.data_dir), dataset_file(b.dataset, b.data_dir)
+        if file_a is not None and file_a == file_b:
+            diff.remove("dataset")
+    return [f"{k}: {da[k]!r} != {db[k]!r}" for k in diff]
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

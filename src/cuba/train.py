@@ -3,14 +3,15 @@
 One loop serves every attack. Per step, for a batch (x, y):
 
     x* = G(x)                                   (backdoor twins of the first ratio*B images)
-    z, z* = F(concat(x, x*))                    (one forward pass: BN sees both)
+    z, z* = F(concat(x, x*))                    (one pass, so BN sees both; two passes when F has no BN)
     L = alpha * MSE(x*, x) + beta * CE(z, y) + gamma * objective(z*, y, T(y))
 
 and both F and G step on the gradient of L. ``objective`` comes from
 :data:`cuba.attack.OBJECTIVES` (CUBA's LNF, or a baseline), so a new attack loss is one entry
 there. The poisoning baselines (``badnets``, ``ubw-p``) take the clean branch on a poisoned
 batch instead: their fixed patch is stamped on the planned images and their labels swapped
-(:mod:`cuba.attack.poison`) before augmentation. Schedules that keep joint training from collapsing (METHOD.md "Known failure modes"):
+(:mod:`cuba.attack.poison`) before augmentation. Schedules that keep joint training from
+collapsing (METHOD.md "Known failure modes"):
 an optional clean warm-up of F, and a residual bound annealed from ``eps_start`` (the
 trigger is obvious, F learns it) down to ``eps`` (stealthy) over ``eps_anneal`` of training.
 """
@@ -65,6 +66,12 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[0] * x.shape[2] * x.shape[3]
     mean = s / n
     return mean.float(), (s2 / n - mean**2).clamp_min(0).sqrt().float()
+
+
+def batch_independent(model: nn.Module) -> bool:
+    """True when no layer mixes samples in training mode (no BatchNorm), so that
+    ``model(cat([a, b])) == cat([model(a), model(b)])``."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def cosine(start: float, end: float, progress: float) -> float:
@@ -153,6 +160,12 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
     x_all = data.x_train.to(engine.device)
     y_all = data.y_train.to(engine.device)
     n_bd = max(1, round(cfg.backdoor_ratio * cfg.batch_size))
+    # Why two passes: one pass over cat([x, x*]) makes the first layer's backward compute an
+    # input gradient for all 2B images, though only x* (the generator's output) needs one; for
+    # SimpleCNN on MNIST that was a sixth of a CUBA step. Only where it cannot change the model:
+    # no BatchNorm (whose batch statistics would then differ) and no DDP (which allows one
+    # forward per backward).
+    split_passes = batch_independent(classifier) and not d.enabled
     history: list[dict[str, Any]] = []
     target_rows: torch.Tensor | None = None
     classifier.train()
@@ -195,8 +208,11 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
                     progress = (step - warmup_steps) / max(1, (total_steps - warmup_steps) * cfg.eps_anneal) if cfg.eps_anneal > 0 else 1.0
                     generator.eps = cosine(cfg.eps_start, cfg.eps, progress)
                     xb = fwd_g(x[:n_bd])
-                    logits = fwd_f(torch.cat([x, xb]))
-                    zc, zb = logits[: len(x)], logits[len(x):]
+                    if split_passes:  # same logits; the clean pass computes no input gradient
+                        zc, zb = fwd_f(x), fwd_f(xb)
+                    else:
+                        logits = fwd_f(torch.cat([x, xb]))
+                        zc, zb = logits[: len(x)], logits[len(x):]
                     mse = (xb.float() - x[:n_bd]).pow(2)
                     mse = mse.mean() if cfg.mse_reduction == "mean" else mse.flatten(1).sum(1).mean()
                     ce = F.cross_entropy(zc.float(), y)

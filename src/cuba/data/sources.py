@@ -61,6 +61,25 @@ def load_dataset(spec: str | Path, data_dir: str | Path | None = None, download:
     raise DataError(f"{spec}: unsupported file type {path.suffix or '(none)'!r}; expected .npz, .zip or a directory")
 
 
+def dataset_file(spec: str | Path, data_dir: str | Path | None = None) -> Path | None:
+    """The local file or folder that :func:`load_dataset` would read for ``spec``, resolved, or
+    None (``digits``, a torchvision folder, a download, a missing path).
+
+    Why: a run trained on ``--dataset ../shared/data/mnist.npz`` and a grid cell that names
+    ``mnist`` with ``data_dir=../shared/data`` train on the same bytes; comparing settings by
+    this file lets such a run be adopted into a grid instead of being trained again.
+    """
+    key = str(spec).strip().lower().replace("_", "-")
+    if isinstance(spec, str) and key in DATASET_NAMES:
+        if key == "digits":
+            return None
+        root = Path(data_dir).expanduser() if data_dir is not None else DEFAULT_DATA_DIR
+        path = root / f"{key}.npz"
+    else:
+        path = Path(spec).expanduser()
+    return path.resolve() if path.exists() else None
+
+
 def load_digits() -> ImageDataset:
     """scikit-learn's bundled 8x8 digits (1,797 images), as 16x16 uint8 with a fixed 80/20 split.
 
