@@ -268,3 +268,17 @@ def test_gtsrb_from_torchvision_layout_is_resized(tmp_path: Path) -> None:
     assert ds.x_train.shape == (2, 3, 32, 32) and ds.x_test.shape == (1, 3, 32, 32)
     assert ds.y_train.tolist() == [0, 1] and ds.y_test.tolist() == [1] and ds.classes == ["0", "1"]
     assert ds.x_test[0, :, 5, 5].tolist() == [0, 0, 255]
+
+
+def test_relative_path_found_under_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cuba.data.sources import dataset_file, find_path
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "set.npz", x_train=rng.integers(0, 256, (6, 8, 8), dtype=np.uint8), y_train=np.arange(6) % 2,
+             x_test=rng.integers(0, 256, (2, 8, 8), dtype=np.uint8), y_test=np.arange(2))
+    monkeypatch.chdir(tmp_path.parent)  # "set.npz" does not exist relative to the working directory
+    assert find_path("set.npz") is None and find_path("set.npz", tmp_path) == tmp_path / "set.npz"
+    assert len(load_dataset("set.npz", data_dir=tmp_path).y_train) == 6
+    assert dataset_file("set.npz", tmp_path) == (tmp_path / "set.npz").resolve()
+    with pytest.raises(DataError, match=r"^set.npz: no such file or directory \(nor under data_dir .*\)"):
+        load_dataset("set.npz", data_dir=tmp_path / "elsewhere")

@@ -95,6 +95,42 @@ def test_shipped_grids_expand() -> None:
     # 4 data sets x 3 seeds x (clean + 3 generator attacks x 3 variants + ubw-p + badnets + targeted)
     assert len(paper) == 4 * 3 * (1 + 3 * 3 + 3)
     assert {c.values["model"] for c in paper} == {"simplecnn", "preactresnet18", "resnet18"}
-    assert len(expand(load_grid("cpu"))) == 12
+    cpu = expand(load_grid("cpu") | {"data_dir": None, "datasets": ["mnist"]})
+    assert len(cpu) == 12 and sum(bool(c.defenses) for c in cpu) == 4  # 3 seeds; defenses on seed 0
     with pytest.raises(ConfigError, match="neither a file nor a shipped grid"):
         load_grid("nonexistent")
+
+
+def test_per_dataset_seeds_and_paths_under_data_dir(tmp_path: Path) -> None:
+    """seeds / defense_seeds / epochs may be {data set: value}; a relative data set path that is not
+    found as given is looked up under data_dir, and the cell is named after the file's stem."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "rgb.npz", x_train=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8),
+             y_train=np.arange(20) % 2, x_test=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), y_test=np.arange(4) % 2)
+    grid = {**TINY, "datasets": ["digits", "rgb.npz"], "models": {"digits": "simplecnn", "rgb.npz": "simplecnn"},
+            "seeds": {"digits": [0, 1], "rgb.npz": [3]}, "epochs": {"rgb.npz": 2}, "data_dir": str(tmp_path)}
+    cells = expand(grid)
+    assert [c.name for c in cells if c.name.startswith("rgb")] == ["rgb-simplecnn-clean-s3", "rgb-simplecnn-cuba-fra-s3"]
+    assert [c.defenses for c in cells if c.name.startswith("rgb")] == [[], []]  # defense_seeds [0]: not seed 3
+    assert all(c.values["epochs"] == 2 for c in cells if c.name.startswith("rgb"))
+    assert len(expand({**grid, "defense_seeds": {"digits": [0], "rgb.npz": [3]}})[-1].defenses) == 1
+    with pytest.raises(ConfigError, match=r"got 'rgb.npz'"):
+        expand({**grid, "data_dir": None})
+    with pytest.raises(ConfigError, match="no seeds for data set 'rgb.npz'"):
+        expand({**grid, "seeds": {"digits": [0]}})
+
+
+def test_paper_values_only_beside_the_papers_model() -> None:
+    from cuba.reproduce.tables import table2_rows
+
+    class R:  # the fields of cuba.compare.Run that table2_rows reads
+        def __init__(self, model: str, label: str) -> None:
+            self.config, self.label = {"dataset": "mnist", "model": model}, label
+            self.metrics = {"dataset": "mnist", "asr": 1.0, "ds": 0.9, "ca": 0.99}
+
+    same = table2_rows([R("simplecnn", "cuba-fra"), R("simplecnn", "clean")])
+    assert same[0]["paper"] == (99.99, 90.74, 99.45) and same[0]["paper_clean"] == 99.58
+    other = table2_rows([R("resnet18", "cuba-fra")])
+    assert other[0]["paper"] is None and other[0]["paper_clean"] is None

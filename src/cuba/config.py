@@ -185,6 +185,7 @@ def _type_ok(value: Any, kind: type) -> bool:
 def validate(cfg: TrainConfig) -> None:
     """Check types and ranges; raise ConfigError naming the first bad field."""
     from .data import DATASET_NAMES  # local: avoid import cycles
+    from .data.sources import find_path
     from .models import CLASSIFIERS, GENERATOR_MODES
     from .attack import ATTACKS, FIXED_RULE, VICINITIES
 
@@ -221,8 +222,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name}: must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     if not isinstance(cfg.dataset, str) or not cfg.dataset:
         raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} or a path to a .npz/.zip/folder, got {cfg.dataset!r}")
-    if cfg.dataset not in DATASET_NAMES and not Path(cfg.dataset).exists():
-        raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} or an existing .npz/.zip/folder path, got {cfg.dataset!r}")
+    if cfg.dataset not in DATASET_NAMES and find_path(cfg.dataset, cfg.data_dir) is None:
+        where = " (as given or under data_dir)" if cfg.data_dir else ""
+        raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} or an existing .npz/.zip/folder path{where}, got {cfg.dataset!r}")
     if cfg.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", str(cfg.device)):
         raise ConfigError(f"device: must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
     for name in ("download", "channels_last", "progress", "deterministic", "compile"):

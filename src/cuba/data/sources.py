@@ -51,14 +51,29 @@ def load_dataset(spec: str | Path, data_dir: str | Path | None = None, download:
             return load_digits()
         root = Path(data_dir).expanduser() if data_dir is not None else DEFAULT_DATA_DIR
         return _load_named(key, root, download)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise DataError(f"{spec}: no such file or directory, and not a known data set name ({', '.join(DATASET_NAMES)})")
+    path = find_path(spec, data_dir)
+    if path is None:
+        where = f" (nor under data_dir {data_dir})" if data_dir is not None else ""
+        raise DataError(f"{spec}: no such file or directory{where}, and not a known data set name ({', '.join(DATASET_NAMES)})")
     if path.is_dir() or path.suffix.lower() == ".zip":
         return load_image_folder(path)
     if path.suffix.lower() == ".npz":
         return load_npz(path)
     raise DataError(f"{spec}: unsupported file type {path.suffix or '(none)'!r}; expected .npz, .zip or a directory")
+
+
+def find_path(spec: str | Path, data_dir: str | Path | None = None) -> Path | None:
+    """A data set path as given, else the same relative path under ``data_dir``; None if neither exists.
+
+    Why the fallback: grids and presets name files by where they live among the user's data
+    (``cifar10-jpeg.zip`` with ``--data-dir ../shared/data``), not by the working directory.
+    """
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if data_dir is not None and not path.is_absolute() and (Path(data_dir).expanduser() / path).exists():
+        return Path(data_dir).expanduser() / path
+    return None
 
 
 def dataset_file(spec: str | Path, data_dir: str | Path | None = None) -> Path | None:
@@ -75,9 +90,9 @@ def dataset_file(spec: str | Path, data_dir: str | Path | None = None) -> Path |
             return None
         root = Path(data_dir).expanduser() if data_dir is not None else DEFAULT_DATA_DIR
         path = root / f"{key}.npz"
-    else:
-        path = Path(spec).expanduser()
-    return path.resolve() if path.exists() else None
+        return path.resolve() if path.exists() else None
+    found = find_path(spec, data_dir)
+    return found.resolve() if found is not None else None
 
 
 def load_digits() -> ImageDataset:

@@ -9,11 +9,11 @@ each a complete, validated training config -- every cell is checked before the f
     presets: {mnist: mnist}              # config preset (packaged name or YAML path) per data set
     attacks: [none, cuba]                # none = the clean baseline; also the baselines' names
     variants: [fra, nra-5, nra-2]        # for attacks whose target rule comes from the variant
-    seeds: [0, 1, 2]
+    seeds: [0, 1, 2]                     # or {data set: [seeds]}
     epochs: null                         # a number, {data set: number}, or null (the preset's)
     defenses: [strip, neural-cleanse, sentinet, fine-pruning, nad]
-    defense_seeds: [0]                   # which seeds' models the defenses inspect
-    data_dir: ../shared/data
+    defense_seeds: [0]                   # which seeds' models the defenses inspect (or per data set)
+    data_dir: ../shared/data             # named sets, and relative paths not found as given
     set: {}                              # config fields for every cell
     overrides:                           # per-cell fields: every `match` key must equal the cell's
       - {match: {dataset: mnist, variant: nra-2}, set: {tau: 0.04}}
@@ -67,6 +67,11 @@ def _preset(spec: str) -> dict[str, Any]:
     raise ConfigError(f"grid: preset {spec!r} is neither a packaged preset nor a config file")
 
 
+def _for(value: Any, dataset: str) -> Any:
+    """``value`` itself, or its entry for ``dataset`` when it is a {data set: value} mapping."""
+    return value.get(dataset) if isinstance(value, dict) else value
+
+
 def load_grid(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -95,25 +100,28 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
     presets = raw.get("presets") or {}
     attacks = _as_list(raw.get("attacks", ["none", "cuba"]), "attacks")
     variants = _as_list(raw.get("variants", ["fra"]), "variants")
-    seeds = _as_list(raw.get("seeds", [0]), "seeds")
     defenses = _as_list(raw.get("defenses"), "defenses")
     bad = [d for d in defenses if d not in DEFENSES]
     if bad:
         raise ConfigError(f"grid: unknown defense(s) {', '.join(bad)}; choose from {', '.join(DEFENSES)}")
-    defense_seeds = _as_list(raw.get("defense_seeds", seeds[:1]), "defense_seeds")
     epochs = raw.get("epochs")
     overrides = _as_list(raw.get("overrides"), "overrides")
     cells: list[Cell] = []
     for ds in datasets:
         ds_models = _as_list(models.get(ds) if isinstance(models, dict) else models, "models") or ["simplecnn"]
         base = _preset(presets[ds]) if ds in presets else {}
+        seeds = _as_list(_for(raw.get("seeds", [0]), ds), "seeds")
+        if not seeds:
+            raise ConfigError(f"grid: no seeds for data set {ds!r}")
+        d_seeds = raw.get("defense_seeds")
+        defense_seeds = seeds[:1] if d_seeds is None else _as_list(_for(d_seeds, ds), "defense_seeds")
         for model, attack, seed in itertools.product(ds_models, attacks, seeds):
             for variant in (["fra"] if attack == "none" or attack in FIXED_RULE else variants):
                 values = {**base, **(raw.get("set") or {}), "dataset": ds, "model": model, "attack": attack,
                           "variant": variant, "seed": seed, "progress": False}
                 if raw.get("data_dir"):
                     values["data_dir"] = raw["data_dir"]
-                ep = epochs.get(ds) if isinstance(epochs, dict) else epochs
+                ep = _for(epochs, ds)
                 if ep is not None:
                     values["epochs"] = ep
                 for o in overrides:
