@@ -134,3 +134,19 @@ def test_paper_values_only_beside_the_papers_model() -> None:
     assert same[0]["paper"] == (99.99, 90.74, 99.45) and same[0]["paper_clean"] == 99.58
     other = table2_rows([R("resnet18", "cuba-fra")])
     assert other[0]["paper"] is None and other[0]["paper_clean"] is None
+
+
+def test_only_and_dry_run_status(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--only runs one part of a grid; --dry-run marks each cell done or to run."""
+    from cuba.cli import main
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({**TINY, "defenses": []}))
+    assert main(["reproduce", str(grid), "--out", str(tmp_path / "o"), "--only", "*-clean-s1"]) == 0
+    capsys.readouterr()
+    assert main(["reproduce", str(grid), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "digits-simplecnn-clean-s1  defenses: -  [done]" in lines
+    assert "digits-simplecnn-clean-s0  defenses: -  [to run]" in lines and lines[-1] == "4 cells"
+    assert main(["reproduce", str(grid), "--out", str(tmp_path / "o"), "--only", "nothing*"]) == 2
+    assert "--only nothing*: no cell of grid" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from typing import Any
 
 from .config import ConfigError
 
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import yaml
 
@@ -23,10 +24,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.data_dir:
         raw["data_dir"] = args.data_dir
     cells = expand(raw)
+    if args.only:  # e.g. --only 'mnist-*': one part of a grid now, the rest later into the same --out
+        from fnmatch import fnmatchcase
+
+        cells = [c for c in cells if any(fnmatchcase(c.name, pattern) for pattern in args.only)]
+        if not cells:
+            raise ConfigError(f"--only {' '.join(args.only)}: no cell of grid {args.grid} matches (see --dry-run)")
     out = Path(args.out)
     if args.dry_run:
+        from .reproduce import is_done
+
         for c in cells:
-            print(f"{c.name}  defenses: {', '.join(c.defenses) or '-'}")
+            print(f"{c.name}  defenses: {', '.join(c.defenses) or '-'}  [{'done' if is_done(out, c) else 'to run'}]")
         print(f"{len(cells)} cells")
         return 0
     slurm = {k: v for k, v in (("slurm_partition", args.partition), ("gpus_per_node", args.gpus),
@@ -57,7 +66,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     r = sub.add_parser("reproduce", help="run a grid (data sets x models x attacks x seeds + defenses); write table2")
-    r.add_argument("grid", help="a grid YAML file, or a shipped grid: cpu")
+    r.add_argument("grid", help="a grid YAML file, or a shipped grid: paper, cpu")
     r.add_argument("--out", required=True, help="folder for runs/<cell>/ and the tables")
     r.add_argument("--data-dir", default=None, help="folder of the named data sets")
     r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a config field for every cell")
@@ -68,7 +77,9 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--cpus", type=int, default=None, help="CPUs per SLURM job")
     r.add_argument("--timeout-min", type=int, default=None, help="SLURM time limit per cell, minutes")
     r.add_argument("--no-wait", action="store_true", help="submit to SLURM and return (re-run later to aggregate)")
-    r.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    r.add_argument("--dry-run", action="store_true", help="list the cells (done or to run) and exit")
+    r.add_argument("--only", action="append", default=[], metavar="GLOB",
+                   help="run only the cells whose name matches (repeatable), e.g. 'mnist-*'")
     r.set_defaults(func=cmd_reproduce)
     b = sub.add_parser("bench", help="engine vs conventional loop, CUBA step vs clean step (images/s, memory)")
     b.add_argument("--quick", action="store_true", help="few steps: under 2 minutes on 2 CPU cores")
