@@ -53,7 +53,9 @@ def test_grid_runs_skips_and_aggregates(tmp_path: Path) -> None:
     assert "<h2>Table III" in page and "fine-pruning" in page and "<details><summary>digits-simplecnn-clean-s1" in page
     assert page.count("data:image/png;base64,") >= 2  # Fig. 4 and Fig. 5 of the CUBA run, embedded
     assert "src='http" not in page  # nothing fetched from outside: viewable offline
-    assert "| digits-simplecnn-cuba-fra-s0 | fine-pruning | 0.9 |" in (tmp_path / "table3.md").read_text()
+    t3 = (tmp_path / "table3.md").read_text()
+    assert "| fine-pruning | prune ratio → | 0 | 0.2 | 0.4 | 0.6 | 0.8 | 0.9 |" in t3
+    assert "| digits-simplecnn-cuba-fra-s0 | ASR | " in t3 and "| digits-simplecnn-clean-s0 | ASR | – | – |" in t3
     # the grid edited after the run (same cell names, another learning rate): refused, not reused
     edited = expand({**TINY, "set": {**TINY.get("set", {}), "lr": 0.0123}})
     with pytest.raises(ConfigError, match=r"^cell digits-simplecnn-clean-s0: .* holds a run of a different setting \(lr: "):
