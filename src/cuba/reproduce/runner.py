@@ -77,7 +77,8 @@ def run_grid(
     if executor == "sequential":
         for cell in tqdm(pending, desc="grid", unit="cell"):
             tqdm.write(f"-> {cell.name}")
-            run_cell(cell.values, cell.defenses, str(cell_dir(out, cell)))
+            # in this process the run's own bar shows under the grid's (progress is not part of a setting)
+            run_cell({**cell.values, "progress": True}, cell.defenses, str(cell_dir(out, cell)))
         return pending
     import submitit
 
