@@ -41,6 +41,21 @@ def test_expand_names_and_validates_cells() -> None:
         expand({**TINY, "seeds": [0, 0]})
 
 
+def test_per_dataset_attacks_and_per_attack_seeds_variants() -> None:
+    """attacks / variants may be {data set: list}; per_attack gives some attacks their own seeds and variants."""
+    grid = {**TINY, "attacks": {"digits": ["cuba", "push-away"]}, "variants": {"digits": ["fra", "nra-2"]},
+            "per_attack": {"push-away": {"seeds": [1], "variants": ["fra"]}}}
+    assert [c.name for c in expand(grid)] == [
+        "digits-simplecnn-cuba-fra-s0", "digits-simplecnn-cuba-nra2-s0", "digits-simplecnn-cuba-fra-s1",
+        "digits-simplecnn-cuba-nra2-s1", "digits-simplecnn-push-away-fra-s1"]
+    with pytest.raises(ConfigError, match=r"^grid: per_attack must map attacks of the grid .* got 'badnets'"):
+        expand({**grid, "per_attack": {"badnets": {"seeds": [0]}}})
+    with pytest.raises(ConfigError, match=r"^grid: per_attack .* got 'cuba': \{'epochs': 2\}"):
+        expand({**grid, "per_attack": {"cuba": {"epochs": 2}}})
+    with pytest.raises(ConfigError, match=r"^grid: per_attack .* got None: None"):
+        expand({**grid, "per_attack": [1]})
+
+
 def test_grid_runs_skips_and_aggregates(tmp_path: Path) -> None:
     cells = expand(TINY)
     assert len(run_grid(cells, tmp_path, log=lambda s: None)) == 4
@@ -98,7 +113,9 @@ def test_shipped_grids_expand() -> None:
     assert len(paper) == 4 * 3 * (1 + 3 * 3 + 3)
     assert {c.values["model"] for c in paper} == {"simplecnn", "preactresnet18", "resnet18"}
     cpu = expand(load_grid("cpu") | {"data_dir": None, "datasets": ["mnist"]})
-    assert len(cpu) == 12 and sum(bool(c.defenses) for c in cpu) == 4  # 3 seeds; defenses on seed 0
+    # clean + FRA / NRA-5 / NRA-2 x 3 seeds, and the two untargeted baselines (FRA, seed 0) for Fig. 8
+    assert len(cpu) == 14 and sum(bool(c.defenses) for c in cpu) == 6  # defenses on seed 0
+    assert {c.name for c in cpu} >= {"mnist-simplecnn-untargeted-ce-fra-s0", "mnist-simplecnn-push-away-fra-s0"}
     with pytest.raises(ConfigError, match="neither a file nor a shipped grid"):
         load_grid("nonexistent")
 

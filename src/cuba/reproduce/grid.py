@@ -10,6 +10,8 @@ each a complete, validated training config -- every cell is checked before the f
     attacks: [none, cuba]                # none = the clean baseline; also the baselines' names
     variants: [fra, nra-5, nra-2]        # for attacks whose target rule comes from the variant
     seeds: [0, 1, 2]                     # or {data set: [seeds]}
+    per_attack:                          # other seeds / variants for some attacks (e.g. a control)
+      push-away: {seeds: [0], variants: [fra]}
     epochs: null                         # a number, {data set: number}, or null (the preset's)
     defenses: [strip, neural-cleanse, sentinet, fine-pruning, nad]
     defense_seeds: [0]                   # which seeds' models the defenses inspect (or per data set)
@@ -31,7 +33,7 @@ import yaml
 
 from ..config import ConfigError, load_config_file, make_config
 
-KEYS = ("name", "datasets", "models", "presets", "attacks", "variants", "seeds", "epochs", "defenses",
+KEYS = ("name", "datasets", "models", "presets", "attacks", "variants", "seeds", "per_attack", "epochs", "defenses",
         "defense_seeds", "data_dir", "set", "overrides")
 
 
@@ -98,8 +100,11 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
         raise ConfigError("grid: datasets must name at least one data set")
     models = raw.get("models") or {}
     presets = raw.get("presets") or {}
-    attacks = _as_list(raw.get("attacks", ["none", "cuba"]), "attacks")
-    variants = _as_list(raw.get("variants", ["fra"]), "variants")
+    per_attack = raw.get("per_attack") or {}
+    named = {a for ds in datasets for a in _as_list(_for(raw.get("attacks", ["none", "cuba"]), ds), "attacks")}
+    for a, opts in (per_attack.items() if isinstance(per_attack, dict) else [(None, None)]):
+        if a not in named or not isinstance(opts, dict) or set(opts) - {"seeds", "variants"}:
+            raise ConfigError(f"grid: per_attack must map attacks of the grid to {{seeds: [...], variants: [...]}}, got {a!r}: {opts!r}")
     defenses = _as_list(raw.get("defenses"), "defenses")
     bad = [d for d in defenses if d not in DEFENSES]
     if bad:
@@ -115,8 +120,13 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
             raise ConfigError(f"grid: no seeds for data set {ds!r}")
         d_seeds = raw.get("defense_seeds")
         defense_seeds = seeds[:1] if d_seeds is None else _as_list(_for(d_seeds, ds), "defense_seeds")
-        for model, attack, seed in itertools.product(ds_models, attacks, seeds):
-            for variant in (["fra"] if attack == "none" or attack in FIXED_RULE else variants):
+        # attacks and variants may be {data set: list}, like models (e.g. baselines on MNIST only)
+        attacks = _as_list(_for(raw.get("attacks", ["none", "cuba"]), ds), "attacks")
+        variants = _as_list(_for(raw.get("variants", ["fra"]), ds), "variants")
+        pairs = [(a, s) for a in attacks for s in _as_list(per_attack.get(a, {}).get("seeds", seeds), "seeds")]
+        for model, (attack, seed) in itertools.product(ds_models, pairs):
+            own = _as_list(per_attack.get(attack, {}).get("variants", variants), "variants")
+            for variant in (["fra"] if attack == "none" or attack in FIXED_RULE else own):
                 values = {**base, **(raw.get("set") or {}), "dataset": ds, "model": model, "attack": attack,
                           "variant": variant, "seed": seed, "progress": False}
                 if raw.get("data_dir"):
