@@ -1,4 +1,4 @@
-"""The five defenses: hand-computed pieces, then each defense end to end on a tiny digits BadNets run."""
+"""The defenses: hand-computed pieces, then each defense end to end on a tiny digits BadNets run."""
 
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ from cuba.defenses import DEFENSES, load_attack_run, run_defense
 from cuba.defenses.fine_pruning import apply_channel_mask, channel_activity
 from cuba.defenses.nad import attention_map
 from cuba.defenses.neural_cleanse import NeuralCleanse, anomaly_indices
+from cuba.defenses.scale_up import ScaleUp, scaled_consistency, standardize_by_class
 from cuba.defenses.sentinet import fit_boundary, top_mask
 from cuba.defenses.strip import Strip, strip_entropy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_registry_has_the_five_defenses() -> None:
-    assert sorted(DEFENSES) == ["fine-pruning", "nad", "neural-cleanse", "sentinet", "strip"]
+def test_registry_has_the_paper_defenses_then_scale_up() -> None:
+    assert list(DEFENSES) == ["strip", "neural-cleanse", "sentinet", "fine-pruning", "nad", "scale-up"]
 
 
 def test_anomaly_index_by_hand() -> None:
@@ -70,6 +71,35 @@ def test_strip_entropy_of_a_uniform_model_is_log2_k() -> None:
     assert torch.allclose(ent, torch.full((5,), 2.0))
 
 
+class _MeanBrightness(nn.Module):
+    """Class 1 when the mean pixel exceeds 0.5, else class 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.flatten(1).mean(1)
+        return torch.stack([0.5 - m, m - 0.5], 1)
+
+
+def test_scaled_prediction_consistency_by_hand() -> None:
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(logits=_MeanBrightness())
+    x = torch.tensor([0.09, 0.6]).view(2, 1, 1, 1).expand(2, 1, 2, 2).contiguous()
+    # 0.09 x (3, 5, 7, 9, 11) = 0.27 0.45 | 0.63 0.81 0.99: predictions 0 0 1 1 1 against 0 -> SPC 2/5;
+    # 0.6 scaled saturates at 1 and stays class 1 -> SPC 1
+    spc, pred = scaled_consistency(run, x, (3, 5, 7, 9, 11))
+    assert spc.tolist() == pytest.approx([0.4, 1.0]) and pred.tolist() == [0, 1]
+    assert x[0, 0, 0, 0] == pytest.approx(0.09)  # the input itself is not scaled in place
+
+
+def test_spc_standardised_per_predicted_class_by_hand() -> None:
+    ref = torch.tensor([0.2, 0.4, 0.6, 1.0])
+    ref_pred = torch.tensor([0, 0, 1, 1])
+    # class 0: mean 0.3, sample std 0.1414; class 1: 0.8, 0.2828; class 2 has no reference images:
+    # the global mean 0.55 and sample std sqrt(0.35 / 3) = 0.3416
+    z = standardize_by_class(torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0, 1, 2]), ref, ref_pred, 3)
+    assert z.tolist() == pytest.approx([0.2 / 0.02**0.5, -0.3 / 0.08**0.5, -0.05 / (0.35 / 3) ** 0.5], rel=1e-5)
+
+
 def test_channel_activity_and_mask() -> None:
     conv = nn.Conv2d(1, 3, 1, bias=True)
     with torch.no_grad():
@@ -90,6 +120,10 @@ def test_defense_parameters_are_validated() -> None:
         Strip(blend="max")
     with pytest.raises(ConfigError, match=r"^lr: must be > 0, got 0"):
         NeuralCleanse(lr=0)
+    with pytest.raises(ConfigError, match=r"^scales: must be a list of amplification factors > 1, got \(0.5,\)"):
+        ScaleUp(scales=[0.5])
+    with pytest.raises(ConfigError, match=r"^threshold: must be a finite number, got nan"):
+        ScaleUp(threshold=float("nan"))
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +182,19 @@ def test_strip_and_sentinet_write_their_fields(badnets_run: Path, tmp_path: Path
     assert {p.name for p in (tmp_path / "sentinet").iterdir()} == {"defense.json", "sentinet_scatter.png", "sentinet_gradcam.png"}
 
 
+def test_scale_up_writes_its_fields_in_both_modes(badnets_run: Path, tmp_path: Path) -> None:
+    run = load_attack_run(badnets_run, device="cpu")
+    f = run_defense("scale-up", run, tmp_path, n_eval=100).fields
+    assert len(f["spc_clean"]) == len(f["spc_backdoor"]) == 100
+    assert set(f["spc_backdoor"]) <= {0.0, 0.2, 0.4, 0.6, 0.8, 1.0}
+    assert f["auroc"] + f["auroc_low_spc"] == pytest.approx(1.0)  # the two tails of one score
+    assert f["flagged_backdoor"] == pytest.approx(float(np.mean(np.array(f["spc_backdoor"]) > 0.5)))
+    assert (tmp_path / "scale-up" / "scale_up_spc.png").is_file()
+    z = run_defense("scale-up", run, tmp_path / "z", n_eval=100, n_ref=200, standardize=True).fields
+    assert z["spc_backdoor"] == f["spc_backdoor"] and 0 <= z["auroc"] <= 1  # raw SPC kept; the score is the z-score
+    assert ScaleUp.headline(f).startswith(f"AUROC {f['auroc']:.3f}, TPR@FPR5% ")
+
+
 def test_fine_pruning_and_nad_rows(badnets_run: Path, tmp_path: Path) -> None:
     run = load_attack_run(badnets_run, device="cpu")
     fp = run_defense("fine-pruning", run, tmp_path).fields
@@ -183,7 +230,7 @@ def test_clean_model_gets_a_probe_patch(tmp_path: Path) -> None:
 
 def test_defend_cli_then_defense_table(badnets_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["defend", "fine-pruning", str(badnets_run), "--set", "ratios=[0.0, 0.5]"]) == 0
-    assert "fine-pruning    prune_ratio 0: CA" in capsys.readouterr().out
+    assert "fine-pruning    prune_ratio 0: " in capsys.readouterr().out
     f = json.loads((badnets_run / "defenses" / "fine-pruning" / "defense.json").read_text())
     assert f["setting"] == "badnets-t0" and [r["prune_ratio"] for r in f["rows"]] == [0.0, 0.5] and f["seconds"] >= 0
     assert main(["defense-table", str(badnets_run), "--names", "BadNets", "--out", str(tmp_path / "t.md")]) == 0

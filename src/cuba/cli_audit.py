@@ -4,24 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from .cli import _fmt
 from .config import ConfigError
-
-def summarize_defense(name: str, f: dict[str, Any]) -> str:
-    """One line per defense with its headline numbers."""
-    if "auroc" in f:
-        extra = f"FAR@FRR1% {f['far_at_frr_1pct']:.3f}" if "far_at_frr_1pct" in f else f"TPR@FPR5% {f.get('tpr_at_fpr_5pct', math.nan):.3f}"
-        return f"AUROC {f['auroc']:.3f}  {extra}"
-    if "anomaly_index" in f:
-        return f"anomaly index {f['anomaly_index']:.2f}  flagged {f['flagged_classes'] or 'none'}"
-    rows = f.get("rows", [])
-    key = "prune_ratio" if rows and "prune_ratio" in rows[0] else "epoch"
-    return "  ".join(f"{key} {r[key]:g}: CA {100 * r['ca']:.1f} ASR {_fmt(r['asr'])}" for r in rows)
-
 
 def cmd_defend(args: argparse.Namespace) -> int:
     import yaml
@@ -45,7 +31,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"--set: {name} has no parameter {', '.join(unknown)}")
         res = run_defense(name, run, out, **{k: v for k, v in params.items() if k in accepted})
-        print(f"{name:<15} {summarize_defense(name, res.fields)}  ({res.seconds:.0f} s)", flush=True)
+        print(f"{name:<15} {DEFENSES[name].headline(res.fields)}  ({res.seconds:.0f} s)", flush=True)
     print(f"defense.json and figures in {(out or Path(args.run_dir) / 'defenses')}/<defense>/")
     return 0
 
@@ -78,7 +64,7 @@ def cmd_import_model(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     f = sub.add_parser("defend", help="run a defense (or all) on a trained run; writes defense.json + figures")
-    f.add_argument("name", help="strip | neural-cleanse | sentinet | fine-pruning | nad | all")
+    f.add_argument("name", help="strip | neural-cleanse | sentinet | fine-pruning | nad | scale-up | all")
     f.add_argument("run_dir")
     f.add_argument("--out", default=None, help="folder for <defense>/defense.json (default RUN_DIR/defenses)")
     f.add_argument("--device", default="auto")

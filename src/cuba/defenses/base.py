@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
 from ..attack import PatchTrigger, attack_targets
@@ -164,6 +166,32 @@ class Defense(ABC):
     @abstractmethod
     def run(self, run: AttackRun, out: Path) -> DefenseResult:
         """Inspect (or repair) ``run``; draw figures into ``out``; return the numbers."""
+
+    @classmethod
+    def headline(cls, fields: dict[str, Any]) -> str:
+        """The numbers a reader needs from this defense's defense.json, in one line (``cuba defend``
+        prints it, ``cuba defense-table`` puts it in a cell). Override per defense."""
+        return f"AUROC {fields['auroc']:.3f}" if "auroc" in fields else "(see defense.json)"
+
+
+def roc_summary(s_clean: np.ndarray, s_bd: np.ndarray, fpr_at: float = 0.05) -> dict[str, float]:
+    """AUROC of a detector score (higher = more suspicious), backdoor vs clean inputs, and its
+    TPR at the largest threshold whose FPR is at most ``fpr_at`` (sklearn's ROC)."""
+    labels = np.r_[np.zeros(len(s_clean)), np.ones(len(s_bd))]
+    scores = np.r_[s_clean, s_bd]
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return {"auroc": float(roc_auc_score(labels, scores)), f"tpr_at_fpr_{round(100 * fpr_at)}pct": float(tpr[fpr <= fpr_at].max())}
+
+
+def pct(v: float | None) -> str:
+    """A rate in [0, 1] as a percentage with one decimal; "–" where it is not defined (None)."""
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def removal_headline(rows: list[dict[str, Any]], key: str) -> str:
+    """First and last row of a mitigation curve (Fine-pruning, NAD) as CA/ASR in %."""
+    first, last = rows[0], rows[-1]
+    return f"{key} {first[key]:g}: {pct(first['ca'])}/{pct(first['asr'])} → {last[key]:g}: {pct(last['ca'])}/{pct(last['asr'])} (CA/ASR)"
 
 
 DEFENSES: dict[str, type[Defense]] = {}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttackRun, Defense, DefenseResult, check_param, register
+from .base import AttackRun, Defense, DefenseResult, check_param, register, removal_headline
 from .plots import plot_removal
 
 DEFAULT_RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
@@ -64,6 +64,10 @@ def finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr
 @register
 class FinePruning(Defense):
     name = "fine-pruning"
+
+    @classmethod
+    def headline(cls, f: dict) -> str:
+        return removal_headline(f["rows"], "prune_ratio")
 
     def __init__(self, ratios: tuple[float, ...] = DEFAULT_RATIOS, clean_fraction: float = 0.05, finetune_epochs: int = 0,
                  lr: float = 0.01, seed: int = 0) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttackRun, Defense, DefenseResult, check_param, register
+from .base import AttackRun, Defense, DefenseResult, check_param, register, removal_headline
 from .fine_pruning import finetune
 from .plots import plot_removal
 
@@ -57,6 +57,10 @@ class _Taps:
 @register
 class NAD(Defense):
     name = "nad"
+
+    @classmethod
+    def headline(cls, f: dict) -> str:
+        return removal_headline(f["rows"], "epoch")
 
     def __init__(self, epochs: int = 10, report_every: int = 2, betas: tuple[float, ...] = (500.0, 1000.0, 1000.0),
                  p: float = 2.0, lr: float = 0.1, lr_after: float = 0.01, lr_drop_epoch: int = 2,

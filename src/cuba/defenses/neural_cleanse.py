@@ -132,6 +132,10 @@ def reverse_engineer(
 class NeuralCleanse(Defense):
     name = "neural-cleanse"
 
+    @classmethod
+    def headline(cls, f: dict) -> str:
+        return f"index {f['anomaly_index']:.2f}, flagged {','.join(map(str, f['flagged_classes'])) or 'none'}"
+
     def __init__(self, epochs: int = 100, batches_per_epoch: int = 10, batch_size: int = 32, n_pool: int = 2000,
                  lr: float = 0.1, init_cost: float = 1e-3, early_stop: int = 10, batched: bool | None = None,
                  precision: str = "auto", channels_last: bool = True, seed: int = 0) -> None:

@@ -1,5 +1,6 @@
 """The defenses' figures: STRIP histograms (paper Fig. 6), Neural Cleanse norms (Fig. 7a),
-SentiNet scatter and Grad-CAM maps (Fig. 7b), Fine-pruning / NAD curves (Table III as a plot)."""
+SentiNet scatter and Grad-CAM maps (Fig. 7b), Fine-pruning / NAD curves (Table III as a plot),
+and the score histograms of other input-level detectors (SCALE-UP)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,25 @@ import numpy as np  # noqa: E402
 from ..figures import save_figure as _save  # noqa: E402
 
 
-def plot_strip(e_clean: np.ndarray, e_bd: np.ndarray, threshold: float, path: Path, title: str = "") -> Path:
+def plot_scores(s_clean: np.ndarray, s_bd: np.ndarray, threshold: float, path: Path, xlabel: str,
+                threshold_label: str, title: str = "", bins: int | np.ndarray = 40) -> Path:
+    """Histograms of an input-level detector's score on clean and backdoor inputs, with its threshold."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    bins = np.linspace(0, max(float(np.max(e_clean)), float(np.max(e_bd)), 1e-3), 40)
-    ax.hist(e_clean, bins=bins, alpha=0.6, density=True, label="clean inputs")
-    ax.hist(e_bd, bins=bins, alpha=0.6, density=True, label="backdoor inputs")
-    ax.axvline(threshold, color="k", ls="--", lw=1, label="threshold (FRR 1%)")
-    ax.set_xlabel("mean entropy over superimpositions (bits)")
+    if isinstance(bins, int):
+        bins = np.linspace(min(0.0, float(np.min(s_clean)), float(np.min(s_bd))),
+                           max(float(np.max(s_clean)), float(np.max(s_bd)), 1e-3), bins)
+    ax.hist(s_clean, bins=bins, alpha=0.6, density=True, label="clean inputs")
+    ax.hist(s_bd, bins=bins, alpha=0.6, density=True, label="backdoor inputs")
+    ax.axvline(threshold, color="k", ls="--", lw=1, label=threshold_label)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
+
+
+def plot_strip(e_clean: np.ndarray, e_bd: np.ndarray, threshold: float, path: Path, title: str = "") -> Path:
+    return plot_scores(e_clean, e_bd, threshold, path, "mean entropy over superimpositions (bits)", "threshold (FRR 1%)", title)
 
 
 def plot_neural_cleanse(norms: Sequence[float], flagged: Sequence[int], anomaly_index: float, masks: np.ndarray,

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
 
-from .base import AttackRun, Defense, DefenseResult, check_param, register
+from .base import AttackRun, Defense, DefenseResult, check_param, register, roc_summary
 from .plots import plot_cam_maps, plot_sentinet
 
 
@@ -98,6 +97,10 @@ class SentiNet(Defense):
     name = "sentinet"
     needs_trigger = True
 
+    @classmethod
+    def headline(cls, f: dict) -> str:
+        return f"AUROC {f['auroc']:.3f}, TPR@FPR5% {f['tpr_at_fpr_5pct']:.3f}"
+
     def __init__(self, n_eval: int = 200, n_calib: int = 200, n_holdout: int = 100, mask_fraction: float = 0.1,
                  bins: int = 10, stage: int = -1, seed: int = 0) -> None:
         super().__init__(seed)
@@ -119,11 +122,8 @@ class SentiNet(Defense):
         coeffs = fit_boundary(p_calib, self.bins)
         score = lambda p: p[:, 1] - np.polyval(coeffs, p[:, 0])  # noqa: E731
         s_clean, s_bd = score(p_clean), score(p_bd)
-        labels = np.r_[np.zeros(len(s_clean)), np.ones(len(s_bd))]
-        fpr, tpr, _ = roc_curve(labels, np.r_[s_clean, s_bd])
         fields = {
-            "auroc": float(roc_auc_score(labels, np.r_[s_clean, s_bd])),
-            "tpr_at_fpr_5pct": float(tpr[fpr <= 0.05].max()),
+            **roc_summary(s_clean, s_bd),
             "flagged_backdoor": float((s_bd > 0).mean()), "flagged_clean": float((s_clean > 0).mean()),
             "boundary": coeffs.tolist(), "trigger": run.trigger_kind,
             "points_clean": p_clean.round(4).tolist(), "points_backdoor": p_bd.round(4).tolist(),

@@ -50,6 +50,11 @@ class Strip(Defense):
     name = "strip"
     needs_trigger = True
 
+    @classmethod
+    def headline(cls, f: dict) -> str:
+        high = f" (high-entropy AUROC {f['auroc_high_entropy']:.3f})" if "auroc_high_entropy" in f else ""
+        return f"AUROC {f['auroc']:.3f}, FAR@FRR1% {f['far_at_frr_1pct']:.3f}{high}"
+
     def __init__(self, n_overlay: int = 100, n_eval: int = 1000, n_calib: int = 1000, frr: float = 0.01,
                  blend: str = "sum", alpha: float = 0.5, seed: int = 0) -> None:
         super().__init__(seed)

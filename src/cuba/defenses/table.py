@@ -11,28 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runs import read_json
-
-ORDER = ("strip", "neural-cleanse", "sentinet", "fine-pruning", "nad")
-
-
-def _pct(v: Any) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
-
-
-def headline(name: str, f: dict[str, Any]) -> str:
-    """The numbers a reader needs from one defense.json, in one cell."""
-    if name == "strip":
-        high = f" (high-entropy AUROC {f['auroc_high_entropy']:.3f})" if "auroc_high_entropy" in f else ""
-        return f"AUROC {f['auroc']:.3f}, FAR@FRR1% {f['far_at_frr_1pct']:.3f}{high}"
-    if name == "sentinet":
-        return f"AUROC {f['auroc']:.3f}, TPR@FPR5% {f['tpr_at_fpr_5pct']:.3f}"
-    if name == "neural-cleanse":
-        flagged = ",".join(map(str, f["flagged_classes"])) or "none"
-        return f"index {f['anomaly_index']:.2f}, flagged {flagged}"
-    rows = f["rows"]
-    key = "prune_ratio" if name == "fine-pruning" else "epoch"
-    first, last = rows[0], rows[-1]
-    return f"{key} {first[key]:g}: {_pct(first['ca'])}/{_pct(first['asr'])} → {last[key]:g}: {_pct(last['ca'])}/{_pct(last['asr'])} (CA/ASR)"
+from .base import pct
 
 
 def load_results(run_dirs: list[Path], root: str = "defenses") -> list[tuple[Path, dict[str, dict[str, Any]]]]:
@@ -50,11 +29,16 @@ def defense_tables(run_dirs: list[Path], names: list[str] | None = None) -> str:
     res = load_results(run_dirs)
     cols = names or [str(next(iter(d.values())).get("setting", r.name)) for r, d in res]
     lines = ["| defense | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for name in ORDER:
+    from . import DEFENSES
+
+    # registered defenses in registration order, then any other defense.json found (e.g. a removed defense)
+    found = [n for n in DEFENSES] + sorted({n for _, d in res for n in d} - set(DEFENSES))
+    for name in found:
         cells = []
         for _, d in res:
             f = d.get(name)
-            cells.append("–" if f is None else f"{headline(name, f)} ({f['seconds']:.0f} s)")
+            line = DEFENSES[name].headline(f) if f is not None and name in DEFENSES else "see defense.json"
+            cells.append("–" if f is None else f"{line} ({f['seconds']:.0f} s)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, key in (("fine-pruning", "prune_ratio"), ("nad", "epoch")):
         per_run = [d.get(name, {}).get("rows", []) for _, d in res]
@@ -66,6 +50,6 @@ def defense_tables(run_dirs: list[Path], names: list[str] | None = None) -> str:
             cells = []
             for rows in per_run:
                 row = next((r for r in rows if r[key] == s), None)
-                cells.append("–" if row is None else f"{_pct(row['ca'])} / {_pct(row['asr'])}")
+                cells.append("–" if row is None else f"{pct(row['ca'])} / {pct(row['asr'])}")
             lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
