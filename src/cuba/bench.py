@@ -19,6 +19,7 @@ and the process's maximum resident set size (cumulative over the run) on CPU.
 from __future__ import annotations
 
 import resource
+import statistics
 import time
 from typing import Any
 
@@ -31,8 +32,8 @@ from .engine import make_engine
 from .models import build_classifier
 from .train import train
 
-# (name, classifier, channels, image size, augment, steps with --quick, steps without)
-CASES = (("simplecnn_28", "simplecnn", 1, 28, "none", 20, 100), ("resnet18_32", "resnet18", 3, 32, "crop+flip", 4, 30))
+# (name, classifier, channels, image size, augment, steps with --quick, steps per repeat without)
+CASES = (("simplecnn_28", "simplecnn", 1, 28, "none", 20, 60), ("resnet18_32", "resnet18", 3, 32, "crop+flip", 4, 20))
 
 
 def synthetic(channels: int, size: int, n: int, k: int = 10, seed: int = 0) -> ImageDataset:
@@ -103,27 +104,44 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_bench(quick: bool = False, device: str = "auto", batch: int = 128) -> dict[str, Any]:
-    """Measure every case; ``quick`` uses few steps (under 2 minutes on 2 CPU cores)."""
+def run_bench(quick: bool = False, device: str = "auto", batch: int = 128, repeats: int | None = None) -> dict[str, Any]:
+    """Measure every case; ``quick`` uses few steps (under 2 minutes on 2 CPU cores).
+
+    Each throughput is the median of ``repeats`` measurements (default 3, 1 with ``quick``),
+    taken in interleaved order (clean, CUBA, half-res CUBA, reference, then again), so a slow
+    spell of the machine does not land on one side of a ratio: single runs of the same code
+    moved the ResNet18 ratio from 2.16 to 2.39. ``*_range`` gives the smallest and largest sample.
+    """
+    repeats = repeats if repeats is not None else (1 if quick else 3)
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     out: dict[str, Any] = {"device": str(make_engine(device).device), "bf16": make_engine(device).bf16,
-                           "threads": torch.get_num_threads(), "batch_size": batch, "torch": torch.__version__}
+                           "threads": torch.get_num_threads(), "batch_size": batch, "repeats": repeats, "torch": torch.__version__}
     for name, model, ch, size, aug, quick_steps, full_steps in CASES:
         n_steps = quick_steps if quick else full_steps
         n = n_steps * batch + batch  # one pass plus a spare batch: every step sees new images
         data = synthetic(ch, size, n)
         t0 = time.perf_counter()
-        clean = engine_throughput(model, data, "none", aug, n_steps, batch, device)
-        cuba = engine_throughput(model, data, "cuba", aug, n_steps, batch, device)
-        # the half-resolution U-Net (generator_scale 2, the mnist-fast preset): the default
-        # U-Net alone costs more than a clean SimpleCNN step, so the 2x floor needs a cheaper one
-        half = engine_throughput(model, data, "cuba", aug, n_steps, batch, device, generator_scale=2)
-        ref = reference_throughput(model, data, aug, n_steps, batch, device)
+        measure = {
+            "engine_clean_img_s": lambda: engine_throughput(model, data, "none", aug, n_steps, batch, device),
+            "engine_cuba_img_s": lambda: engine_throughput(model, data, "cuba", aug, n_steps, batch, device),
+            # the half-resolution U-Net (generator_scale 2, the mnist-fast preset): the default
+            # U-Net alone costs more than a clean SimpleCNN step, so the 2x floor needs a cheaper one
+            "engine_cuba_half_res_img_s": lambda: engine_throughput(model, data, "cuba", aug, n_steps, batch, device, generator_scale=2),
+            "reference_img_s": lambda: reference_throughput(model, data, aug, n_steps, batch, device),
+        }
+        samples: dict[str, list[float]] = {k: [] for k in measure}
+        for _ in range(repeats):
+            for key, fn in measure.items():
+                samples[key].append(fn())
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        clean = med["engine_clean_img_s"]
         out[name] = {
-            "steps": n_steps, "engine_clean_img_s": round(clean, 1), "engine_cuba_img_s": round(cuba, 1),
-            "engine_cuba_half_res_img_s": round(half, 1),
-            "reference_img_s": round(ref, 1), "cuba_step_over_clean_step": round(clean / cuba, 3),
-            "cuba_half_res_step_over_clean_step": round(clean / half, 3),
-            "engine_over_reference": round(clean / ref, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1),
+            "steps": n_steps, **{k: round(v, 1) for k, v in med.items()},
+            **{k.replace("_img_s", "_range"): [round(min(v), 1), round(max(v), 1)] for k, v in samples.items()},
+            "cuba_step_over_clean_step": round(clean / med["engine_cuba_img_s"], 3),
+            "cuba_half_res_step_over_clean_step": round(clean / med["engine_cuba_half_res_img_s"], 3),
+            "engine_over_reference": round(clean / med["reference_img_s"], 3), "peak_memory_mb": round(_peak_memory_mb(device), 1),
             "seconds": round(time.perf_counter() - t0, 1),
         }
     out["cuba_step_over_clean_step"] = max(out[c[0]]["cuba_step_over_clean_step"] for c in CASES)

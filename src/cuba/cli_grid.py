@@ -51,11 +51,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import CASES, run_bench
 
-    res = run_bench(quick=args.quick, device=args.device)
+    if args.repeats is not None and args.repeats < 1:
+        raise ConfigError(f"--repeats: must be >= 1, got {args.repeats}")
+    res = run_bench(quick=args.quick, device=args.device, repeats=args.repeats)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
-    print(f"device {res['device']}, bf16 {res['bf16']}, {res['threads']} threads, batch {res['batch_size']}")
+    print(f"device {res['device']}, bf16 {res['bf16']}, {res['threads']} threads, batch {res['batch_size']}, "
+          f"median of {res['repeats']} interleaved measurements")
     print(f"{'case':<14}{'clean img/s':>12}{'CUBA img/s':>12}{'ref img/s':>11}{'CUBA/clean step':>17}{'half-res':>10}{'engine/ref':>12}{'peak MB':>9}")
     for name, *_ in CASES:
         r = res[name]
@@ -85,4 +88,5 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--quick", action="store_true", help="few steps: under 2 minutes on 2 CPU cores")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--device", default="auto")
+    b.add_argument("--repeats", type=int, default=None, help="measurements per number, median reported (default 3; 1 with --quick)")
     b.set_defaults(func=cmd_bench)
