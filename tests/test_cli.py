@@ -87,9 +87,10 @@ def cuba_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_run_folder_contents(cuba_run: Path) -> None:
     for name in ("config.yaml", "metrics.json", "history.json", "predictions.npz", "targets.json",
-                 "classifier.safetensors", "generator.safetensors", "figures/triggers.png", "figures/histograms.png"):
+                 "classifier.safetensors", "generator.safetensors", "figures/triggers.png", "figures/histograms.png",
+                 "figures/confidences.png"):
         assert (cuba_run / name).is_file(), name
-    for png in ("figures/triggers.png", "figures/histograms.png"):
+    for png in ("figures/triggers.png", "figures/histograms.png", "figures/confidences.png"):
         assert (cuba_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cfg = load_run_config(cuba_run)
     assert (cfg.dataset, cfg.attack, cfg.variant, cfg.epochs, cfg.n_train, cfg.n_test) == ("digits", "cuba", "fra", 0.2, 256, 100)
@@ -165,6 +166,34 @@ def test_saved_predictions_load_back(cuba_run: Path) -> None:
     pred, targets = load_predictions(cuba_run)
     assert targets is not None and targets.dtype == torch.bool and targets.shape == (10, 10)
     assert pred.y_pred_backdoor is not None and len(pred.y_true) == 100
+
+
+def test_figures_command_redraws_a_runs_figures(cuba_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (cuba_run / "figures" / "confidences.png").unlink()  # as for a run trained before the figure existed
+    assert main(["figures", str(cuba_run), "--device", "cpu"]) == 0
+    assert "triggers.png, confidences.png, histograms.png" in capsys.readouterr().out
+    assert (cuba_run / "figures" / "confidences.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["figures", str(tmp_path)]) == 2
+    assert "is not a finished run folder (no predictions.npz)" in capsys.readouterr().err
+
+
+def test_confidence_figure_marks_the_true_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.pyplot as plt
+
+    from cuba import figures
+
+    probs = np.full((2, 3), 0.25)
+    probs[0, 0] = probs[1, 2] = 0.5
+    targets = torch.tensor([[False, True, True], [True, False, True], [True, True, False]])
+    seen = {}
+    real_save = figures.save_figure
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: seen.setdefault("fig", fig) and real_save(fig, path))
+    assert figures.plot_confidences(probs, np.array([0, 2]), targets, tmp_path / "c.png").is_file()
+    ax = seen["fig"].axes[0]
+    boxes = [(p.get_x(), p.get_y()) for p in ax.patches]
+    assert boxes == [(-0.5, -0.5), (1.5, 0.5)]  # row 0: true class 0; row 1: true class 2
+    assert [t.get_text() for t in ax.texts] == ["0.25", "0.25", "0.25", "0.25"]  # numbers only on T(y)
+    plt.close("all")
 
 
 def test_clean_run_has_no_generator(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -121,6 +121,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_figures(args: argparse.Namespace) -> int:
+    from .pipeline import draw_figures
+
+    for run_dir in args.run_dirs:
+        paths = draw_figures(Path(run_dir), device=args.device)
+        print(f"{run_dir}: " + (", ".join(p.name for p in paths) if paths else "a clean run has no figures"))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
@@ -188,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--write", action="store_true", help="store the recomputed metrics in metrics.json and predictions.npz")
     e.set_defaults(func=cmd_evaluate)
+    g = sub.add_parser("figures", help="(re)draw run folders' figures (triggers, confidences, histograms) from their weights")
+    g.add_argument("run_dirs", nargs="+")
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_figures)
     from . import cli_audit, cli_grid  # here, not at the top: they import helpers from this module
 
     cli_audit.add_parsers(sub)

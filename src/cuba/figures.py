@@ -1,4 +1,5 @@
-"""Figures of a run: triggers (paper Fig. 4) and backdoor prediction histograms (Figs. 5 and 8)."""
+"""Figures of a run: triggers (paper Fig. 4), the confidences of backdoor images (Fig. 5) and
+backdoor prediction histograms per source class (our companion to Fig. 5; Fig. 8 compares runs)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,35 @@ def plot_triggers(clean: torch.Tensor, backdoor: torch.Tensor, path: Path, label
     for r, name in enumerate(("clean", "backdoor", "residual")):
         axes[r, 0].set_ylabel(name)
     fig.suptitle("Clean images, backdoor images, and |x* - x| (amplified by the factor shown)", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_confidences(probs: np.ndarray, labels: np.ndarray, targets: torch.Tensor, path: Path,
+                     classes: list[str] | None = None, title: str = "") -> Path:
+    """Paper Fig. 5: the softmax vector of a few backdoor images per true class, one row per image.
+
+    A heatmap (rows: images grouped by true class; columns: output classes) instead of the paper's
+    bars, so 30 confidence vectors fit in one readable figure. Cells of the true class are
+    outlined in blue, the target set's columns carry the numbers; a CUBA FRA row should read
+    about 1/9 everywhere but its own class, a targeted backdoor a single bright cell.
+    """
+    n, k = probs.shape
+    names = classes or [str(j) for j in range(k)]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 0.9 + 0.24 * n))
+    im = ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for i in range(n):
+        y = int(labels[i])
+        ax.add_patch(plt.Rectangle((y - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="tab:blue", lw=1.5))
+        if k <= 12:
+            for j in np.nonzero(targets[y].numpy())[0]:
+                ax.text(j, i, f"{probs[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                        color="white" if probs[i, j] < 0.5 else "black")
+    ax.set_xticks(np.arange(k), names, fontsize=6, rotation=90 if k > 10 else 0)
+    ax.set_yticks(np.arange(n), [names[int(c)] for c in labels], fontsize=6)
+    ax.set_xlabel("output class")
+    ax.set_ylabel("true class of the backdoor image")
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="softmax confidence")
+    ax.set_title(title or "Confidence of backdoor images (blue box: true class)", fontsize=9)
     return save_figure(fig, path)
 
 

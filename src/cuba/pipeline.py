@@ -17,7 +17,7 @@ from .data import ImageDataset, load_dataset
 from .distributed import finish, setup
 from .engine import Engine, make_engine
 from .evaluate import metrics_from_predictions, predict
-from .figures import plot_histograms, plot_triggers
+from .figures import plot_confidences, plot_histograms, plot_triggers
 from .attack import POISON_ATTACKS, build_trigger
 from .models import build_classifier
 from .runs import (
@@ -35,17 +35,40 @@ def load_data(cfg: TrainConfig) -> ImageDataset:
 
 
 def _figures(run_dir: Path, cfg: TrainConfig, data: ImageDataset, classifier: torch.nn.Module,
-             generator: torch.nn.Module | None, engine: Engine, pred: Any, targets: torch.Tensor | None) -> None:
+             generator: torch.nn.Module | None, engine: Engine, pred: Any, targets: torch.Tensor | None) -> list[Path]:
+    """Draw a backdoored run's figures into RUN/figures (nothing for a clean run); return their paths."""
     if generator is None or targets is None:
-        return
-    # one test image per class (the first of each), for the trigger figure
-    first = [int((data.y_test == c).nonzero()[0]) for c in range(min(data.num_classes, 10)) if (data.y_test == c).any()]
+        return []
+    shown = range(min(data.num_classes, 10))
+    # one test image per class (the first of each) for the trigger figure, three for the confidences
+    first = [int((data.y_test == c).nonzero()[0]) for c in shown if (data.y_test == c).any()]
+    three = [int(i) for c in shown for i in (data.y_test == c).nonzero().flatten()[:3]]
     with torch.inference_mode():
         x = engine.batch(data.x_test[first])
         xb = generator(x).float()
-    plot_triggers(x.float().cpu(), xb.cpu(), run_dir / "figures" / "triggers.png", [data.classes[data.y_test[i]] for i in first])
-    plot_histograms(pred.y_true, pred.y_pred_backdoor, targets, cfg.full_range, run_dir / "figures" / "histograms.png",
-                    data.classes, title=f"{data.name} {cfg.model} {cfg.label()}: backdoor predictions per source class")
+        probs = classifier(generator(engine.batch(data.x_test[three])).float()).float().softmax(1).cpu().numpy()
+    name = f"{data.name} {cfg.model} {cfg.label()}"
+    return [
+        plot_triggers(x.float().cpu(), xb.cpu(), run_dir / "figures" / "triggers.png", [data.classes[data.y_test[i]] for i in first]),
+        plot_confidences(probs, data.y_test[three].numpy(), targets, run_dir / "figures" / "confidences.png", data.classes,
+                         title=f"{name}: confidence of 3 backdoor images per true class (blue box: true class)"),
+        plot_histograms(pred.y_true, pred.y_pred_backdoor, targets, cfg.full_range, run_dir / "figures" / "histograms.png",
+                        data.classes, title=f"{name}: backdoor predictions per source class"),
+    ]
+
+
+def draw_figures(run_dir: Path, device: str = "auto") -> list[Path]:
+    """(Re)draw a finished run's figures from its weights and predictions.npz (e.g. for a run
+    trained before a figure was added); a clean run has none."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "predictions.npz").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished run folder (no predictions.npz)")
+    cfg = load_run_config(run_dir)
+    engine = make_engine(device, "fp32", channels_last=False)  # figures show fp32 numbers, like evaluation
+    data = load_data(cfg)
+    classifier, generator = load_models(run_dir, cfg, data, engine)
+    pred, targets = load_predictions(run_dir)
+    return _figures(run_dir, cfg, data, classifier, generator, engine, pred, targets)
 
 
 def run_training(cfg: TrainConfig, run_dir: Path | None = None, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:

@@ -10,7 +10,8 @@
       classifier.safetensors    weights (safetensors: loading never runs code)
       generator.safetensors     trigger generator weights (attacks only)
       figures/triggers.png      clean / backdoor / amplified residual (paper Fig. 4)
-      figures/histograms.png    backdoor prediction histogram per source class (paper Figs. 5, 8)
+      figures/confidences.png   softmax of 3 backdoor images per true class (paper Fig. 5)
+      figures/histograms.png    backdoor prediction histogram per source class (with Fig. 8: compare)
 """
 
 from __future__ import annotations

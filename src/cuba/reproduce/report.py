@@ -2,8 +2,8 @@
 
 * ``table3.{md,csv,tex}``: Fine-pruning (CA / ASR per prune ratio) and NAD (per epoch) for every
   run that has those defense.json files.
-* figures (``figures/``): Fig. 4 triggers and Fig. 5 histograms of a CUBA run (copied from its run
-  folder), Fig. 6 STRIP entropies, Fig. 7 Neural Cleanse norms and SentiNet scatter (from the
+* figures (``figures/``): Fig. 4 triggers, Fig. 5 confidences and the per-source-class histograms of
+  a CUBA run (copied from its run folder; ``cuba figures RUN`` draws them for an older run), Fig. 6 STRIP entropies, Fig. 7 Neural Cleanse norms and SentiNet scatter (from the
   defense folders), Fig. 8 the source-class-1 histograms of CUBA FRA beside the untargeted
   baselines (drawn by :func:`cuba.compare.compare`).
 * ``report.html``: table2 (with the paper's numbers and the differences), table3, every figure
@@ -104,7 +104,8 @@ def collect_figures(out: Path) -> list[tuple[str, Path]]:
     cuba = first(lambda r: r.label == "cuba-fra") or first(lambda r: r.label.startswith("cuba-"))
     if cuba is not None:
         for fig, src, cap in (("fig4", "figures/triggers.png", "Fig. 4: clean, backdoor and amplified residual"),
-                              ("fig5", "figures/histograms.png", "Fig. 5: backdoor predictions per source class")):
+                              ("fig5", "figures/confidences.png", "Fig. 5: confidence of backdoor images, 3 per true class"),
+                              ("fig5b", "figures/histograms.png", "Fig. 5 (companion): backdoor predictions per source class")):
             if (cuba.path / src).is_file():
                 figs.append((f"{cap} ({cuba.path.name})", Path(shutil.copy(cuba.path / src, dest / f"{fig}-{cuba.path.name}.png"))))
     for fig, name, png, cap in (("fig6", "strip", "strip_entropy.png", "Fig. 6: STRIP entropy"),
