@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from cuba.config import ConfigError
-from cuba.reproduce import expand, is_done, run_grid, write_report, write_table2
+from cuba.reproduce import cell_state, expand, is_done, run_grid, write_report, write_table2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,6 +66,10 @@ def test_grid_runs_skips_and_aggregates(tmp_path: Path) -> None:
     assert "| digits / simplecnn | cuba-fra | 2 |" in md and (tmp_path / "table2.tex").is_file()
     page = write_report(tmp_path).read_text()
     assert "<h2>Table III" in page and "fine-pruning" in page and "<details><summary>digits-simplecnn-clean-s1" in page
+    assert "<h2>Defenses: each one's headline numbers" in page
+    dmd = (tmp_path / "defenses.md").read_text()  # the defended (seed-0) runs only
+    assert dmd.startswith("| defense | digits-simplecnn-clean-s0 | digits-simplecnn-cuba-fra-s0 |")
+    assert "| fine-pruning | prune_ratio 0: " in dmd
     assert page.count("data:image/png;base64,") >= 2  # Fig. 4 and Fig. 5 of the CUBA run, embedded
     assert "src='http" not in page  # nothing fetched from outside: viewable offline
     t3 = (tmp_path / "table3.md").read_text()
@@ -75,6 +79,11 @@ def test_grid_runs_skips_and_aggregates(tmp_path: Path) -> None:
     edited = expand({**TINY, "set": {**TINY.get("set", {}), "lr": 0.0123}})
     with pytest.raises(ConfigError, match=r"^cell digits-simplecnn-clean-s0: .* holds a run of a different setting \(lr: "):
         run_grid(edited, tmp_path, log=lambda s: None)
+    # a defense added to the grid later: the trained cells only owe that defense
+    more = expand({**TINY, "defenses": ["fine-pruning", "scale-up"]})
+    assert [cell_state(tmp_path, c) for c in more] == ["trained; defenses to run: scale-up", "done",
+                                                        "trained; defenses to run: scale-up", "done"]
+    assert len(run_grid(more, tmp_path, log=lambda s: None)) == 2 and all(is_done(tmp_path, c) for c in more)
 
 
 def test_submitit_local_executor(tmp_path: Path) -> None:

@@ -32,10 +32,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             raise ConfigError(f"--only {' '.join(args.only)}: no cell of grid {args.grid} matches (see --dry-run)")
     out = Path(args.out)
     if args.dry_run:
-        from .reproduce import is_done
+        from .reproduce import cell_state
 
         for c in cells:
-            print(f"{c.name}  defenses: {', '.join(c.defenses) or '-'}  [{'done' if is_done(out, c) else 'to run'}]")
+            print(f"{c.name}  defenses: {', '.join(c.defenses) or '-'}  [{cell_state(out, c)}]")
         print(f"{len(cells)} cells")
         return 0
     slurm = {k: v for k, v in (("slurm_partition", args.partition), ("gpus_per_node", args.gpus),
@@ -44,7 +44,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     files = write_table2(out)
     print("\n" + files[0].read_text())
     report = write_report(out, title=f"cuba reproduce {args.grid}")
-    print("written: " + ", ".join(str(f) for f in [*files, out / "table3.md", report]))
+    extra = [f for f in (out / "table3.md", out / "defenses.md") if f.is_file()]
+    print("written: " + ", ".join(str(f) for f in [*files, *extra, report]))
     return 0
 
 

@@ -1,7 +1,8 @@
 """The paper's Table III and Figures 4-8 from a grid's run folders, and one self-contained report.html.
 
 * ``table3.{md,csv,tex}``: Fine-pruning (CA / ASR per prune ratio) and NAD (per epoch) for every
-  run that has those defense.json files.
+  run that has those defense.json files; ``defenses.md``: every defense's headline numbers
+  (STRIP / SentiNet / SCALE-UP AUROC, Neural Cleanse's anomaly index, ...) per defended run.
 * figures (``figures/``): Fig. 4 triggers, Fig. 5 confidences and the per-source-class histograms of
   a CUBA run (copied from its run folder; ``cuba figures RUN`` draws them for an older run), Fig. 6 STRIP entropies, Fig. 7 Neural Cleanse norms and SentiNet scatter (from the
   defense folders), Fig. 8 the source-class-1 histograms of CUBA FRA beside the untargeted
@@ -134,16 +135,33 @@ def _md_table_to_html(md: str) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def write_defense_table(out: Path) -> Path | None:
+    """``defenses.md``: every defense's headline numbers (AUROC, anomaly index, ...) per defended run."""
+    from ..defenses.table import defense_tables
+
+    defended = [r.path for r in finished_runs(out) if any((r.path / "defenses").glob("*/defense.json"))]
+    if not defended:
+        return None
+    write_text(out / "defenses.md", defense_tables(defended, [p.name for p in defended]) + "\n")
+    return out / "defenses.md"
+
+
 def write_report(out: Path, title: str = "cuba reproduction report") -> Path:
     """Tables, figures and configs of every finished run in one offline HTML file."""
     out = Path(out)
     write_table3(out)
     t2 = table2_markdown(table2_rows(finished_runs(out)))
     t3 = (out / "table3.md").read_text()
+    dt = write_defense_table(out)
+    # the headline table only: its removal curves are Table III, shown above it
+    detection = dt.read_text().split("\n\n")[0] if dt is not None else ""
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>Run folder: {html.escape(str(out))}</p>",
              "<h2>Table II: ASR, DS, CA (mean ± std over seeds), beside the paper</h2>", _md_table_to_html(t2),
              "<h2>Table III: Fine-pruning and NAD (CA and ASR, %)</h2>",
-             *(_md_table_to_html(block) for block in t3.split("\n\n")), "<h2>Figures</h2>"]
+             *(_md_table_to_html(block) for block in t3.split("\n\n")),
+             "<h2>Defenses: each one's headline numbers per defended run</h2>",
+             "<p>Definitions: README, section Defenses. CA/ASR in %; times are wall seconds.</p>" + _md_table_to_html(detection),
+             "<h2>Figures</h2>"]
     for caption, path in collect_figures(out):
         data = base64.b64encode(path.read_bytes()).decode()
         parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"

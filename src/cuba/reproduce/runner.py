@@ -29,8 +29,16 @@ def trained(run_dir: Path) -> bool:
 
 
 def is_done(out: Path, cell: Cell) -> bool:
+    return cell_state(out, cell) == "done"
+
+
+def cell_state(out: Path, cell: Cell) -> str:
+    """'done', 'to run', or 'trained; defenses to run: ...' (what a re-run would still do)."""
     d = cell_dir(out, cell)
-    return trained(d) and all((d / "defenses" / name / "defense.json").is_file() for name in cell.defenses)
+    if not trained(d):
+        return "to run"
+    missing = [n for n in cell.defenses if not (d / "defenses" / n / "defense.json").is_file()]
+    return f"trained; defenses to run: {', '.join(missing)}" if missing else "done"
 
 
 def check_settings(out: Path, cells: list[Cell]) -> None:
