@@ -26,13 +26,13 @@ def load_results(run_dirs: list[Path], root: str = "defenses") -> list[tuple[Pat
 
 
 def defense_tables(run_dirs: list[Path], names: list[str] | None = None) -> str:
+    from . import DEFENSES  # here: the package imports this module's siblings
+
     res = load_results(run_dirs)
     cols = names or [str(next(iter(d.values())).get("setting", r.name)) for r, d in res]
     lines = ["| defense | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    from . import DEFENSES
-
     # registered defenses in registration order, then any other defense.json found (e.g. a removed defense)
-    found = [n for n in DEFENSES] + sorted({n for _, d in res for n in d} - set(DEFENSES))
+    found = list(DEFENSES) + sorted({n for _, d in res for n in d} - set(DEFENSES))
     for name in found:
         cells = []
         for _, d in res:
