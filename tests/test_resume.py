@@ -132,3 +132,17 @@ def test_nan_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.
     # just before the NaN step, and nothing was written after it
     assert state["step"] == 12 and state["in_epoch"] == 1
     assert json.loads((tmp_path / "r" / "status.json").read_text())["checkpoint"] is True
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
+    """Results are written through a 0600 temporary file; the file in place gets 0666 minus the umask
+    (0644 under the usual 022), not the temporary file's 0600."""
+    import os
+
+    from cuba.runs import write_json
+
+    mask = os.umask(0)
+    os.umask(mask)
+    write_json(tmp_path / "m.json", {"a": 1})
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert not list(tmp_path.glob(".m.json.*"))  # no temporary file left behind
