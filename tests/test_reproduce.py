@@ -122,9 +122,11 @@ def test_shipped_grids_expand() -> None:
     assert len(paper) == 4 * 3 * (1 + 3 * 3 + 3)
     assert {c.values["model"] for c in paper} == {"simplecnn", "preactresnet18", "resnet18"}
     cpu = expand(load_grid("cpu") | {"data_dir": None, "datasets": ["mnist"]})
-    # clean + FRA / NRA-5 / NRA-2 x 3 seeds, and the two untargeted baselines (FRA, seed 0) for Fig. 8
-    assert len(cpu) == 14 and sum(bool(c.defenses) for c in cpu) == 6  # defenses on seed 0
-    assert {c.name for c in cpu} >= {"mnist-simplecnn-untargeted-ce-fra-s0", "mnist-simplecnn-push-away-fra-s0"}
+    # clean + FRA / NRA-5 / NRA-2 x 3 seeds, the two untargeted baselines (FRA, seed 0) for Fig. 8 and
+    # the BadNets positive control (seed 0)
+    assert len(cpu) == 15 and sum(bool(c.defenses) for c in cpu) == 7  # defenses on seed 0
+    assert {c.name for c in cpu} >= {"mnist-simplecnn-untargeted-ce-fra-s0", "mnist-simplecnn-push-away-fra-s0",
+                                     "mnist-simplecnn-badnets-t0-s0"}
     with pytest.raises(ConfigError, match="neither a file nor a shipped grid"):
         load_grid("nonexistent")
 
