@@ -172,7 +172,7 @@ def write_report(out: Path, title: str = "cuba reproduction report") -> Path:
         parts.append(f"<details><summary>{html.escape(run.path.name)}</summary><pre>{cfg}</pre></details>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
-             "th{background:#f2f2f2}img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#555;font-size:13px}")
+             "th{background:#f2f2f2}img{max-width:min(100%,900px)}figure{margin:1.5em 0}figcaption{color:#555;font-size:13px}")
     page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     write_text(out / "report.html", page)
     return out / "report.html"
