@@ -59,7 +59,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
         return 0
     print(f"device {res['device']}, bf16 {res['bf16']}, {res['threads']} threads, batch {res['batch_size']}, "
-          f"median of {res['repeats']} interleaved measurements")
+          f"median of {res['repeats']} interleaved measurements, each after 2 warm-up steps")
     print(f"{'case':<14}{'clean img/s':>12}{'CUBA img/s':>12}{'ref img/s':>11}{'CUBA/clean step':>17}{'half-res':>10}{'engine/ref':>12}{'peak MB':>9}")
     for name, *_ in CASES:
         r = res[name]

@@ -1,0 +1,146 @@
+"""Where the time of one CUBA training step goes, against one clean step (SimpleCNN, 28x28).
+
+    python benchmarks/step_breakdown.py [--steps 60] [--repeats 3] [--json]
+
+`cuba bench` gives the ratio of a CUBA step to a clean step; this script splits it. It replays
+the training step of :func:`cuba.train.train` (same modules, engine, losses, optimisers, gradient
+clipping) with parts left out, and times the U-Net generator on its own at full and half
+resolution and two widths. Each number is the median of ``repeats`` interleaved measurements
+of ``steps`` steps, after three warm-up steps; synthetic uint8 images (speed does not depend on
+pixel values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cuba.attack.losses import lnf_loss
+from cuba.engine import make_engine
+from cuba.models import TriggerGenerator, build_classifier
+
+BATCH, K = 128, 10
+
+
+def _macs_per_image(module: torch.nn.Module, x: torch.Tensor) -> float:
+    """Multiply-adds of the convolutions and linear layers of one forward pass, per image."""
+    total = 0
+
+    def hook(m: torch.nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, torch.nn.Conv2d):  # each output element: in_channels x kh x kw
+            total += out[0].numel() * m.weight[0].numel()
+        elif isinstance(m, torch.nn.ConvTranspose2d):  # each input element spreads to out_channels x kh x kw
+            total += inp[0][0].numel() * m.weight[0].numel()
+        elif isinstance(m, torch.nn.Linear):
+            total += m.in_features * m.out_features
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    with torch.no_grad():
+        module.eval()(x[:1])
+    module.train()
+    for h in handles:
+        h.remove()
+    return float(total)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = ap.parse_args()
+    eng = make_engine("auto")
+    torch.manual_seed(0)
+    xs = [eng.batch(torch.randint(0, 256, (BATCH, 1, 28, 28), dtype=torch.uint8)) for _ in range(8)]
+    ys = [torch.randint(0, K, (BATCH,), device=eng.device) for _ in range(8)]
+    rows = (1 - torch.eye(K, device=eng.device))  # FRA target rows
+    f = eng.prepare(build_classifier("simplecnn", 1, K, 28))
+    opt = torch.optim.SGD(f.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def make_gen(scale: int, width: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        g = eng.prepare(TriggerGenerator(1, 28, "residual", 0.05, width, scale))
+        return g, torch.optim.Adam(g.parameters(), lr=1e-3)
+
+    g_half, opt_half = make_gen(2, 16)
+
+    def train_step(gen: tuple[torch.nn.Module, torch.optim.Optimizer] | None, attack: bool) -> Callable[[int], None]:
+        def step(i: int) -> None:
+            x, y = xs[i % 8], ys[i % 8]
+            with eng.autocast():
+                if not attack:
+                    loss = F.cross_entropy(f(x).float(), y)
+                else:  # without a generator the triggered input is a leaf that still needs its gradient
+                    xb = gen[0](x) if gen else x.detach().clone().requires_grad_(True)
+                    zc, zb = f(x), f(xb)
+                    loss = (xb.float() - x).pow(2).mean() + F.cross_entropy(zc.float(), y) + 5 * lnf_loss(zb, rows[y], 0.1)
+            torch.isfinite(loss).item()
+            opt.zero_grad(set_to_none=True)
+            if gen:
+                gen[1].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(f.parameters(), 5.0)
+            if gen:
+                torch.nn.utils.clip_grad_norm_(gen[0].parameters(), 5.0)
+            opt.step()
+            if gen:
+                gen[1].step()
+        return step
+
+    def gen_alone(scale: int, width: int) -> Callable[[int], None]:
+        g, o = make_gen(scale, width)
+
+        def step(i: int) -> None:
+            with eng.autocast():
+                out = g(xs[i % 8])
+            out.sum().backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+        return step
+
+    cases: dict[str, Callable[[int], None]] = {
+        "clean step": train_step(None, False),
+        "two classifier passes + losses, no generator": train_step(None, True),
+        "CUBA step, half-resolution U-Net (width 16)": train_step((g_half, opt_half), True),
+        "CUBA step, full-resolution U-Net (width 16)": train_step(make_gen(1, 16), True),
+        "U-Net alone, full resolution, width 16": gen_alone(1, 16),
+        "U-Net alone, full resolution, width 8": gen_alone(1, 8),
+        "U-Net alone, half resolution, width 16": gen_alone(2, 16),
+        "U-Net alone, half resolution, width 8": gen_alone(2, 8),
+    }
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(args.repeats):
+        for name, fn in cases.items():
+            for i in range(3):
+                fn(i)
+            t0 = time.perf_counter()
+            for i in range(args.steps):
+                fn(i)
+            samples[name].append((time.perf_counter() - t0) / args.steps * 1000)
+    ms = {k: statistics.median(v) for k, v in samples.items()}
+    clean = ms["clean step"]
+    macs = {
+        "simplecnn": _macs_per_image(f, xs[0]),
+        **{f"unet scale {s} width {w}": _macs_per_image(TriggerGenerator(1, 28, "residual", 0.05, w, s).unet, F.avg_pool2d(xs[0].float(), s))
+           for s in (1, 2) for w in (16, 8)},
+    }
+    out = {"device": str(eng.device), "bf16": eng.bf16, "threads": torch.get_num_threads(), "steps": args.steps, "repeats": args.repeats,
+           "ms": {k: round(v, 2) for k, v in ms.items()}, "clean_steps": {k: round(v / clean, 3) for k, v in ms.items()},
+           "forward_mmacs_per_image": {k: round(v / 1e6, 2) for k, v in macs.items()}}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"| part ({out['device']}, bf16 {eng.bf16}, {out['threads']} threads, batch {BATCH}) | ms | clean steps |\n|---|---|---|")
+    for k, v in ms.items():
+        print(f"| {k} | {v:.1f} | {v / clean:.2f} |")
+    print("\nforward multiply-adds per image (M): " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in macs.items()))
+
+
+if __name__ == "__main__":
+    main()
