@@ -180,3 +180,27 @@ def test_only_and_dry_run_status(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "digits-simplecnn-clean-s0  defenses: -  [to run]" in lines and lines[-1] == "4 cells"
     assert main(["reproduce", str(grid), "--out", str(tmp_path / "o"), "--only", "nothing*"]) == 2
     assert "--only nothing*: no cell of grid" in capsys.readouterr().err
+
+
+def test_table3_marks_asr_of_models_left_at_chance() -> None:
+    """A repair that destroys the model (CA 10% of 10 classes) must not read as a surviving backdoor."""
+    from cuba.reproduce.report import AT_CHANCE_NOTE, at_chance, table3_markdown
+
+    rows = [{"run": "r", "setting": "cuba-fra", "defense": "nad", "step": 0, "ca": 0.72, "asr": 0.996, "num_classes": 10},
+            {"run": "r", "setting": "cuba-fra", "defense": "nad", "step": 2, "ca": 0.10, "asr": 0.90, "num_classes": 10}]
+    md = table3_markdown(rows)
+    assert "| r | ASR | 99.60 | 90.00 ‡ |" in md and md.endswith(AT_CHANCE_NOTE)
+    assert "| r | CA | 72.00 | 10.00 |" in md
+    assert at_chance(0.19, 10) and not at_chance(0.21, 10) and not at_chance(0.1, None)
+    rows[1]["ca"] = 0.5  # a working model: no mark, no note
+    assert "‡" not in table3_markdown(rows)
+
+
+def test_removal_headline_says_when_the_last_model_is_at_chance() -> None:
+    from cuba.defenses.base import removal_headline
+
+    rows = [{"epoch": 0, "ca": 0.72, "asr": 0.996}, {"epoch": 10, "ca": 0.10, "asr": 0.90}]
+    assert removal_headline(rows, "epoch", 10).endswith("CA at chance level (K=10): ASR not meaningful")
+    assert "chance" not in removal_headline(rows, "epoch")  # defense.json files from before the field
+    rows[1]["ca"] = 0.6
+    assert "chance" not in removal_headline(rows, "epoch", 10)

@@ -188,10 +188,17 @@ def pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def removal_headline(rows: list[dict[str, Any]], key: str) -> str:
-    """First and last row of a mitigation curve (Fine-pruning, NAD) as CA/ASR in %."""
+def removal_headline(rows: list[dict[str, Any]], key: str, num_classes: int | None = None) -> str:
+    """First and last row of a mitigation curve (Fine-pruning, NAD) as CA/ASR in %.
+
+    With ``num_classes``, a last model whose CA is under twice chance is said to be so: its ASR
+    then counts where a model that no longer classifies happens to point, not a backdoor.
+    """
     first, last = rows[0], rows[-1]
-    return f"{key} {first[key]:g}: {pct(first['ca'])}/{pct(first['asr'])} → {last[key]:g}: {pct(last['ca'])}/{pct(last['asr'])} (CA/ASR)"
+    text = f"{key} {first[key]:g}: {pct(first['ca'])}/{pct(first['asr'])} → {last[key]:g}: {pct(last['ca'])}/{pct(last['asr'])} (CA/ASR)"
+    if num_classes and last["ca"] < 2.0 / num_classes and last["asr"] is not None:
+        text += f" — CA at chance level (K={num_classes}): ASR not meaningful"
+    return text
 
 
 DEFENSES: dict[str, type[Defense]] = {}

@@ -67,7 +67,7 @@ class FinePruning(Defense):
 
     @classmethod
     def headline(cls, f: dict) -> str:
-        return removal_headline(f["rows"], "prune_ratio")
+        return removal_headline(f["rows"], "prune_ratio", f.get("num_classes"))
 
     def __init__(self, ratios: tuple[float, ...] = DEFAULT_RATIOS, clean_fraction: float = 0.05, finetune_epochs: int = 0,
                  lr: float = 0.01, seed: int = 0) -> None:
@@ -104,7 +104,8 @@ class FinePruning(Defense):
                 row["ca_ft"], row["asr_ft"] = run.ca_asr(model)
                 h.remove()
             rows.append(row)
-        fields = {"rows": rows, "layer": run.cfg.model + ": last feature stage", "channels": n_ch, "clean_images": n_clean}
+        fields = {"rows": rows, "layer": run.cfg.model + ": last feature stage", "channels": n_ch, "clean_images": n_clean,
+                  "num_classes": run.data.num_classes}
         fig = plot_removal(rows, "prune_ratio", out / "fine_pruning.png", "share of last-stage channels pruned",
                            title=f"Fine-pruning on {run.cfg.label()}")
         return DefenseResult(self.name, fields, self.params, [fig])

@@ -60,7 +60,7 @@ class NAD(Defense):
 
     @classmethod
     def headline(cls, f: dict) -> str:
-        return removal_headline(f["rows"], "epoch")
+        return removal_headline(f["rows"], "epoch", f.get("num_classes"))
 
     def __init__(self, epochs: int = 10, report_every: int = 2, betas: tuple[float, ...] = (500.0, 1000.0, 1000.0),
                  p: float = 2.0, lr: float = 0.1, lr_after: float = 0.01, lr_drop_epoch: int = 2,
@@ -116,6 +116,7 @@ class NAD(Defense):
         finally:
             s_taps.remove()
             t_taps.remove()
-        fields = {"rows": rows, "teacher": {"ca": t_ca, "asr": t_asr}, "stages": n_stages, "clean_images": n_clean}
+        fields = {"rows": rows, "teacher": {"ca": t_ca, "asr": t_asr}, "stages": n_stages, "clean_images": n_clean,
+                  "num_classes": run.data.num_classes}
         fig = plot_removal(rows, "epoch", out / "nad.png", "NAD epoch", title=f"NAD on {run.cfg.label()}")
         return DefenseResult(self.name, fields, self.params, [fig])

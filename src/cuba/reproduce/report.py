@@ -37,7 +37,7 @@ def table3_rows(out: Path) -> list[dict]:
             if f.is_file():
                 for r in read_json(f)["rows"]:
                     rows.append({"run": run.path.name, "setting": run.label, "defense": name, "step": r[key],
-                                 "ca": r["ca"], "asr": r["asr"]})
+                                 "ca": r["ca"], "asr": r["asr"], "num_classes": run.metrics.get("num_classes")})
     return rows
 
 
@@ -50,10 +50,22 @@ def _pct(v: float | None) -> str:
 PAPER_NAD = {2: (81.39, 93.61), 4: (80.91, 92.07), 6: (79.22, 89.85), 8: (76.40, 87.99), 10: (66.89, 77.34)}
 
 
+AT_CHANCE_NOTE = ("‡ clean accuracy under twice chance (2/K): the repaired model has (nearly) stopped "
+                  "classifying, so its ASR counts how often its few predicted classes fall in the target "
+                  "set (a constant predictor scores (K-1)/K under FRA), not a surviving backdoor.")
+
+
+def at_chance(ca: float | None, num_classes: int | None) -> bool:
+    """True when a mitigation left clean accuracy under twice chance, where ASR stops meaning anything."""
+    return ca is not None and bool(num_classes) and ca < 2.0 / num_classes
+
+
 def table3_markdown(rows: list[dict]) -> str:
     """One table per defense in the paper's layout: a CA row and an ASR row per run, one column
-    per prune ratio (Fine-pruning) or epoch (NAD); NAD also gets the paper's rows."""
+    per prune ratio (Fine-pruning) or epoch (NAD); NAD also gets the paper's rows. ASR values of
+    models left at chance-level CA are marked ‡ (see :data:`AT_CHANCE_NOTE`)."""
     blocks = []
+    marked = False
     for name, key in REMOVAL:
         mine = [r for r in rows if r["defense"] == name]
         if not mine:
@@ -64,14 +76,21 @@ def table3_markdown(rows: list[dict]) -> str:
         for run in dict.fromkeys(r["run"] for r in mine):
             by_step = {r["step"]: r for r in mine if r["run"] == run}
             for metric in ("ca", "asr"):
-                vals = [_pct(by_step[s][metric]) if s in by_step else "" for s in steps]
+                vals = []
+                for s in steps:
+                    r = by_step.get(s)
+                    flag = r is not None and metric == "asr" and r["asr"] is not None and at_chance(r["ca"], r.get("num_classes"))
+                    marked |= flag
+                    vals.append("" if r is None else _pct(r[metric]) + (" ‡" if flag else ""))
                 lines.append(f"| {run} | {metric.upper()} | " + " | ".join(vals) + " |")
         if name == "nad":
             for i, metric in ((1, "CA"), (0, "ASR")):
                 vals = [f"{PAPER_NAD[s][i]:.2f}" if s in PAPER_NAD else "" for s in steps]
                 lines.append(f"| paper (CIFAR-10 / ResNet18) | {metric} | " + " | ".join(vals) + " |")
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) if blocks else "(no Fine-pruning or NAD results yet)"
+    if not blocks:
+        return "(no Fine-pruning or NAD results yet)"
+    return "\n\n".join(blocks) + (f"\n\n{AT_CHANCE_NOTE}" if marked else "")
 
 
 def write_table3(out: Path) -> list[Path]:
