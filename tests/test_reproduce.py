@@ -184,7 +184,8 @@ def test_only_and_dry_run_status(tmp_path: Path, capsys: pytest.CaptureFixture) 
 
 def test_table3_marks_asr_of_models_left_at_chance() -> None:
     """A repair that destroys the model (CA 10% of 10 classes) must not read as a surviving backdoor."""
-    from cuba.reproduce.report import AT_CHANCE_NOTE, at_chance, table3_markdown
+    from cuba.defenses.base import at_chance
+    from cuba.reproduce.report import AT_CHANCE_NOTE, table3_markdown
 
     rows = [{"run": "r", "setting": "cuba-fra", "defense": "nad", "step": 0, "ca": 0.72, "asr": 0.996, "num_classes": 10},
             {"run": "r", "setting": "cuba-fra", "defense": "nad", "step": 2, "ca": 0.10, "asr": 0.90, "num_classes": 10}]

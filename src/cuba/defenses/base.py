@@ -188,6 +188,12 @@ def pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
+def at_chance(ca: float | None, num_classes: int | None) -> bool:
+    """True when a mitigation left clean accuracy under twice chance (2/K): the model has
+    (nearly) stopped classifying, and an ASR measured on it no longer means a backdoor."""
+    return ca is not None and bool(num_classes) and ca < 2.0 / num_classes
+
+
 def removal_headline(rows: list[dict[str, Any]], key: str, num_classes: int | None = None) -> str:
     """First and last row of a mitigation curve (Fine-pruning, NAD) as CA/ASR in %.
 
@@ -196,7 +202,7 @@ def removal_headline(rows: list[dict[str, Any]], key: str, num_classes: int | No
     """
     first, last = rows[0], rows[-1]
     text = f"{key} {first[key]:g}: {pct(first['ca'])}/{pct(first['asr'])} → {last[key]:g}: {pct(last['ca'])}/{pct(last['asr'])} (CA/ASR)"
-    if num_classes and last["ca"] < 2.0 / num_classes and last["asr"] is not None:
+    if last["asr"] is not None and at_chance(last["ca"], num_classes):
         text += f" — CA at chance level (K={num_classes}): ASR not meaningful"
     return text
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from ..defenses.base import at_chance
 from ..runs import read_json, write_text
 from .tables import finished_runs, table2_markdown, table2_rows
 
@@ -53,11 +54,6 @@ PAPER_NAD = {2: (81.39, 93.61), 4: (80.91, 92.07), 6: (79.22, 89.85), 8: (76.40,
 AT_CHANCE_NOTE = ("‡ clean accuracy under twice chance (2/K): the repaired model has (nearly) stopped "
                   "classifying, so its ASR counts how often its few predicted classes fall in the target "
                   "set (a constant predictor scores (K-1)/K under FRA), not a surviving backdoor.")
-
-
-def at_chance(ca: float | None, num_classes: int | None) -> bool:
-    """True when a mitigation left clean accuracy under twice chance, where ASR stops meaning anything."""
-    return ca is not None and bool(num_classes) and ca < 2.0 / num_classes
 
 
 def table3_markdown(rows: list[dict]) -> str:
