@@ -1,13 +1,17 @@
-"""Where the time of one CUBA training step goes, against one clean step (SimpleCNN, 28x28).
+"""Where the time of one CUBA training step goes, against one clean step.
 
-    python benchmarks/step_breakdown.py [--steps 60] [--repeats 3] [--json]
+    python benchmarks/step_breakdown.py [--model simplecnn|resnet18] [--steps 60] [--repeats 3] [--profile] [--json]
 
 `cuba bench` gives the ratio of a CUBA step to a clean step; this script splits it. It replays
 the training step of :func:`cuba.train.train` (same modules, engine, losses, optimisers, gradient
 clipping) with parts left out, and times the U-Net generator on its own at full and half
 resolution and two widths. Each number is the median of ``repeats`` interleaved measurements
 of ``steps`` steps, after three warm-up steps; synthetic uint8 images (speed does not depend on
-pixel values).
+pixel values). ``--model resnet18`` does the same for ResNet18 on 32x32 RGB (use ``--steps 5``:
+one step takes seconds); as in training, a classifier with BatchNorm sees the clean and the
+triggered half as one concatenated batch, a BatchNorm-free one as two passes. ``--profile`` adds,
+per operator, the time of the clean step and of the two classifier passes (torch.profiler),
+which shows where the passes cost more than twice the clean step.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import torch.nn.functional as F
 from cuba.attack.losses import lnf_loss
 from cuba.engine import make_engine
 from cuba.models import TriggerGenerator, build_classifier
+from cuba.train import batch_independent
 
 BATCH, K = 128, 10
+SHAPES = {"simplecnn": (1, 28), "resnet18": (3, 32)}  # (channels, image size) of each case
 
 
 def _macs_per_image(module: torch.nn.Module, x: torch.Tensor) -> float:
@@ -50,22 +56,45 @@ def _macs_per_image(module: torch.nn.Module, x: torch.Tensor) -> float:
     return float(total)
 
 
+def _profile(clean: Callable[[int], None], passes: Callable[[int], None], steps: int, top: int = 10) -> dict[str, tuple[float, float]]:
+    """Self CPU (or CUDA) time per step of each operator, for the clean step and the two passes:
+    the ``top`` operators by their extra time in the two passes over twice the clean step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    per_op = []
+    for fn in (clean, passes):
+        for i in range(3):
+            fn(i)
+        with profile(activities=acts) as prof:
+            for i in range(steps):
+                fn(i)
+        per_op.append({e.key: (e.self_device_time_total if torch.cuda.is_available() else e.self_cpu_time_total) / 1000 / steps
+                       for e in prof.key_averages()})
+    names = sorted(set(per_op[0]) | set(per_op[1]), key=lambda k: per_op[1].get(k, 0) - 2 * per_op[0].get(k, 0), reverse=True)
+    return {k: (round(per_op[0].get(k, 0.0), 2), round(per_op[1].get(k, 0.0), 2)) for k in names[:top]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", choices=sorted(SHAPES), default="simplecnn")
+    ap.add_argument("--profile", action="store_true", help="also split the clean step and the two passes by operator")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args()
+    ch, size = SHAPES[args.model]
     eng = make_engine("auto")
     torch.manual_seed(0)
-    xs = [eng.batch(torch.randint(0, 256, (BATCH, 1, 28, 28), dtype=torch.uint8)) for _ in range(8)]
+    xs = [eng.batch(torch.randint(0, 256, (BATCH, ch, size, size), dtype=torch.uint8)) for _ in range(8)]
     ys = [torch.randint(0, K, (BATCH,), device=eng.device) for _ in range(8)]
     rows = (1 - torch.eye(K, device=eng.device))  # FRA target rows
-    f = eng.prepare(build_classifier("simplecnn", 1, K, 28))
+    f = eng.prepare(build_classifier(args.model, ch, K, size))
+    split = batch_independent(f)  # the training loop's rule (cuba.train)
     opt = torch.optim.SGD(f.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     def make_gen(scale: int, width: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        g = eng.prepare(TriggerGenerator(1, 28, "residual", 0.05, width, scale))
+        g = eng.prepare(TriggerGenerator(ch, size, "residual", 0.05, width, scale))
         return g, torch.optim.Adam(g.parameters(), lr=1e-3)
 
     g_half, opt_half = make_gen(2, 16)
@@ -78,7 +107,10 @@ def main() -> None:
                     loss = F.cross_entropy(f(x).float(), y)
                 else:  # without a generator the triggered input is a leaf that still needs its gradient
                     xb = gen[0](x) if gen else x.detach().clone().requires_grad_(True)
-                    zc, zb = f(x), f(xb)
+                    if split:
+                        zc, zb = f(x), f(xb)
+                    else:
+                        zc, zb = f(torch.cat([x, xb])).split(len(x))
                     loss = (xb.float() - x).pow(2).mean() + F.cross_entropy(zc.float(), y) + 5 * lnf_loss(zb, rows[y], 0.1)
             torch.isfinite(loss).item()
             opt.zero_grad(set_to_none=True)
@@ -126,20 +158,26 @@ def main() -> None:
     ms = {k: statistics.median(v) for k, v in samples.items()}
     clean = ms["clean step"]
     macs = {
-        "simplecnn": _macs_per_image(f, xs[0]),
-        **{f"unet scale {s} width {w}": _macs_per_image(TriggerGenerator(1, 28, "residual", 0.05, w, s).unet, F.avg_pool2d(xs[0].float(), s))
+        args.model: _macs_per_image(f, xs[0]),
+        **{f"unet scale {s} width {w}": _macs_per_image(TriggerGenerator(ch, size, "residual", 0.05, w, s).unet, F.avg_pool2d(xs[0].float(), s))
            for s in (1, 2) for w in (16, 8)},
     }
-    out = {"device": str(eng.device), "bf16": eng.bf16, "threads": torch.get_num_threads(), "steps": args.steps, "repeats": args.repeats,
+    out = {"model": args.model, "device": str(eng.device), "bf16": eng.bf16, "threads": torch.get_num_threads(), "steps": args.steps, "repeats": args.repeats,
            "ms": {k: round(v, 2) for k, v in ms.items()}, "clean_steps": {k: round(v / clean, 3) for k, v in ms.items()},
            "forward_mmacs_per_image": {k: round(v / 1e6, 2) for k, v in macs.items()}}
+    if args.profile:
+        out["profile_ms_per_step"] = _profile(cases["clean step"], cases["two classifier passes + losses, no generator"], args.steps)
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    print(f"| part ({out['device']}, bf16 {eng.bf16}, {out['threads']} threads, batch {BATCH}) | ms | clean steps |\n|---|---|---|")
+    print(f"| part ({args.model}, {out['device']}, bf16 {eng.bf16}, {out['threads']} threads, batch {BATCH}) | ms | clean steps |\n|---|---|---|")
     for k, v in ms.items():
         print(f"| {k} | {v:.1f} | {v / clean:.2f} |")
     print("\nforward multiply-adds per image (M): " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in macs.items()))
+    if args.profile:
+        print("\n| operator (self time) | clean step ms | two passes ms | ratio |\n|---|---|---|---|")
+        for name, (a, b) in out["profile_ms_per_step"].items():
+            print(f"| {name} | {a:.1f} | {b:.1f} | {b / a if a else float('inf'):.2f} |")
 
 
 if __name__ == "__main__":
