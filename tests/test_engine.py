@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from cuba import engine
+from cuba.cli import main
+from cuba.config import ConfigError
 from cuba.engine import make_engine
 
 
@@ -37,5 +39,8 @@ def test_bf16_engine_autocasts_convolutions() -> None:
 
 def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="no CUDA GPU is available"):
+    with pytest.raises(ConfigError, match=r"^device: 'cuda' was asked for but no CUDA GPU is available"):
         make_engine("cuda")
+    with pytest.raises(ConfigError, match=r"^device: must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"):
+        make_engine("gpu")
+    assert main(["bench", "--device", "cuda"]) == 2  # one line on stderr, no traceback

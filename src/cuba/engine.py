@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import ConfigError
+
 
 @dataclass(frozen=True)
 class Engine:
@@ -46,11 +48,18 @@ def cpu_has_bf16() -> bool:
 
 
 def make_engine(device: str = "auto", precision: str = "auto", channels_last: bool = True) -> Engine:
+    """The run's device and precision. A device that is not there is a :class:`ConfigError`
+    (the CLI prints it as one line) rather than a CUDA error in the middle of a run."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device: must be auto, cpu, cuda, cuda:N or mps, got {device!r}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available")
+        raise ConfigError(f"device: {device!r} was asked for but no CUDA GPU is available (use --device cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {device!r} was asked for but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if precision == "auto":
         bf16 = (dev.type == "cuda" and torch.cuda.is_bf16_supported()) or (dev.type == "cpu" and cpu_has_bf16())
     else:
