@@ -18,6 +18,7 @@ import yaml
 
 MSE_REDUCTIONS = ("mean", "sum")
 PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = "auto, cpu, cuda, cuda:N or mps"  # what --device accepts (checked here and by the engine)
 
 
 class ConfigError(ValueError):
@@ -226,7 +227,7 @@ def validate(cfg: TrainConfig) -> None:
         where = " (as given or under data_dir)" if cfg.data_dir else ""
         raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} or an existing .npz/.zip/folder path{where}, got {cfg.dataset!r}")
     if cfg.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", str(cfg.device)):
-        raise ConfigError(f"device: must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
+        raise ConfigError(f"device: must be {DEVICES}, got {cfg.device!r}")
     for name in ("download", "channels_last", "progress", "deterministic", "compile"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{name}: must be true or false, got {getattr(cfg, name)!r}")

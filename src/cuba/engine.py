@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import DEVICES, ConfigError
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def make_engine(device: str = "auto", precision: str = "auto", channels_last: bo
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise ConfigError(f"device: must be auto, cpu, cuda, cuda:N or mps, got {device!r}") from e
+        raise ConfigError(f"device: must be {DEVICES}, got {device!r}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {device!r} was asked for but no CUDA GPU is available (use --device cpu or auto)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
