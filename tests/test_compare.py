@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import io
 import math
 from pathlib import Path
@@ -127,3 +128,157 @@ def test_fig8_titles_carry_ds(tmp_path: Path) -> None:
     t = fra_targets(3)
     p = plot_source_class_comparison([("a", y, np.array([0, 0, 2, 2]), t, True)], 1, tmp_path / "f.png")
     assert p.is_file() and torch.is_tensor(t)
+
+
+# --- DS on its own scale, validation columns, degenerate runs ------------------------------------
+
+from cuba.compare import (  # noqa: E402
+    NA, REASON_CHANCE, REASON_CLEAN_GAP, columns, degenerate_reason, flagged, metric_value, short_reason, to_markdown,
+)
+from cuba.sweep import best_on_validation, rank_by_validation, ranking_markdown  # noqa: E402
+
+
+def test_degenerate_reason_rules() -> None:
+    # a run's own verdict wins, in both directions
+    long = "CA 9.80% is at chance level (< 2/K = 20.0%): the classifier did not learn"
+    assert degenerate_reason({"ca": 0.098, "degenerate": True, "degenerate_reason": long}) == long
+    assert degenerate_reason({"ca": 0.5, "degenerate": True}) == REASON_CHANCE
+    assert degenerate_reason({"ca": 0.05, "num_classes": 10, "degenerate": False}) is None
+    # an old run: CA < 2/K
+    assert degenerate_reason({"ca": 0.19, "num_classes": 10}) == REASON_CHANCE
+    assert degenerate_reason({"ca": 0.20, "num_classes": 10}) is None
+    assert degenerate_reason({"ca": 0.03, "num_classes": 100}) is None  # 2/K = 0.02
+    assert degenerate_reason({"ca": 0.19}, num_classes=10) == REASON_CHANCE  # a val block: K given apart
+    assert degenerate_reason({"ca": 0.01}) is None  # no K known: the chance rule cannot be applied
+    assert degenerate_reason({"ca": None, "num_classes": 10}) is None and degenerate_reason({}) is None
+    # the clean reference: more than 10 points under it
+    assert degenerate_reason({"ca": 0.85, "num_classes": 10}, clean_ca=0.99) == REASON_CLEAN_GAP
+    assert degenerate_reason({"ca": 0.80}, clean_ca=0.90) is None  # ten points exactly: not more than ten
+    assert degenerate_reason({"ca": 0.85, "degenerate": False}, clean_ca=0.99) == REASON_CLEAN_GAP
+    assert degenerate_reason({"ca": float("nan")}, clean_ca=0.99) is None
+
+
+@pytest.mark.parametrize(("metrics", "kw", "err", "msg"), [
+    ([0.1], {}, TypeError, "metrics must be a mapping (a metrics.json dict), got list"),
+    ({"ca": 97.0}, {}, ValueError, "ca must be a rate in [0, 1], got 97"),
+    ({"ca": 0.9}, {"clean_ca": 99.5}, ValueError, "clean_ca must be a rate in [0, 1], got 99.5"),
+    ({"ca": "high"}, {}, TypeError, "ca must be a number, got str"),
+    ({"ca": 0.9, "num_classes": 1}, {}, ValueError, "num_classes must be a whole number >= 2, got 1"),
+    ({"ca": 0.9}, {"num_classes": 2.5}, ValueError, "num_classes must be a whole number >= 2, got 2.5"),
+])
+def test_degenerate_reason_bad_inputs(metrics, kw: dict, err: type, msg: str) -> None:
+    with pytest.raises(err, match="^degenerate_reason: " + re.escape(msg) + "$"):
+        degenerate_reason(metrics, **kw)
+
+
+def test_flagged_names() -> None:
+    assert flagged("cuba-fra", None) == "cuba-fra"
+    assert flagged("cuba-fra", REASON_CHANCE) == "cuba-fra (degenerate: CA at chance)"
+    assert flagged("x", "CA 9.80% is at chance level (< 2/K = 20.0%)") == "x (degenerate: CA at chance)"
+    assert flagged("x", "degenerate generator") == "x (degenerate generator)"
+    assert short_reason(REASON_CLEAN_GAP) == REASON_CLEAN_GAP
+
+
+def test_metric_value_reads_nested_and_missing_keys() -> None:
+    m = {"ds": 0.9, "val": {"ds": 0.8, "asr": None}, "degenerate": True}
+    assert metric_value(m, "ds") == 0.9 and metric_value(m, "val.ds") == 0.8
+    assert all(math.isnan(metric_value(m, k)) for k in ("val.asr", "val.ca", "ds_uniform", "degenerate", "ds.x"))
+    assert [k for k, _, _ in columns(True)][:6] == ["ca", "val.ca", "asr", "val.asr", "asr_c", "ds"]
+    assert "val.ds" not in [k for k, _, _ in columns()]
+
+
+def scale_metrics(ca: float, ds: float, **extra) -> dict:
+    return {"ca": ca, "asr": 1.0, "asr_c": 1.0, "ds": ds, "ds_floor": 0.7, "ds_uniform": 0.941,
+            "effective_classes": 6.5, "num_classes": 3, **extra}
+
+
+def test_compare_shows_ds_scale_val_and_old_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    val = {"ca": 0.96, "asr": 0.99, "ds": 0.88}
+    fake_run(tmp_path, "new-s0", scale_metrics(0.98, 0.90, val=val), seed=0)
+    fake_run(tmp_path, "new-s1", scale_metrics(0.96, 0.92, val={**val, "ds": 0.90}), seed=1)
+    fake_run(tmp_path, "old-s0", {"ca": 0.97, "asr": 1.0, "ds": 0.9}, tau=0.5)  # made before the new keys
+    md, files = compare([tmp_path], out=tmp_path / "o", name="t")
+    head = md.splitlines()[0]
+    assert "| DS %" in head and "| DS floor % | DS unif. % | eff. classes |" in head and "val" not in head
+    assert ("| cuba-fra (tau=0.1) | 2 | 97.00 ± 1.41 | 100.00 ± 0.00 | 100.00 ± 0.00 | 91.00 ± 1.41 | – | 70.00 ± 0.00 "
+            "| 94.10 ± 0.00 | 6.50 ± 0.00 |") in md
+    assert "| cuba-fra (tau=0.5) | 1 | 97.00 | 100.00 | – | 90.00 | – | – | – | – |" in md
+    table = list(csv.DictReader(io.StringIO((tmp_path / "o" / "t.csv").read_text())))
+    assert table[0]["ds_uniform_mean"] == "94.1" and table[0]["val_ds_mean"] == "89" and table[0]["degenerate"] == ""
+    assert table[1]["val_ds_mean"] == "" and table[1]["effective_classes_mean"] == ""
+    # --val: each validation column right after its test twin
+    assert main(["compare", str(tmp_path), "--val", "--out", str(tmp_path / "o2")]) == 0
+    out = capsys.readouterr().out
+    assert "| CA % | val CA % | ASR % | val ASR % | ASR-C % | DS % | val DS % |" in out
+    assert ("| cuba-fra (tau=0.1) | 2 | 97.00 ± 1.41 | 96.00 ± 0.00 | 100.00 ± 0.00 | 99.00 ± 0.00 | 100.00 ± 0.00 "
+            "| 91.00 ± 1.41 | 89.00 ± 1.41 |") in out
+    assert "| cuba-fra (tau=0.5) | 1 | 97.00 | – | 100.00 | – |" in out
+
+
+def test_compare_flags_degenerate_runs_and_groups(tmp_path: Path) -> None:
+    # a stored verdict; an old run at chance (CA < 2/3); one seed of two at chance; far below clean
+    fake_run(tmp_path, "stored", scale_metrics(0.30, 0.9, degenerate=True,
+                                               degenerate_reason="CA 30.00% is at chance level (< 2/K = 66.7%)"), tau=0.2)
+    fake_run(tmp_path, "old", {"ca": 0.40, "asr": 0.9, "ds": 0.8, "num_classes": 3}, tau=0.3)
+    fake_run(tmp_path, "half-s0", scale_metrics(0.99, 0.90), tau=0.4, seed=0)
+    fake_run(tmp_path, "half-s1", scale_metrics(0.99, 0.95), tau=0.4, seed=1)
+    fake_run(tmp_path, "half-s2", scale_metrics(0.60, 0.70, val={"ca": 0.6, "asr": 1.0, "ds": 0.7}), tau=0.4, seed=2)
+    fake_run(tmp_path, "far", scale_metrics(0.80, 0.9), tau=0.6)
+    fake_run(tmp_path, "clean", {"ca": 0.95, "num_classes": 3}, attack="none")
+    md, _ = compare([tmp_path], out=tmp_path / "o", name="t", val=True)
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in md.splitlines()[2:]}
+    for name in ("cuba-fra (tau=0.2) (degenerate: CA at chance)", "cuba-fra (tau=0.3) (degenerate: CA at chance)",
+                 "cuba-fra (tau=0.6) (degenerate: CA far below clean reference)"):
+        assert name in rows, md
+        # setting, n, CA, val CA, ASR, val ASR, ASR-C, DS, val DS, DS-min, ...: CA stays, ASR / DS go
+        cells = rows[name].strip("| ").split(" | ")
+        assert cells[2] not in (NA, "–") and [cells[i] for i in (4, 5, 6, 7, 8, 9)] == [NA] * 6
+    # one of three seeds at chance: left out of the backdoor means only (mean CA 86 is within 10 of 95)
+    half = rows["cuba-fra (tau=0.4) (1/3 seeds degenerate: CA at chance; left out of ASR/DS)"]
+    assert "| 86.00 ± 22.52 |" in half and "| 92.50 ± 3.54 |" in half and NA not in half
+    cells = half.strip("| ").split(" | ")
+    assert cells[3] == "60.00" and cells[8] == "–"  # the one val block was at chance: val CA shown, no val DS
+    assert "clean (tau=0.1)" in rows and NA not in rows["clean (tau=0.1)"]
+    table = {r["setting"]: r for r in csv.DictReader(io.StringIO((tmp_path / "o" / "t.csv").read_text()))}
+    stored = table["cuba-fra (tau=0.2) (degenerate: CA at chance)"]
+    assert stored["degenerate"].startswith("CA 30.00% is at chance") and stored["ds_mean"] == "" and stored["ca_mean"] == "30"
+
+
+def write_sweep_run(cfg, val: dict | None, test: dict) -> None:
+    save_config(Path(cfg.out), cfg)
+    write_json(Path(cfg.out) / "metrics.json", {"num_classes": 10, **test, **({"val": val} if val is not None else {})})
+
+
+def test_sweep_ranks_on_validation_only(tmp_path: Path) -> None:
+    # gamma=1 is best on the TEST set but worst on validation; gamma=9 has the top val DS but
+    # fires too rarely; gamma=7 is at chance on validation; gamma=3 must win
+    val = {1: {"ca": 0.9, "asr": 0.95, "ds": 0.80}, 3: {"ca": 0.9, "asr": 0.97, "ds": 0.90},
+           5: {"ca": 0.9, "asr": 1.0, "ds": 0.85}, 7: {"ca": 0.1, "asr": 1.0, "ds": 0.99},
+           9: {"ca": 0.9, "asr": 0.5, "ds": 0.97}}
+
+    def runner(cfg) -> None:
+        write_sweep_run(cfg, val[cfg.gamma], {"ca": 0.9, "asr": 1.0, "ds": 0.99 if cfg.gamma == 1 else 0.8})
+
+    md, files = run_sweep({"dataset": "digits"}, "gamma", [1, 3, 5, 7, 9], [0], tmp_path, runner=runner, log=lambda s: None)
+    assert md.rstrip().endswith("best on validation: gamma=3")
+    ranking = md[md.index("Ranking by validation DS"):]
+    order = [ln.split(" | ")[1] for ln in ranking.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert order == ["3", "5", "1", "7", "9"]
+    assert "| 4 | 7 | cuba-fra (gamma=7) | 99.00 | 100.00 | 10.00 | ranked last: degenerate on validation: CA at chance (seed 0) |" in ranking
+    assert "| 5 | 9 | cuba-fra (gamma=9) | 97.00 | 50.00 | 90.00 | ranked last: val ASR 50.00% < 90% |" in ranking
+    assert "| val CA % |" in md.splitlines()[0]  # the table shows validation beside test
+    assert "| cuba-fra (gamma=7) | 7 | 1 | 90.00 | 10.00 | 100.00 | n/a (degenerate) |" in md  # val CA at chance
+    assert "best on validation: gamma=3" in (tmp_path / "sweep-gamma.md").read_text()
+    assert {f.name for f in files} == {"sweep-gamma.md", "sweep-gamma.csv", "sweep-gamma.png"}
+
+
+def test_sweep_ranking_without_validation_or_winner(tmp_path: Path) -> None:
+    for tau, v in ((0.1, None), (0.2, {"ca": 0.9, "asr": 0.2, "ds": 0.9})):
+        write_sweep_run(make_config({"dataset": "digits", "tau": tau, "out": str(tmp_path / f"t{tau}")}), v, {"ca": 0.9})
+    groups = group_runs([load_run(p) for p in find_runs([tmp_path])])
+    ranked = rank_by_validation(groups, "tau")
+    assert [e["value"] for e in ranked] == [0.2, 0.1]  # both ineligible: val DS orders them, missing last
+    assert ranked[1]["why"] == "no validation metrics (seed 0): run made without a val split"
+    assert best_on_validation(ranked, "tau").startswith("best on validation: none (every setting is degenerate")
+    assert "| 2 | 0.1 | cuba-fra (tau=0.1) | – | – | – | ranked last: no validation metrics" in ranking_markdown(ranked, "tau")
+    assert best_on_validation([], "tau").startswith("best on validation: none")

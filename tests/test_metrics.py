@@ -10,8 +10,9 @@ import torch
 
 from cuba.attack import fra_targets, index_targets
 from cuba.metrics import (
-    accuracy, attack_success_rate, compute_metrics, dispersibility_score, linf_per_image, per_class_ds,
-    psnr_per_image, ssim_per_image, success_mask, ubw_dispersibility,
+    accuracy, attack_success_rate, compute_metrics, dispersibility_score, ds_floor_of, ds_reference,
+    effective_classes_per_class, expected_uniform_ds, linf_per_image, per_class_ds, psnr_per_image, ssim_per_image,
+    success_mask, ubw_dispersibility,
 )
 
 K = 10
@@ -207,9 +208,10 @@ def test_ssim_small_even_image_works() -> None:
 def test_compute_metrics_clean_model_has_nan_backdoor_keys() -> None:
     y = np.array([0, 1, 2, 2])
     m = compute_metrics(y, np.array([0, 1, 2, 0]), None, None, full_range=True)
-    assert set(m) == {"ca", "asr", "asr_c", "ds", "ds_min", "d_p"}
+    backdoor = ("asr", "asr_c", "ds", "ds_min", "d_p", "ds_floor", "ds_uniform", "effective_classes")
+    assert set(m) == {"ca", *backdoor}
     assert m["ca"] == pytest.approx(0.75)
-    assert all(math.isnan(m[k]) for k in ("asr", "asr_c", "ds", "ds_min", "d_p"))
+    assert all(math.isnan(m[k]) for k in backdoor)
 
 
 def test_compute_metrics_attack_values() -> None:
@@ -220,3 +222,142 @@ def test_compute_metrics_attack_values() -> None:
     assert m["ds"] == pytest.approx(0.5) and m["ds_min"] == pytest.approx(0.5)
     assert m["d_p"] == pytest.approx(0.0, abs=1e-12)
     assert len(m["ds_per_class"]) == K
+    # NRA-2: |H| = 2 -> floor 1 - 1/2; 10 successes per class over 2 targets; all on one -> 1 class
+    assert m["ds_floor"] == pytest.approx(0.5)
+    assert m["ds_uniform"] == pytest.approx(expected_uniform_ds(10, 2, 2))
+    assert m["effective_classes"] == pytest.approx(1.0) and m["effective_classes_per_class"] == pytest.approx([1.0] * K)
+
+
+# --- DS on its own scale: ds_floor, ds_uniform, effective classes --------------------------------
+
+def test_ds_floor_values_of_method_md() -> None:
+    assert ds_floor_of(10) == pytest.approx(0.70, abs=1e-12)
+    assert ds_floor_of(43) == pytest.approx(1 - math.sqrt(42) / 43) and round(ds_floor_of(43), 3) == 0.849
+    assert round(ds_floor_of(100), 2) == 0.90
+    assert ds_floor_of(1) == 1.0  # one target: every histogram is the uniform one
+
+
+def test_ds_floor_is_the_ds_of_a_collapse() -> None:
+    y = labels(7)
+    pred = (y + 4) % K
+    assert dispersibility_score(y, pred, fra_targets(K), True)[0] == pytest.approx(ds_floor_of(K))
+    assert ds_reference(y, pred, fra_targets(K), True)[0] == pytest.approx(ds_floor_of(K))
+
+
+@pytest.mark.parametrize("h", [0, -3, 2.5])
+def test_ds_floor_rejects_bad_sizes(h: float) -> None:
+    with pytest.raises(ValueError, match=r"^ds_floor: \|H\| must be a whole number >= 1, got "):
+        ds_floor_of(h)
+
+
+def test_ds_uniform_one_image_is_the_floor() -> None:
+    # n_c = 1: whatever the draw, the single prediction is a one-hot on one wrong class
+    assert expected_uniform_ds(1, K - 1, K) == pytest.approx(0.7, abs=1e-12)
+    y = np.arange(K)
+    assert ds_reference(y, (y + 1) % K, fra_targets(K), True) == pytest.approx((0.7, 0.7))
+
+
+def test_ds_uniform_hand_computed_two_images() -> None:
+    # FRA, K = 3, class 0, two images on {1, 2}: same class (prob 1/2) -> one-hot over 3;
+    # split (prob 1/2) -> p = (0, 1/2, 1/2): mean sq = ((1/3)^2 + 2 (1/6)^2) / 3 = 1/18
+    collapse, split = 1 - math.sqrt(2) / 3, 1 - math.sqrt(1 / 18)
+    assert expected_uniform_ds(2, 2, 3) == pytest.approx((collapse + split) / 2, abs=1e-12)
+    # NRA-2 (H = T): both on one target -> 0.5, split -> 1.0
+    assert expected_uniform_ds(2, 2, 2) == pytest.approx(0.75, abs=1e-12)
+    # one target (an all-to-one control read over all K): every draw is the collapse
+    assert expected_uniform_ds(7, 1, K) == pytest.approx(ds_floor_of(K), abs=1e-12)
+
+
+def test_ds_uniform_simulation_matches_exact_and_is_fixed() -> None:
+    exact = expected_uniform_ds(30, 3, 4)
+    sim = expected_uniform_ds(30, 3, 4, draws=20_000, exact_limit=0)  # forced onto the simulation
+    assert sim == pytest.approx(exact, abs=2e-3) and sim != exact
+    assert expected_uniform_ds(30, 3, 4, draws=20_000, exact_limit=0, seed=0) == sim  # same seed, same value
+    assert expected_uniform_ds(30, 3, 4, draws=20_000, exact_limit=0, seed=1) != sim
+
+
+@pytest.mark.parametrize(("args", "msg"), [
+    ((0, 9, 10), r"n >= 1 successful images and 1 <= \|T\| <= \|H\|, got n=0, \|T\|=9, \|H\|=10"),
+    ((5, 0, 10), r"got n=5, \|T\|=0, \|H\|=10"),
+    ((5, 4, 3), r"got n=5, \|T\|=4, \|H\|=3"),
+])
+def test_ds_uniform_rejects_bad_inputs(args: tuple[int, int, int], msg: str) -> None:
+    with pytest.raises(ValueError, match=r"^ds_uniform: needs .*" + msg):
+        expected_uniform_ds(*args)
+    with pytest.raises(ValueError, match=r"^ds_uniform: draws must be >= 1, got 0"):
+        expected_uniform_ds(5, 2, 2, draws=0)
+
+
+def test_balanced_assignment_beats_ds_uniform() -> None:
+    # 90 per class spread exactly evenly reaches the FRA maximum 1 - 1/30; random spreading does not
+    y = labels(90)
+    pred = np.concatenate([[t for t in range(K) if t != c for _ in range(10)] for c in range(K)])
+    m = compute_metrics(y, y, pred, fra_targets(K), full_range=True)
+    assert m["ds"] == pytest.approx(1 - 1 / 30)
+    assert m["ds_floor"] < m["ds_uniform"] < m["ds"]
+    assert m["effective_classes"] == pytest.approx(9.0)
+
+
+def test_ds_reference_only_counts_classes_that_enter_ds() -> None:
+    # NRA, explicit targets of different sizes: class 0 -> {1, 2}, class 1 -> {0, 2, 3}, class 2 -> {3},
+    # class 3 -> {0}. Class 1 never succeeds, so it is left out of both references (as of DS).
+    t = torch.zeros(4, 4, dtype=torch.bool)
+    t[0, [1, 2]] = t[1, [0, 2, 3]] = t[2, 3] = t[3, 0] = True
+    y = np.array([0, 0, 1, 1, 2, 3])
+    pred = np.array([1, 2, 1, 1, 3, 0])
+    floor, uniform = ds_reference(y, pred, t, full_range=False)
+    assert floor == pytest.approx((ds_floor_of(2) + ds_floor_of(1) + ds_floor_of(1)) / 3)
+    assert uniform == pytest.approx((expected_uniform_ds(2, 2, 2) + 1.0 + 1.0) / 3)
+    assert math.isnan(per_class_ds(y, pred, t, False)[1])
+
+
+def test_ds_reference_nan_without_any_success() -> None:
+    y = labels(2)
+    assert all(math.isnan(v) for v in ds_reference(y, y, fra_targets(K), True))
+    m = compute_metrics(y, y, y, fra_targets(K), full_range=True)
+    assert math.isnan(m["ds_uniform"]) and math.isnan(m["effective_classes"])
+
+
+def _full_test_set(counts: list[int], targets: torch.Tensor, full_range: bool) -> dict:
+    """Metrics of an attack that succeeds on every test image (only the counts matter here)."""
+    y = np.repeat(np.arange(len(counts)), counts)
+    first = targets.long().argmax(1).numpy()  # some target of each class
+    return compute_metrics(y, y, first[y], targets, full_range)
+
+
+MNIST_TEST = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+GTSRB_TEST = [60, 720, 750, 450, 660, 630, 150, 450, 450, 480, 660, 420, 690, 720, 270, 210, 150, 360, 390, 60, 90, 90,
+              120, 150, 90, 480, 180, 60, 150, 90, 150, 270, 60, 210, 120, 390, 120, 60, 690, 90, 90, 60, 90]
+DIGITS_TEST = [36, 36, 35, 37, 36, 37, 36, 36, 35, 36]  # the bundled digits split (360 images)
+
+
+@pytest.mark.parametrize(("name", "counts", "targets", "full_range", "method_md", "measured"), [
+    ("mnist fra", MNIST_TEST, fra_targets(10), True, 0.965, 0.96536),
+    ("mnist nra5", MNIST_TEST, index_targets(10, 5), False, 0.988, 0.98810),
+    ("mnist nra2", MNIST_TEST, index_targets(10, 2), False, 0.987, 0.98737),  # exact (2 targets)
+    # METHOD.md rounds GTSRB to 0.990; the per-class mean (as DS is averaged) is 0.9880, the
+    # image-weighted mean would be 0.991 -- both within the 0.002 METHOD.md's "≈" allows
+    ("gtsrb fra", GTSRB_TEST, fra_targets(43), True, 0.990, 0.98796),
+    ("digits fra", DIGITS_TEST, fra_targets(10), True, 0.941, 0.94094),
+])
+def test_ds_uniform_full_test_sets_of_method_md(name: str, counts: list[int], targets: torch.Tensor, full_range: bool,
+                                                method_md: float, measured: float) -> None:
+    m = _full_test_set(counts, targets, full_range)
+    assert m["ds_uniform"] == pytest.approx(measured, abs=5e-4), name
+    assert abs(m["ds_uniform"] - method_md) <= 0.0025, name
+    assert m["ds_floor"] == pytest.approx(ds_floor_of(len(counts) if full_range else int(targets[0].sum())))
+
+
+def test_effective_classes_hand_computed() -> None:
+    t = fra_targets(K)
+    y = labels(90)
+    uniform9 = np.concatenate([[t_ for t_ in range(K) if t_ != c for _ in range(10)] for c in range(K)])
+    assert effective_classes_per_class(y, uniform9, t) == pytest.approx([9.0] * K)
+    assert effective_classes_per_class(y, (y + 1) % K, t) == pytest.approx([1.0] * K)
+    # class 0: half on 1, half on 2 -> e^ln2 = 2; class 1: all correct (no success) -> NaN;
+    # class 2: one failure (on 2) is ignored, the rest on 0 -> 1
+    y3 = np.array([0, 0, 1, 1, 2, 2])
+    per = effective_classes_per_class(y3, np.array([1, 2, 1, 1, 2, 0]), fra_targets(3))
+    assert per[0] == pytest.approx(2.0) and math.isnan(per[1]) and per[2] == pytest.approx(1.0)
+    m = compute_metrics(y3, y3, np.array([1, 2, 1, 1, 2, 0]), fra_targets(3), full_range=True)
+    assert m["effective_classes"] == pytest.approx(1.5)  # mean over the classes with a success

@@ -3,7 +3,9 @@ local executor, table2, and a kill-and-rerun that finishes the grid without redo
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,7 +65,8 @@ def test_grid_runs_skips_and_aggregates(tmp_path: Path) -> None:
     assert (tmp_path / "runs" / "digits-simplecnn-cuba-fra-s0" / "defenses" / "fine-pruning" / "defense.json").is_file()
     assert run_grid(cells, tmp_path, log=lambda s: None) == []  # everything done: nothing re-runs
     md = write_table2(tmp_path)[0].read_text()
-    assert "| digits / simplecnn | cuba-fra | 2 |" in md and (tmp_path / "table2.tex").is_file()
+    # a 1-epoch model may be flagged degenerate (CA at chance): the row is there either way
+    assert re.search(r"\| digits / simplecnn \| cuba-fra( \(degenerate: [^)]*\))? \| 2 \|", md) and (tmp_path / "table2.tex").is_file()
     page = write_report(tmp_path).read_text()
     assert "<h2>Table III" in page and "fine-pruning" in page and "<details><summary>digits-simplecnn-clean-s1" in page
     assert "<h2>Defenses: each one's headline numbers" in page
@@ -86,6 +89,7 @@ def test_grid_runs_skips_and_aggregates(tmp_path: Path) -> None:
     assert len(run_grid(more, tmp_path, log=lambda s: None)) == 2 and all(is_done(tmp_path, c) for c in more)
 
 
+@pytest.mark.slow  # submitit's local executor starts worker processes
 def test_submitit_local_executor(tmp_path: Path) -> None:
     pytest.importorskip("submitit")
     cells = expand({**TINY, "attacks": ["none"], "defenses": []})
@@ -94,6 +98,7 @@ def test_submitit_local_executor(tmp_path: Path) -> None:
     assert (tmp_path / "submitit").is_dir()
 
 
+@pytest.mark.slow  # a grid killed and re-run in subprocesses
 def test_killed_reproduce_finishes_without_redoing_cells(tmp_path: Path) -> None:
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({**TINY, "defenses": []}))
@@ -187,10 +192,11 @@ def test_table3_marks_asr_of_models_left_at_chance() -> None:
     from cuba.defenses.base import at_chance
     from cuba.reproduce.report import AT_CHANCE_NOTE, table3_markdown
 
-    rows = [{"run": "r", "setting": "cuba-fra", "defense": "nad", "step": 0, "ca": 0.72, "asr": 0.996, "num_classes": 10},
-            {"run": "r", "setting": "cuba-fra", "defense": "nad", "step": 2, "ca": 0.10, "asr": 0.90, "num_classes": 10}]
+    rows = [{"run": "r", "setting": "cuba-fra", "defense": "nad", "step": 0, "ca": 0.72, "asr": 0.996, "asr_c": 0.995, "num_classes": 10},
+            {"run": "r", "setting": "cuba-fra", "defense": "nad", "step": 2, "ca": 0.10, "asr": 0.90, "asr_c": 0.0, "num_classes": 10}]
     md = table3_markdown(rows)
     assert "| r | ASR | 99.60 | 90.00 ‡ |" in md and md.endswith(AT_CHANCE_NOTE)
+    assert "| r | ASR-C (headline) | 99.50 | 0.00 |" in md  # ASR-C does not count the broken model's mistakes
     assert "| r | CA | 72.00 | 10.00 |" in md
     assert at_chance(0.19, 10) and not at_chance(0.21, 10) and not at_chance(0.1, None)
     rows[1]["ca"] = 0.5  # a working model: no mark, no note
@@ -205,3 +211,85 @@ def test_removal_headline_says_when_the_last_model_is_at_chance() -> None:
     assert "chance" not in removal_headline(rows, "epoch")  # defense.json files from before the field
     rows[1]["ca"] = 0.6
     assert "chance" not in removal_headline(rows, "epoch", 10)
+
+
+def test_table2_ds_scale_and_degenerate_flags(tmp_path: Path) -> None:
+    """Table II carries DS floor / DS uniform / effective classes, "–" for runs made before those
+    keys, and "n/a (degenerate)" for a setting at chance or far below its clean CA (md, csv, tex, html)."""
+    import csv
+    import io
+
+    from cuba.config import make_config
+    from cuba.reproduce.tables import finished_runs, table2_csv, table2_latex, table2_markdown, table2_rows
+    from cuba.runs import save_config, write_json
+
+    def run(name: str, metrics: dict, **cfg) -> None:
+        c = make_config({"dataset": "digits", "model": "simplecnn", **cfg})
+        save_config(tmp_path / "runs" / name, c)
+        write_json(tmp_path / "runs" / name / "metrics.json", {"dataset": "digits", "num_classes": 10, **metrics})
+
+    scale = {"ds_floor": 0.7, "ds_uniform": 0.941, "effective_classes": 8.5}
+    run("fra-s0", {"ca": 0.97, "asr": 1.0, "ds": 0.93, **scale}, seed=0)
+    run("fra-s1", {"ca": 0.95, "asr": 1.0, "ds": 0.95, **scale}, seed=1)
+    run("nra2-s0", {"ca": 0.96, "asr": 0.99, "ds": 0.9}, variant="nra", k=2)  # an old run: no scale keys
+    run("nra5-s0", {"ca": 0.12, "asr": 0.95, "ds": 0.9, **scale, "degenerate": True,
+                    "degenerate_reason": "CA 12.00% is at chance level (< 2/K = 20.0%): the classifier did not learn"},
+        variant="nra", k=5)
+    run("bn-s0", {"ca": 0.80, "asr": 1.0, "ds": 0.75, **scale}, attack="badnets")  # 16 points under clean
+    run("clean-s0", {"ca": 0.96}, attack="none")
+    rows = {r["setting"]: r for r in table2_rows(finished_runs(tmp_path))}
+    assert rows["cuba-fra"]["ds_uniform"][:2] == pytest.approx((94.1, 0.0)) and rows["cuba-fra"]["degenerate"] is None
+    assert rows["cuba-nra5"]["degenerate"].startswith("CA 12.00%") and rows["badnets-t0"]["degenerate"] == "CA far below clean reference"
+    md = table2_markdown(list(rows.values()))
+    assert "| DS floor | DS uniform | eff. classes |" in md.splitlines()[0]
+    assert "| cuba-fra | 2 | 100.00 ± 0.00 | 94.00 ± 1.41 | 96.00 ± 1.41 | 96.00 | 70.00 ± 0.00 | 94.10 ± 0.00 | 8.50 ± 0.00 |" in md
+    assert "| cuba-nra2 | 1 | 99.00 | 90.00 | 96.00 | 96.00 | – | – | – |" in md
+    na = "n/a (degenerate)"
+    assert f"| cuba-nra5 (degenerate: CA at chance) | 1 | {na} | {na} | 12.00 | 96.00 | {na} | {na} | {na} |" in md
+    assert f"| badnets-t0 (degenerate: CA far below clean reference) | 1 | {na} | {na} | 80.00 |" in md
+    table = {r["setting"]: r for r in csv.DictReader(io.StringIO(table2_csv(list(rows.values()))))}
+    assert table["cuba-fra"]["ds_uniform_mean"] == "94.1000" and table["cuba-fra"]["effective_classes_mean"] == "8.5000"
+    assert table["cuba-nra5"]["asr_mean"] == "" and table["cuba-nra5"]["ca_mean"] == "12.0000"
+    assert table["cuba-nra5"]["degenerate"].startswith("CA 12.00%") and table["cuba-nra2"]["ds_floor_mean"] == ""
+    tex = table2_latex(list(rows.values()))
+    assert "DS floor (\\%) & DS uniform (\\%) & Eff.\\ classes" in tex and "n/a (degenerate)" in tex
+    page = write_report(tmp_path).read_text()
+    assert "cuba-nra5 (degenerate: CA at chance)" in page and "DS uniform" in page and "DS floor: the DS of total collapse" in page
+
+
+def test_table3_headline_is_asr_c_for_untargeted_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Table III: untargeted runs get an ASR-C row marked as the headline (and a note saying so); the
+    targeted controls keep ASR; a defense.json from before ASR-C falls back to ASR, marked †; the CSV
+    and TeX carry ASR-C and which one is the headline."""
+    import csv
+    import io
+
+    from cuba.reproduce.report import FALLBACK_NOTE, HEADLINE_NOTE, table3_markdown
+
+    def row(run: str, setting: str, step: float, ca: float, asr: float, asr_c: float | None = None, **kw: object) -> dict:
+        r = {"run": run, "setting": setting, "defense": "fine-pruning", "step": step, "ca": ca, "asr": asr, "num_classes": 10, **kw}
+        return r if asr_c is None else {**r, "asr_c": asr_c}
+
+    rows = [row("u", "cuba-fra", 0.0, 0.98, 0.99, 0.99, headline="asr_c"), row("u", "cuba-fra", 0.9, 0.6, 0.41, 0.02, headline="asr_c"),
+            row("t", "badnets-t0", 0.0, 0.98, 1.0, 1.0, headline="asr"), row("o", "push-away-fra", 0.0, 0.9, 0.5)]
+    md = table3_markdown(rows)
+    assert "| u | ASR | 99.00 | 41.00 |" in md and "| u | ASR-C (headline) | 99.00 | 2.00 |" in md
+    assert "| t | ASR | 100.00 |  |" in md and "| t | ASR-C" not in md
+    assert "| o | ASR † (headline) | 50.00 |  |" in md and HEADLINE_NOTE in md and FALLBACK_NOTE in md
+
+    # write_table3 reads the defense.json files: old ones (no asr_c, no asr_headline_key) still tabulate
+    from cuba.reproduce import report
+
+    runs = []
+    for name, label, rs, extra in (("u", "cuba-fra", [{"prune_ratio": 0.0, "ca": 0.6, "asr": 0.41, "asr_c": 0.02}], {"asr_headline_key": "asr_c"}),
+                                   ("o", "cuba-fra", [{"prune_ratio": 0.0, "ca": 0.6, "asr": 0.41}], {})):
+        d = tmp_path / "runs" / name / "defenses" / "fine-pruning"
+        d.mkdir(parents=True)
+        (d / "defense.json").write_text(json.dumps({"rows": rs, **extra}))
+        runs.append(type("R", (), {"path": tmp_path / "runs" / name, "label": label, "metrics": {"num_classes": 10}})())
+    monkeypatch.setattr(report, "finished_runs", lambda out: runs)
+    report.write_table3(tmp_path)
+    got = list(csv.DictReader(io.StringIO((tmp_path / "table3.csv").read_text())))
+    assert [(r["run"], r["asr_c"], r["headline_asr"]) for r in got] == [("u", "0.02", "asr_c"), ("o", "", "asr (asr_c not recorded)")]
+    tex = (tmp_path / "table3.tex").read_text()
+    assert "u & fine-pruning & 0 & 60.00 & 41.00 & \\textbf{2.00}" in tex and "o & fine-pruning & 0 & 60.00 & \\textbf{41.00} & --" in tex

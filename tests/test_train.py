@@ -51,15 +51,15 @@ def test_channel_stats() -> None:
 
 
 def test_train_clean() -> None:
-    res = train(tiny_cfg(attack="none"), tiny_data(), ENGINE)
+    res = train(tiny_cfg(attack="none"), tiny_data().with_validation(0.25), ENGINE)
     assert res.generator is None and res.targets is None
-    assert len(res.history) == 1 and res.history[0]["epoch"] == 1 and res.history[0]["step"] == 3
+    assert len(res.history) == 1 and res.history[0]["epoch"] == 1 and res.history[0]["step"] == 2
     assert math.isnan(res.history[0]["asr"])
     assert not res.classifier.training
 
 
 def test_train_cuba_fra_resets_eps_and_builds_targets() -> None:
-    res = train(tiny_cfg(eps=0.05, eps_start=0.3), tiny_data(), ENGINE)
+    res = train(tiny_cfg(eps=0.05, eps_start=0.3), tiny_data().with_validation(0.25), ENGINE)
     assert res.generator is not None and res.generator.eps == 0.05
     assert res.targets is not None and res.targets.equal(~torch.eye(3, dtype=torch.bool))
     m = res.history[-1]
@@ -185,3 +185,35 @@ def test_steady_throughput_leaves_out_the_first_two_steps(monkeypatch: pytest.Mo
     now["calls"] = 0
     short = train(tiny_cfg(attack="none", epochs=2 / 3, extra={"eval_each_epoch": False}), tiny_data(), ENGINE)
     assert short.steady_images_per_second == short.images_per_second
+
+
+def test_similar_vicinity_sees_every_class_of_class_sorted_data() -> None:
+    # class-sorted storage (ImageFolder trees, the cifar10-jpeg zip): the first max_images rows
+    # are a few classes only. Failed on the old x_train[:max_images]: classes 3-5 had zero rows.
+    from cuba.train import class_confusion, stratified_rows
+
+    k, per = 6, 50
+    y = torch.arange(k).repeat_interleave(per)  # 0,0,...,1,1,...: sorted by class
+    x = (y * 40).to(torch.uint8)[:, None, None, None].expand(-1, 1, 4, 4).contiguous()
+    data = ImageDataset("sorted", x, y, x[:k], y[:k])
+
+    class Brightness(torch.nn.Module):  # class = brightness / 40, as a soft one-hot
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            c = (z.flatten(1).mean(1) * 255 / 40).round().long()
+            return 10 * torch.nn.functional.one_hot(c, k).float()
+
+    rows = stratified_rows(y, 120)
+    assert torch.bincount(y[rows], minlength=k).tolist() == [20] * k
+    conf = class_confusion(Brightness(), data, ENGINE, max_images=120)
+    assert torch.allclose(conf.sum(1), torch.ones(k))  # every class has rows
+    assert conf.argmax(1).tolist() == list(range(k))
+
+
+def test_history_is_measured_on_the_validation_split() -> None:
+    # per-epoch numbers choose epochs and settings: they must never come from the test set
+    data = tiny_data().with_validation(0.25)
+    assert data.has_val and len(data.y_val) == 6 and len(data.y_train) == 18
+    res = train(tiny_cfg(attack="cuba", epochs=2), data, ENGINE)
+    assert [h["split"] for h in res.history] == ["val", "val"]
+    no_val = train(tiny_cfg(attack="cuba", epochs=1), tiny_data(), ENGINE)
+    assert no_val.history[0]["split"] is None and "ca" not in no_val.history[0]

@@ -50,12 +50,27 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="any other config field (YAML value), e.g. --set eps_start=0.3; repeatable")
 
 
-def _config_values(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
+# The preset a named data set gets when no --config is given (issue: the bare dataclass defaults,
+# 10 epochs with no warm-up and no gamma ramp, collapse clean accuracy on digits). A path whose
+# file name is a known set's (mnist.npz, gtsrb.npz) gets that set's preset too.
+DATASET_PRESETS = {"digits": "demo", "mnist": "mnist", "fashion-mnist": "mnist", "gtsrb": "gtsrb",
+                   "cifar10": "cifar10", "cifar100": "cifar100"}
+
+
+def preset_for(dataset: Any) -> str | None:
+    """The packaged preset name for a data set spec, or None (an unknown path keeps the defaults)."""
+    key = str(dataset).strip().lower().replace("_", "-")
+    return DATASET_PRESETS.get(key) or DATASET_PRESETS.get(Path(key).stem)
+
+
+def _config_values(args: argparse.Namespace, base: dict[str, Any] | None = None, use_preset: bool = True) -> dict[str, Any]:
+    """Config values from (in rising priority) the data set's preset or ``--config``, ``--set`` and flags."""
     import yaml
 
     values: dict[str, Any] = dict(base or {})
     if args.config:
         values.update(load_config_file(args.config))
+    overrides: dict[str, Any] = {}
     for item in args.set:
         if "=" not in item:
             raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
@@ -63,11 +78,17 @@ def _config_values(args: argparse.Namespace, base: dict[str, Any] | None = None)
         key = key.strip().replace("-", "_")
         if key not in FIELDS:
             raise ConfigError(f"--set: unknown config field {key!r}")
-        values[key] = yaml.safe_load(raw)
+        overrides[key] = yaml.safe_load(raw)
     for name in [*TRAIN_FLAGS, "download", "progress", "deterministic", "checkpoint_every"]:
         v = getattr(args, name, None)
         if v is not None:
-            values[name] = v
+            overrides[name] = v
+    if use_preset and not args.config and not base:
+        name = preset_for(overrides.get("dataset", FIELDS["dataset"].default))
+        if name is not None:
+            values.update(preset(name))
+            print(f"using the {name} preset (src/cuba/configs/{name}.yaml) for this data set; --config FILE chooses another")
+    values.update(overrides)
     return values
 
 
@@ -103,6 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(0)
     print(format_metrics_table([(cfg.label(), metrics)]))
+    if metrics.get("degenerate"):
+        print(f"WARNING: degenerate run, its ASR/DS are not a result: {metrics.get('degenerate_reason')}")
     print(f"run folder: {run_dir}")
     return 0
 
@@ -133,7 +156,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
-    md, files = compare(args.runs, out=Path(args.out), name=args.name, by=args.by, source_class=args.source_class)
+    md, files = compare(args.runs, out=Path(args.out), name=args.name, by=args.by, source_class=args.source_class, val=args.val)
     print(md)
     print("\nwritten: " + ", ".join(str(f) for f in files))
     return 0
@@ -212,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--by", default=None, metavar="FIELD", help="config field to sort by, tabulate and plot against (NAME.png)")
     c.add_argument("--source-class", type=int, default=None, metavar="C",
                    help="also draw the backdoor prediction histogram of class C for each setting (paper Fig. 8)")
+    c.add_argument("--val", action="store_true", help="also show the validation split's CA / ASR / DS beside the test ones")
     c.set_defaults(func=cmd_compare)
     w = sub.add_parser("sweep", help="train over values of one config field x seeds; table + plot of DS/ASR/CA")
     w.add_argument("field", help="config field to sweep, e.g. tau or gamma")

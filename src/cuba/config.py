@@ -35,6 +35,9 @@ class TrainConfig:
     download: bool = False
     n_train: int | None = None  # random training subset, for small CPU budgets
     n_test: int | None = None
+    # share of the full training set held out, stratified, as the validation split (cuba.data.split):
+    # per-epoch logs, sweeps and defense calibration read it; the test set only gives the final metrics
+    val_fraction: float = 0.1
     augment: str = "auto"  # auto (per data set), none, crop, crop+flip
     # model
     model: str = "simplecnn"
@@ -151,6 +154,16 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Fields whose default changed after run folders were written: a config.yaml without the field
+# was trained with the old value, so it is read with that value (never as the new default).
+LEGACY_DEFAULTS: dict[str, Any] = {"val_fraction": 0.0}
+
+
+def config_from_run(values: dict[str, Any]) -> TrainConfig:
+    """A run folder's stored config.yaml (as a dict) -> TrainConfig, older folders included."""
+    return make_config({**LEGACY_DEFAULTS, **values})
+
+
 def parse_variant(value: str) -> tuple[str, int | None]:
     """'fra' -> ('fra', None); 'nra' -> ('nra', None); 'nra-5' / 'nra5' -> ('nra', 5)."""
     m = re.fullmatch(r"(fra|nra)(?:-?(\d+))?", str(value).strip().lower())
@@ -204,6 +217,7 @@ def validate(cfg: TrainConfig) -> None:
         "generator_width": (int, lambda v: v >= 4, ">= 4"), "generator_scale": (int, lambda v: v >= 1, ">= 1"), "target_class": (int, lambda v: v >= 0, ">= 0"),
         "poison_rate": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "patch_size": (int, lambda v: v >= 1, ">= 1"),
         "eval_batch_size": (int, lambda v: v >= 1, ">= 1"),
+        "val_fraction": (float, lambda v: 0 <= v <= 0.5, "in [0, 0.5]"),
     }
     for name, (kind, ok, allowed) in numeric.items():
         v = getattr(cfg, name)

@@ -36,16 +36,18 @@ class Predictions:
 @torch.inference_mode()
 def predict(
     classifier: nn.Module, generator: nn.Module | None, data: ImageDataset, engine: Engine,
-    batch_size: int = 1024, stealth: bool = True, progress: bool = False, dist: Dist | None = None,
+    batch_size: int = 1024, stealth: bool = True, progress: bool = False, dist: Dist | None = None, split: str = "test",
 ) -> Predictions:
-    """Predictions on the whole test set; under torchrun each rank takes ``x_test[rank::world]``
-    and the shards are gathered, so every rank returns the full arrays."""
+    """Predictions on a whole split (``test`` by default, ``val`` for model selection); under
+    torchrun each rank takes ``x[rank::world]`` and the shards are gathered, so every rank returns
+    the full arrays. No autocast here, on purpose: see the module docstring."""
     classifier.eval()
     if generator is not None:
         generator.eval()
     d = dist or Dist()
     clean, bd, psnr, linf, ssim = [], [], [], [], []
-    batches = data.x_test[d.rank::d.world].split(batch_size)
+    x_all, y_all = data.split(split)
+    batches = x_all[d.rank::d.world].split(batch_size)
     for xb in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
         x = engine.batch(xb)
         clean.append(classifier(x).argmax(1).cpu())
@@ -59,10 +61,10 @@ def predict(
             if stealth:
                 ssim.append(ssim_per_image(x_cpu, x_bd_cpu))
     has_bd = generator is not None
-    n = len(data.y_test)
+    n = len(y_all)
     full = lambda parts: gather_rows(torch.cat(parts), n, d).numpy()  # noqa: E731
     return Predictions(
-        y_true=data.y_test.numpy(),
+        y_true=y_all.numpy(),
         y_pred_clean=full(clean),
         y_pred_backdoor=full(bd) if has_bd else None,
         psnr=full(psnr) if has_bd else None,
@@ -85,6 +87,7 @@ def metrics_from_predictions(pred: Predictions, targets: torch.Tensor | None, fu
 def evaluate_models(
     classifier: nn.Module, generator: nn.Module | None, data: ImageDataset, engine: Engine,
     targets: torch.Tensor | None, full_range: bool, batch_size: int = 1024, stealth: bool = True, dist: Dist | None = None,
+    split: str = "test",
 ) -> dict:
-    pred = predict(classifier, generator, data, engine, batch_size, stealth, dist=dist)
+    pred = predict(classifier, generator, data, engine, batch_size, stealth, dist=dist, split=split)
     return metrics_from_predictions(pred, targets, full_range)

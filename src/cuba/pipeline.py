@@ -16,7 +16,9 @@ from .config import ConfigError, TrainConfig, setting_differences
 from .data import ImageDataset, load_dataset
 from .distributed import finish, setup
 from .engine import Engine, make_engine
-from .evaluate import metrics_from_predictions, predict
+from .data.split import VAL_SEED, indices_hash
+from .metrics import at_chance
+from .evaluate import evaluate_models, metrics_from_predictions, predict
 from .figures import plot_confidences, plot_histograms, plot_triggers
 from .attack import POISON_ATTACKS, build_trigger
 from .models import build_classifier
@@ -28,10 +30,36 @@ from .train import train
 
 
 def load_data(cfg: TrainConfig) -> ImageDataset:
+    """The run's data: the validation split is carved from the full training set first (a fixed
+    seed of its own), then ``n_train`` / ``n_test`` subsets are drawn with the run's seed."""
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    if cfg.val_fraction > 0:
+        data = data.with_validation(cfg.val_fraction)
     if cfg.n_train or cfg.n_test:
         data = data.subset(cfg.n_train, cfg.n_test, seed=cfg.seed)
     return data
+
+
+def degenerate_reason(ca: float | None, num_classes: int) -> str | None:
+    """Why a model's ASR/DS are not a result, or None. A classifier at chance level (CA < 2/K)
+    makes every backdoor "succeed" for free: it misclassifies clean images just as well."""
+    if at_chance(ca, num_classes):
+        return f"CA {100 * ca:.2f}% is at chance level (< 2/K = {200.0 / num_classes:.1f}%): the classifier did not learn"
+    return None
+
+
+def split_record(data: ImageDataset, cfg: TrainConfig) -> dict[str, Any]:
+    """split.json: which training images were held out for validation, so any run can be checked
+    against another (same hash = same held-out images) and re-created exactly."""
+    val = data.val_indices
+    return {
+        "val_fraction": cfg.val_fraction, "val_seed": VAL_SEED if val is not None else None,
+        "stratified": True, "n_train_full": data.n_train_full or len(data.y_train),
+        "n_val": 0 if val is None else len(val), "n_train": len(data.y_train), "n_test": len(data.y_test),
+        "n_train_subset_seed": cfg.seed if cfg.n_train else None,
+        "val_indices_sha256": indices_hash(val) if val is not None else None,
+        "val_indices": [] if val is None else val.tolist(),
+    }
 
 
 def _figures(run_dir: Path, cfg: TrainConfig, data: ImageDataset, classifier: torch.nn.Module,
@@ -112,17 +140,24 @@ def run_training(cfg: TrainConfig, run_dir: Path | None = None, overwrite: bool 
     pred = predict(result.classifier, result.generator, data, engine, cfg.eval_batch_size, stealth=True,
                    progress=cfg.progress and d.is_main, dist=d)
     metrics = metrics_from_predictions(pred, result.targets, cfg.full_range)
+    if data.has_val:  # the numbers settings are chosen by; the test block above is only reported
+        val = evaluate_models(result.classifier, result.generator, data, engine, result.targets, cfg.full_range,
+                              cfg.eval_batch_size, stealth=False, dist=d, split="val")
+        metrics["val"] = {k: v for k, v in val.items() if not isinstance(v, list)}
+    reason = degenerate_reason(metrics.get("ca"), data.num_classes)
+    metrics.update(degenerate=reason is not None, degenerate_reason=reason)
     if not d.is_main:  # rank 0 writes the run folder; the others wait for it at the barrier
         finish(d)
         return run_dir, metrics
     metrics.update(
         train_seconds=round(result.seconds, 2), eval_seconds=round(time.perf_counter() - t_eval, 2),
         train_images_per_second=round(result.images_per_second, 1), num_classes=data.num_classes,
-        n_train=len(data.y_train), n_test=len(data.y_test), dataset=data.name, setting=cfg.label(),
+        n_train=len(data.y_train), n_val=len(data.y_val) if data.has_val else 0, n_test=len(data.y_test), dataset=data.name, setting=cfg.label(),
         generator_mode=("patch" if cfg.attack in POISON_ATTACKS else cfg.generator_mode) if cfg.is_attack else None,
         device=str(engine.device), bf16=engine.bf16, torch=torch.__version__, cuba=__version__,
         machine=platform.machine(), threads=torch.get_num_threads(), processes=d.world,
     )
+    write_json(run_dir / "split.json", split_record(data, cfg))
     save_weights(run_dir / "classifier.safetensors", result.classifier)
     if result.generator is not None:
         save_weights(run_dir / "generator.safetensors", result.generator)
@@ -134,7 +169,8 @@ def run_training(cfg: TrainConfig, run_dir: Path | None = None, overwrite: bool 
     write_json(run_dir / "metrics.json", metrics)
     if (run_dir / CHECKPOINT).is_file():
         (run_dir / CHECKPOINT).unlink()  # the weights are saved; the training state is no longer needed
-    write_json(run_dir / "status.json", {"state": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_json(run_dir / "status.json", {"state": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                         "degenerate": reason is not None, **({"degenerate_reason": reason} if reason else {})})
     finish(d)
     return run_dir, metrics
 

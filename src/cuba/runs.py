@@ -29,7 +29,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import TrainConfig, make_config
+from .config import TrainConfig, config_from_run
 from .evaluate import Predictions
 
 METRIC_KEYS = ("ca", "asr", "asr_c", "ds", "ds_min", "d_p", "psnr", "ssim", "linf")
@@ -102,7 +102,7 @@ def save_config(run_dir: Path, cfg: TrainConfig) -> None:
 
 def load_run_config(run_dir: Path) -> TrainConfig:
     data = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    return make_config(data)
+    return config_from_run(data)
 
 
 def save_predictions(run_dir: Path, pred: Predictions, targets: torch.Tensor | None) -> None:

@@ -5,16 +5,33 @@ already holds metrics.json is skipped, so an interrupted sweep continues where i
 All cells are validated before the first one trains, so a typo fails in a second, not after an
 hour. The summary is :func:`cuba.compare.compare` grouped by the swept field:
 ``OUT/sweep-FIELD.{md,csv,png}``.
+
+The choice is made on the validation split only (METHOD.md §2: "everything chosen from data is
+chosen on it; the test set is read once, for the reported metrics"). Below the table -- which keeps
+the test columns for reporting, beside the validation ones -- the settings are ranked by val DS;
+a setting whose validation CA is degenerate (:func:`cuba.compare.degenerate_reason`), whose val
+ASR is under :data:`MIN_VAL_ASR` (a widely spread backdoor that rarely fires is not a better
+attack), or that has no validation numbers, is ranked last with the reason. The last line names
+the winner: ``best on validation: FIELD=VALUE``.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import yaml
 
 from .config import FIELDS, ConfigError, TrainConfig, make_config
+
+if TYPE_CHECKING:
+    from .compare import Group
+
+# a setting must fire on at least this share of validation backdoor images to compete on DS
+MIN_VAL_ASR = 0.9
 
 
 def parse_value(raw: str) -> Any:
@@ -52,4 +69,69 @@ def run_sweep(
         log(f"[{i}/{len(cells)}] {field}={getattr(cfg, field)} seed {cfg.seed}: {'done, skipped' if done else 'training'}")
         if not done:
             runner(cfg)
-    return compare([c.out for c in cells], out=out, name=f"sweep-{field}", by=field)
+    md, files = compare([c.out for c in cells], out=out, name=f"sweep-{field}", by=field, val=True,
+                        appendix=lambda groups: ranking_markdown(rank_by_validation(groups, field), field))
+    return md, files
+
+
+def _val_mean(runs: list, key: str) -> float:
+    from .compare import metric_value
+
+    vals = [v for v in (metric_value(r.metrics, f"val.{key}") for r in runs) if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def rank_by_validation(groups: list[Group], field: str) -> list[dict[str, Any]]:
+    """The settings best first by mean val DS; ineligible ones (see the module doc) last, each with
+    its ``why``. Only the ``val`` block of metrics.json is read: the test set never decides."""
+    from .compare import degenerate_reason, short_reason
+
+    ranked = []
+    for g in groups:
+        entry: dict[str, Any] = {"value": g.config.get(field), "setting": g.name, "why": None,
+                                 **{k: _val_mean(g.runs, k) for k in ("ds", "asr", "ca")}}
+        missing = [r.seed for r in g.runs if not isinstance(r.metrics.get("val"), Mapping)]
+        deg = []
+        for r in g.runs:
+            k = r.metrics.get("num_classes")
+            block = r.metrics.get("val")
+            why = degenerate_reason(block, num_classes=k if isinstance(k, int) else None) if isinstance(block, Mapping) else None
+            if why:
+                deg.append(f"{short_reason(why)} (seed {r.seed})")
+        if missing:
+            entry["why"] = "no validation metrics (seed " + ", ".join(map(str, missing)) + "): run made without a val split"
+        elif deg:
+            entry["why"] = "degenerate on validation: " + "; ".join(deg)
+        elif math.isnan(entry["asr"]) or entry["asr"] < MIN_VAL_ASR:
+            asr = "–" if math.isnan(entry["asr"]) else f"{100 * entry['asr']:.2f}%"
+            entry["why"] = f"val ASR {asr} < {100 * MIN_VAL_ASR:.0f}%"
+        elif math.isnan(entry["ds"]):
+            entry["why"] = "no val DS"
+        ranked.append(entry)
+    # eligible first; then by val DS (higher first, missing last), val ASR breaking ties; stable otherwise
+    key = lambda e: (e["why"] is not None, -e["ds"] if not math.isnan(e["ds"]) else math.inf,  # noqa: E731
+                     -e["asr"] if not math.isnan(e["asr"]) else math.inf)
+    return sorted(ranked, key=key)
+
+
+def best_on_validation(ranked: list[dict[str, Any]], field: str) -> str:
+    """``best on validation: FIELD=VALUE``, or why there is none."""
+    from .compare import _fmt_value
+
+    if not ranked or ranked[0]["why"] is not None:
+        return ("best on validation: none (every setting is degenerate, under the val ASR bar of "
+                f"{100 * MIN_VAL_ASR:.0f}%, or lacks validation metrics)")
+    return f"best on validation: {field}={_fmt_value(ranked[0]['value'])}"
+
+
+def ranking_markdown(ranked: list[dict[str, Any]], field: str) -> str:
+    pct = lambda v: "–" if math.isnan(v) else f"{100 * v:.2f}"  # noqa: E731
+    from .compare import _fmt_value
+
+    lines = [f"Ranking by validation DS (the test columns above are reported, never used to choose; "
+             f"val ASR must reach {100 * MIN_VAL_ASR:.0f}%):", "",
+             f"| rank | {field} | setting | val DS % | val ASR % | val CA % | note |", "|---|---|---|---|---|---|---|"]
+    for i, e in enumerate(ranked, 1):
+        note = f"ranked last: {e['why']}" if e["why"] else ""
+        lines.append(f"| {i} | {_fmt_value(e['value'])} | {e['setting']} | {pct(e['ds'])} | {pct(e['asr'])} | {pct(e['ca'])} | {note} |")
+    return "\n".join([*lines, "", best_on_validation(ranked, field)])

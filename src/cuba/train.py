@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT, capture, load_checkpoint, restore, save_checkpoint
+from .attack.step import joint_loss
 from .attack import OBJECTIVES, POISON_ATTACKS, attack_targets, build_trigger, make_poison_plan, needs_reference_model
 from .config import ConfigError, TrainConfig
 from .data import ImageDataset
@@ -83,10 +84,29 @@ def cosine(start: float, end: float, progress: float) -> float:
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * p))
 
 
+def stratified_rows(y: torch.Tensor, max_images: int, seed: int = 0) -> torch.Tensor:
+    """Indices of at most ``max_images`` rows of ``y``, an equal share from every class (all of a
+    class that has fewer), in random order within each class.
+
+    Why not ``y[:max_images]``: data sets stored class by class (ImageFolder trees, the cifar10-jpeg
+    zip, torchvision's GTSRB) would then give most classes no row at all.
+    """
+    k = int(y.max()) + 1 if len(y) else 0
+    per = max(1, max_images // max(k, 1))
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for c in range(k):
+        idx = (y == c).nonzero().flatten()
+        rows.append(idx[torch.randperm(len(idx), generator=g)[:per]])
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+
+
 @torch.no_grad()
 def class_confusion(classifier: nn.Module, data: ImageDataset, engine: Engine, max_images: int = 10000) -> torch.Tensor:
-    """(K, K) mean softmax of a model over the training images of each class: the 'similar' vicinity."""
-    x, y = data.x_train[:max_images], data.y_train[:max_images]
+    """(K, K) mean softmax of a model over training images of each class: the 'similar' vicinity.
+    At most ``max_images`` images, stratified over the classes (:func:`stratified_rows`)."""
+    rows = stratified_rows(data.y_train, max_images)
+    x, y = data.x_train[rows], data.y_train[rows]
     k = data.num_classes
     conf = torch.zeros(k, k)
     classifier.eval()
@@ -211,21 +231,12 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
                 else:
                     progress = (step - warmup_steps) / max(1, (total_steps - warmup_steps) * cfg.eps_anneal) if cfg.eps_anneal > 0 else 1.0
                     generator.eps = cosine(cfg.eps_start, cfg.eps, progress)
-                    xb = fwd_g(x[:n_bd])
-                    if split_passes:  # same logits; the clean pass computes no input gradient
-                        zc, zb = fwd_f(x), fwd_f(xb)
-                    else:
-                        logits = fwd_f(torch.cat([x, xb]))
-                        zc, zb = logits[: len(x)], logits[len(x):]
-                    mse = (xb.float() - x[:n_bd]).pow(2)
-                    mse = mse.mean() if cfg.mse_reduction == "mean" else mse.flatten(1).sum(1).mean()
-                    ce = F.cross_entropy(zc.float(), y)
                     if target_rows is None:  # the (K, K) float rows, moved to the device once
                         target_rows = targets.to(engine.device).float()
-                    bd = objective(zb, y[:n_bd], target_rows[y[:n_bd]], cfg.tau, cfg.lnf_eps)
                     ramp = cfg.gamma_ramp_epochs * steps_per_epoch
                     gamma = cfg.gamma * min(1.0, (step - warmup_steps + 1) / ramp) if ramp > 0 else cfg.gamma
-                    loss = cfg.alpha * mse + cfg.beta * ce + gamma * bd
+                    jl = joint_loss(fwd_f, fwd_g, x, y, target_rows, objective, cfg, gamma, n_bd, split_passes)
+                    loss, mse, ce, bd = jl.total, jl.mse, jl.ce, jl.backdoor
                     parts = {"mse": mse.item(), "ce": ce.item(), "bd": bd.item(), "eps": generator.eps} if step % 50 == 0 else {}
             if not torch.isfinite(all_mean(loss, d)):  # the same verdict on every rank
                 bar.close()
@@ -256,11 +267,16 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
         start_i, order = 0, None
         epoch += 1
         if cfg.extra.get("eval_each_epoch", True):
-            m = evaluate_models(classifier, generator, data, engine, targets, cfg.full_range, cfg.eval_batch_size, stealth=False, dist=d)
-            m.update(epoch=epoch, step=step, seconds=round(time.perf_counter() - t0, 2))
+            # on the validation split, never the test set: these numbers are what a user (or a
+            # sweep) watches to choose epochs and settings; without a split, time only
+            m: dict[str, Any] = {}
+            if data.has_val:
+                m = evaluate_models(classifier, generator, data, engine, targets, cfg.full_range, cfg.eval_batch_size,
+                                    stealth=False, dist=d, split="val")
+            m.update(epoch=epoch, step=step, seconds=round(time.perf_counter() - t0, 2), split="val" if data.has_val else None)
             history.append(m)
-            line = f"epoch {epoch}: CA {m['ca']:.4f}"
-            if generator is not None and targets is not None:
+            line = f"epoch {epoch}: val CA {m['ca']:.4f}" if data.has_val else f"epoch {epoch} (no validation split)"
+            if data.has_val and generator is not None and targets is not None:
                 line += f"  ASR {m['asr']:.4f}  DS {m['ds']:.4f}  DS-min {m['ds_min']:.4f}"
             if d.is_main:
                 tqdm.write(line + f"  ({m['seconds']:.0f} s)")

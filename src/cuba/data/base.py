@@ -31,6 +31,12 @@ class ImageDataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     classes: list[str] = field(default_factory=list)
+    # the validation split (see :mod:`cuba.data.split`): images carved out of the full training
+    # set, which then no longer holds them; ``val_indices`` index that full training set
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+    val_indices: torch.Tensor | None = None
+    n_train_full: int | None = None  # training images before the split (and any subsetting)
 
     def __post_init__(self) -> None:
         if not self.classes:
@@ -50,8 +56,35 @@ class ImageDataset:
     def image_size(self) -> int:
         return int(self.x_train.shape[2])
 
+    @property
+    def has_val(self) -> bool:
+        return self.y_val is not None and len(self.y_val) > 0
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of ``train``, ``val`` or ``test``."""
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {name!r}")
+        if name == "val" and not self.has_val:
+            raise DataError(f"{self.name}: has no validation split (val_fraction 0)")
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+    def with_validation(self, fraction: float, seed: int | None = None) -> "ImageDataset":
+        """This data set with a stratified validation split of ``fraction`` carved from its training
+        images (:func:`cuba.data.split.stratified_split`); ``fraction`` 0 returns it unchanged."""
+        from .split import VAL_SEED, stratified_split
+
+        if self.y_val is not None:
+            raise DataError(f"{self.name}: already has a validation split")
+        if fraction == 0:
+            return self
+        rest, val = stratified_split(self.y_train, fraction, VAL_SEED if seed is None else seed)
+        return ImageDataset(self.name, self.x_train[rest], self.y_train[rest], self.x_test, self.y_test, list(self.classes),
+                            self.x_train[val], self.y_train[val], val, len(self.y_train))
+
     def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> "ImageDataset":
-        """A stratification-free random subset, for small CPU budgets. ``None`` keeps a split whole."""
+        """A stratification-free random subset, for small CPU budgets. ``None`` keeps a split whole.
+        The validation split is kept as it is: a smaller budget trains on fewer images, it is not
+        judged on fewer."""
         g = torch.Generator().manual_seed(seed)
 
         def pick(x: torch.Tensor, y: torch.Tensor, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +95,8 @@ class ImageDataset:
 
         xtr, ytr = pick(self.x_train, self.y_train, n_train)
         xte, yte = pick(self.x_test, self.y_test, n_test)
-        return ImageDataset(self.name, xtr, ytr, xte, yte, list(self.classes))
+        return ImageDataset(self.name, xtr, ytr, xte, yte, list(self.classes), self.x_val, self.y_val, self.val_indices,
+                            self.n_train_full)
 
 
 def validate_dataset(ds: ImageDataset) -> None:
@@ -85,6 +119,10 @@ def validate_dataset(ds: ImageDataset) -> None:
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= len(ds.classes):
             raise DataError(f"{ds.name}: y_{split} labels must lie in [0, {len(ds.classes)}), found [{lo}, {hi}]")
+    if (ds.x_val is None) != (ds.y_val is None):
+        raise DataError(f"{ds.name}: x_val and y_val must be given together")
+    if ds.x_val is not None and (ds.x_val.dtype != torch.uint8 or ds.x_val.shape[1:] != ds.x_train.shape[1:] or len(ds.x_val) != len(ds.y_val)):
+        raise DataError(f"{ds.name}: the validation split must be uint8 images shaped like the training images, one label each")
     if ds.x_train.shape[1:] != ds.x_test.shape[1:]:
         raise DataError(f"{ds.name}: train images {tuple(ds.x_train.shape[1:])} and test images {tuple(ds.x_test.shape[1:])} differ in shape")
     counts = torch.bincount(ds.y_train, minlength=len(ds.classes))

@@ -7,8 +7,22 @@ a :class:`DefenseResult` -- the numbers for ``defense.json`` plus the figures it
 
 Clean data a defender holds: by convention a defense draws its clean reference images (STRIP's
 overlays, Neural Cleanse's optimisation batch, the 5% fine-tuning set of Fine-pruning and NAD,
-SentiNet's held-out images) from the *training* set, and measures detection and removal on the
-*test* set, so no image is both fitted on and scored.
+SentiNet's paste-onto images) from the *training* set, fits every threshold or boundary on the
+*validation* split (:meth:`AttackRun.clean_val`, METHOD.md section 2: everything chosen from data is
+chosen there), and measures detection and removal on the *test* set, so no image is both fitted on
+and scored, and no test number picks its own threshold.
+
+Two rules every defense follows here:
+
+* Untargeted attacks (FRA/NRA: cuba, untargeted-ce, push-away, ubw-p) count any prediction in T(y)
+  as a success, so a repaired model that lost its backdoor still "succeeds" on each clean mistake:
+  ASR >= 1 - CA by construction. Mitigation rows therefore carry ASR-C too (over test images the
+  same repaired model classifies correctly when clean) and :func:`headline_asr_key` makes it the
+  headline for those settings; the all-to-one controls keep plain ASR.
+* A detector whose scores cannot rank anything (all equal) or whose calibration collapsed says so
+  with ``"applicable": false`` and a ``"reason"`` (:func:`not_applicable`); headlines and tables
+  then print "n/a (reason)" instead of numbers that look measured, and the raw numbers stay in
+  defense.json for inspection.
 """
 
 from __future__ import annotations
@@ -21,13 +35,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from ..attack import PatchTrigger, attack_targets
+from ..attack.registry import ALL_TO_ONE
 from ..config import ConfigError, TrainConfig
 from ..data import ImageDataset
 from ..engine import Engine, make_engine
+from ..metrics import at_chance, attack_success_rate  # at_chance re-exported: report.py reads it from here
 from ..runs import load_predictions, load_run_config, write_json
 
 
@@ -70,20 +86,29 @@ class AttackRun:
         with torch.no_grad():
             return torch.cat([trig(xb).float() for xb in x.split(1024)])
 
-    def attacked_test(self, n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Test images of attacked classes (non-empty T(y)) and labels, at most ``n``, random order."""
+    def _attacked_idx(self, n: int | None = None, seed: int = 0) -> torch.Tensor:
+        """Indices into the test set of images of attacked classes (non-empty T(y)), at most ``n``, random order."""
         y = self.data.y_test
         keep = torch.ones_like(y, dtype=torch.bool) if self.targets is None else self.targets.any(1)[y]
         idx = keep.nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))][:n]
-        return self.images(self.data.x_test[idx]), y[idx].to(self.engine.device)
+        return idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))][:n]
+
+    def attacked_test(self, n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test images of attacked classes (non-empty T(y)) and labels, at most ``n``, random order."""
+        idx = self._attacked_idx(n, seed)
+        return self.images(self.data.x_test[idx]), self.data.y_test[idx].to(self.engine.device)
 
     @torch.inference_mode()
-    def ca_asr(self, model: nn.Module | None = None) -> tuple[float, float | None]:
-        """CA on the whole test set and ASR (the run's success rule) of ``model`` (default: the run's).
+    def repair_metrics(self, model: nn.Module | None = None) -> dict[str, float | None]:
+        """{ca, asr, asr_c} of ``model`` (default: the run's) on the test set, for a mitigation step.
 
-        Mitigation defenses call this after each repair step; the backdoor test images are
-        made once and cached. ASR is None for a clean model.
+        CA over the whole test set; ASR over the backdoor twins of the attacked test images (the
+        run's success rule, prediction in T(y)); ASR-C over those of them that *this same model*
+        classifies correctly when clean. The last matters for untargeted attacks: once pruning or
+        distillation costs clean accuracy, every clean mistake is also a "success" (any wrong
+        class is in T(y) under FRA), so ASR >= 1 - CA even with the backdoor gone; ASR-C does not
+        count them. The backdoor images are made once and cached. ASR and ASR-C are None for a
+        clean model (and ASR-C when the model gets no attacked image right).
         """
         model = model or self.classifier
         was_training = model.training
@@ -91,17 +116,40 @@ class AttackRun:
         x = self.images(self.data.x_test)
         y = self.data.y_test.to(self.engine.device)
         pred = torch.cat([model(xb).float().argmax(1) for xb in x.split(2048)])
-        ca = float((pred == y).float().mean())
-        asr = None
+        out: dict[str, float | None] = {"ca": float((pred == y).float().mean()), "asr": None, "asr_c": None}
         if self.trigger is not None and self.targets is not None:
             if self._bd_cache is None:
-                xa, ya = self.attacked_test()
-                self._bd_cache = (self.backdoor(xa), ya)
-            xb_all, ya = self._bd_cache
-            pb = torch.cat([model(xb).float().argmax(1) for xb in xb_all.split(2048)])
-            asr = float(self.targets.to(pb.device)[ya, pb].float().mean())
+                idx = self._attacked_idx()
+                self._bd_cache = (self.backdoor(self.images(self.data.x_test[idx])), idx)
+            xb_all, idx = self._bd_cache
+            pb = torch.cat([model(xb).float().argmax(1) for xb in xb_all.split(2048)]).cpu()
+            ya, pc, targets = self.data.y_test[idx], pred.cpu()[idx], self.targets.cpu()
+            out["asr"] = attack_success_rate(ya, pb, targets)
+            asr_c = attack_success_rate(ya, pb, targets, pc)
+            out["asr_c"] = None if np.isnan(asr_c) else asr_c
         model.train(was_training)
-        return ca, asr
+        return out
+
+    def ca_asr(self, model: nn.Module | None = None) -> tuple[float, float | None]:
+        """(CA, ASR) of ``model``: :meth:`repair_metrics` without ASR-C."""
+        m = self.repair_metrics(model)
+        return m["ca"], m["asr"]
+
+    @property
+    def calibration_source(self) -> str:
+        """Where :meth:`clean_val` draws from, in words (each detector writes it to defense.json)."""
+        if self.data.has_val:
+            return f"validation split ({len(self.data.y_val)} held-out training images)"
+        return "training images (this run has no validation split, val_fraction 0: the model has seen them)"
+
+    def clean_val(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """At most ``n`` random clean *held-out* images and labels, for fitting a detector's threshold
+        or boundary: the run's validation split, or (without one) training images -- see
+        :attr:`calibration_source`. Never test images: those are what detection is scored on."""
+        x, y = (self.data.x_val, self.data.y_val) if self.data.has_val else (self.data.x_train, self.data.y_train)
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(y), generator=g)[:n]
+        return self.images(x[idx]), y[idx].to(self.engine.device)
 
     def clean_train(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` random clean training images and labels (the defender's clean data)."""
@@ -170,17 +218,86 @@ class Defense(ABC):
     @classmethod
     def headline(cls, fields: dict[str, Any]) -> str:
         """The numbers a reader needs from this defense's defense.json, in one line (``cuba defend``
-        prints it, ``cuba defense-table`` puts it in a cell). Override per defense."""
+        prints it, ``cuba defense-table`` puts it in a cell). Override per defense; an override
+        starts with :func:`not_applicable` so a degenerate result never reads as a measurement."""
+        na = not_applicable(fields)
+        if na:
+            return na
         return f"AUROC {fields['auroc']:.3f}" if "auroc" in fields else "(see defense.json)"
 
 
-def roc_summary(s_clean: np.ndarray, s_bd: np.ndarray, fpr_at: float = 0.05) -> dict[str, float]:
-    """AUROC of a detector score (higher = more suspicious), backdoor vs clean inputs, and its
-    TPR at the largest threshold whose FPR is at most ``fpr_at`` (sklearn's ROC)."""
+def rate_tag(rate: float) -> str:
+    """0.01 -> "1pct", 0.05 -> "5pct", 0.025 -> "2.5pct": the suffix of the defense.json keys of a rate."""
+    return f"{100 * rate:g}pct"
+
+
+def val_threshold(s_val: np.ndarray, fpr: float) -> float:
+    """The threshold that flags (score > it) at most a share ``fpr`` of the clean validation scores:
+    their empirical (1 - fpr) quantile, taken at an observed value (``method="higher"``) so that
+    ties -- discrete scores such as SCALE-UP's SPC -- never push the validation FPR above ``fpr``."""
+    return float(np.quantile(np.asarray(s_val, dtype=float), 1.0 - fpr, method="higher"))
+
+
+def roc_summary(s_clean: np.ndarray, s_bd: np.ndarray, s_val: np.ndarray, fpr_at: float = 0.05) -> dict[str, float]:
+    """AUROC of a detector score (higher = more suspicious), backdoor vs clean *test* inputs, and the
+    TPR of a threshold fitted on clean *validation* scores ``s_val`` (:func:`val_threshold` at
+    ``fpr_at``), with the FPR that threshold realises on the clean test inputs beside it.
+
+    Why not read the TPR off the test ROC (sklearn's largest threshold with FPR <= 5%, as this did
+    before): that picks the threshold on the very inputs it is then scored on, which a defender
+    cannot do; a threshold fixed on held-out clean data is what a deployed detector would use, and
+    its realised test FPR says how well that calibration carried over.
+    """
+    s_clean, s_bd = np.asarray(s_clean, dtype=float), np.asarray(s_bd, dtype=float)
     labels = np.r_[np.zeros(len(s_clean)), np.ones(len(s_bd))]
-    scores = np.r_[s_clean, s_bd]
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return {"auroc": float(roc_auc_score(labels, scores)), f"tpr_at_fpr_{round(100 * fpr_at)}pct": float(tpr[fpr <= fpr_at].max())}
+    thr = val_threshold(s_val, fpr_at)
+    tag = rate_tag(fpr_at)
+    return {"auroc": float(roc_auc_score(labels, np.r_[s_clean, s_bd])),
+            f"tpr_at_fpr_{tag}": float((s_bd > thr).mean()), f"test_fpr_at_fpr_{tag}": float((s_clean > thr).mean()),
+            f"threshold_at_fpr_{tag}": thr}
+
+
+def constant_scores(*scores: np.ndarray) -> bool:
+    """True when every score of every array is the same value: such a detector ranks nothing, so
+    its AUROC is exactly 0.5 and its flags are all-or-nothing by construction, not by measurement."""
+    allv = np.concatenate([np.asarray(s, dtype=float).ravel() for s in scores])
+    return len(allv) > 0 and bool(np.ptp(allv) == 0)
+
+
+def not_applicable(fields: dict[str, Any]) -> str | None:
+    """ "n/a (reason)" for a defense.json that says ``"applicable": false``, else None. Headlines and
+    tables print this instead of the raw numbers, which stay in defense.json for inspection."""
+    if fields.get("applicable", True) is False:
+        return f"n/a ({fields.get('reason', 'no reason recorded')})"
+    return None
+
+
+def rule_headline(fields: dict[str, Any], label: str, key: str, realised_key: str, realised_name: str) -> str:
+    """An input detector's headline: AUROC, then its rule at a fixed error rate (``key``) with the
+    rate that rule realised on clean test inputs (``realised_key``), then the same for the
+    two-sided rule (``key + "_two_sided"``) when defense.json has one; "n/a (reason)" when the
+    detector does not apply. Older defense.json files lack the realised and two-sided keys."""
+    na = not_applicable(fields)
+    if na:
+        return na
+
+    def one(k: str, rk: str) -> str:
+        return f"{label} {fields[k]:.3f}" + (f" (test {realised_name} {fields[rk]:.3f})" if rk in fields else "")
+
+    text = f"AUROC {fields['auroc']:.3f}, " + one(key, realised_key)
+    if f"{key}_two_sided" in fields:
+        text += "; two-sided " + one(f"{key}_two_sided", f"{realised_key}_two_sided")
+    return text
+
+
+def missing_stages(run: AttackRun) -> str | None:
+    """Why ``run``'s classifier cannot serve a defense that hooks its feature stages (Grad-CAM,
+    pruning, attention), or None when it declares them."""
+    try:
+        run.classifier.stages()
+    except (ValueError, AttributeError) as e:
+        return f"the model declares no feature stages to hook ({e})"
+    return None
 
 
 def pct(v: float | None) -> str:
@@ -188,20 +305,50 @@ def pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def at_chance(ca: float | None, num_classes: int | None) -> bool:
-    """True when a mitigation left clean accuracy under twice chance (2/K): the model has
-    (nearly) stopped classifying, and an ASR measured on it no longer means a backdoor."""
-    return ca is not None and bool(num_classes) and ca < 2.0 / num_classes
+ASR_NAMES = {"asr": "ASR", "asr_c": "ASR-C"}
 
 
-def removal_headline(rows: list[dict[str, Any]], key: str, num_classes: int | None = None) -> str:
-    """First and last row of a mitigation curve (Fine-pruning, NAD) as CA/ASR in %.
+def headline_asr_key(cfg: TrainConfig) -> str:
+    """"asr_c" for untargeted attacks (every FRA/NRA attack and UBW-P: all attacks but the all-to-one
+    controls), "asr" for the targeted controls (targeted, badnets) and clean models.
 
-    With ``num_classes``, a last model whose CA is under twice chance is said to be so: its ASR
-    then counts where a model that no longer classifies happens to point, not a backdoor.
+    Under an untargeted rule a repaired model's clean mistakes count as successes, so its ASR
+    stays near 1 - CA whether or not the backdoor survives (METHOD.md section 2); under an
+    all-to-one rule a clean mistake lands on the target class only by chance, so plain ASR is
+    the paper's number there."""
+    return "asr_c" if cfg.is_attack and cfg.attack not in ALL_TO_ONE else "asr"
+
+
+def headline_asr_key_of(fields: dict[str, Any]) -> str:
+    """The headline ASR key of a mitigation defense.json: its ``asr_headline_key``, or for one written
+    before that field, inferred from its ``setting`` label (clean / targeted-tN / badnets-tN: ASR;
+    any other attack: ASR-C)."""
+    if fields.get("asr_headline_key"):
+        return str(fields["asr_headline_key"])
+    setting = str(fields.get("setting", "clean"))
+    return "asr" if setting == "clean" or setting.startswith(tuple(f"{a}-t" for a in ALL_TO_ONE)) else "asr_c"
+
+
+def headline_value(row: dict[str, Any], key: str, suffix: str = "") -> tuple[float | None, str]:
+    """(value, label) of a removal row's headline ASR: ``row[key + suffix]``, or -- for a row written
+    before ASR-C was recorded -- plain ASR labelled "ASR (ASR-C not recorded)", so the fallback is
+    never mistaken for ASR-C."""
+    if key + suffix in row:
+        return row[key + suffix], ASR_NAMES[key]
+    return row.get("asr" + suffix), "ASR (ASR-C not recorded)" if key == "asr_c" else "ASR"
+
+
+def removal_headline(rows: list[dict[str, Any]], key: str, num_classes: int | None = None, asr_key: str = "asr") -> str:
+    """First and last row of a mitigation curve (Fine-pruning, NAD) as CA/ASR or CA/ASR-C in %.
+
+    ``asr_key`` picks the headline ASR (:func:`headline_asr_key`); the label says which one was
+    printed. With ``num_classes``, a last model whose CA is under twice chance is said to be so:
+    its ASR then counts where a model that no longer classifies happens to point, not a backdoor.
     """
     first, last = rows[0], rows[-1]
-    text = f"{key} {first[key]:g}: {pct(first['ca'])}/{pct(first['asr'])} → {last[key]:g}: {pct(last['ca'])}/{pct(last['asr'])} (CA/ASR)"
+    a0, label = headline_value(first, asr_key)
+    a1, _ = headline_value(last, asr_key)
+    text = f"{key} {first[key]:g}: {pct(first['ca'])}/{pct(a0)} → {last[key]:g}: {pct(last['ca'])}/{pct(a1)} (CA/{label})"
     if last["asr"] is not None and at_chance(last["ca"], num_classes):
         text += f" — CA at chance level (K={num_classes}): ASR not meaningful"
     return text

@@ -17,8 +17,10 @@ from ..figures import save_figure as _save  # noqa: E402
 
 
 def plot_scores(s_clean: np.ndarray, s_bd: np.ndarray, threshold: float, path: Path, xlabel: str,
-                threshold_label: str, title: str = "", bins: int | np.ndarray = 40) -> Path:
-    """Histograms of an input-level detector's score on clean and backdoor inputs, with its threshold."""
+                threshold_label: str, title: str = "", bins: int | np.ndarray = 40,
+                band: tuple[float, float] | None = None, band_label: str = "") -> Path:
+    """Histograms of an input-level detector's score on clean and backdoor inputs, with its threshold
+    and, with ``band``, the (lower, upper) thresholds of a two-sided rule (dotted)."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     if isinstance(bins, int):
         bins = np.linspace(min(0.0, float(np.min(s_clean)), float(np.min(s_bd))),
@@ -26,6 +28,9 @@ def plot_scores(s_clean: np.ndarray, s_bd: np.ndarray, threshold: float, path: P
     ax.hist(s_clean, bins=bins, alpha=0.6, density=True, label="clean inputs")
     ax.hist(s_bd, bins=bins, alpha=0.6, density=True, label="backdoor inputs")
     ax.axvline(threshold, color="k", ls="--", lw=1, label=threshold_label)
+    if band is not None:
+        for i, t in enumerate(band):
+            ax.axvline(t, color="tab:red", ls=":", lw=1, label=band_label if i == 0 else None)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
@@ -33,8 +38,11 @@ def plot_scores(s_clean: np.ndarray, s_bd: np.ndarray, threshold: float, path: P
     return _save(fig, path)
 
 
-def plot_strip(e_clean: np.ndarray, e_bd: np.ndarray, threshold: float, path: Path, title: str = "") -> Path:
-    return plot_scores(e_clean, e_bd, threshold, path, "mean entropy over superimpositions (bits)", "threshold (FRR 1%)", title)
+def plot_strip(e_clean: np.ndarray, e_bd: np.ndarray, threshold: float, path: Path, title: str = "",
+               two_sided: tuple[float, float] | None = None, frr: float = 0.01) -> Path:
+    return plot_scores(e_clean, e_bd, threshold, path, "mean entropy over superimpositions (bits)",
+                       f"one-sided threshold (FRR {100 * frr:g}%)", title, band=two_sided,
+                       band_label=f"two-sided thresholds (FRR {100 * frr:g}%)")
 
 
 def plot_neural_cleanse(norms: Sequence[float], flagged: Sequence[int], anomaly_index: float, masks: np.ndarray,
@@ -96,6 +104,9 @@ def plot_removal(rows: Sequence[dict], x_key: str, path: Path, xlabel: str, titl
     xs = [r[x_key] for r in rows]
     ax.plot(xs, [100 * r["ca"] for r in rows], "o-", label="CA")
     ax.plot(xs, [100 * r["asr"] if r["asr"] is not None else np.nan for r in rows], "s-", label="ASR")
+    # ASR-C: over test images the same repaired model still classifies correctly when clean
+    if any(r.get("asr_c") is not None for r in rows):
+        ax.plot(xs, [100 * r["asr_c"] if r.get("asr_c") is not None else np.nan for r in rows], "^-", label="ASR-C")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)

@@ -7,13 +7,25 @@ images h: the *fooled rate* is the share of h*(1-M) + x*M classified as c; the *
 confidence* is the mean top-class softmax of h*(1-M) + r*M with r uniform noise (an inert
 patch in the same place). Each input becomes a point (average confidence, fooled rate).
 
-The boundary is fitted on clean calibration inputs (from the training set): split the
-confidence axis into ``bins`` bins, take the largest fooled rate per bin and fit a quadratic
-through those maxima; an input is flagged above it. Its height above the curve is the score.
+The hold-out images that masks are pasted onto are the defender's clean training images; the
+boundary is fitted on clean *validation* inputs (:meth:`AttackRun.clean_val`; a model has fitted
+its training images, so their points sit higher and would bend the boundary to inputs it has
+memorised): split the confidence axis into ``bins`` bins, take the largest fooled rate per bin
+and fit a quadratic through those maxima; an input is flagged above it. Its height above the
+curve is the score. ``tpr_at_fpr_5pct`` uses a second threshold on that score, the empirical 95%
+quantile of the same validation inputs' scores (:func:`~cuba.defenses.base.roc_summary`), with
+the FPR it realises on the clean test inputs beside it.
 
-defense.json: ``auroc`` (score separating backdoor from clean *test* inputs), ``tpr_at_fpr_5pct``,
-``flagged_backdoor`` / ``flagged_clean`` (shares above the boundary), ``boundary`` (quadratic
-coefficients, highest power first), and the points.
+Not applicable (``"applicable": false``) when the model declares no feature stage for Grad-CAM,
+when every Grad-CAM map is flat (the "top region" is then the whole image), when the boundary
+sits at fooled rate 1 over the whole confidence range (every clean validation bin already
+reaches 1: nothing can lie above it, so SentiNet flags nothing by construction), or when every
+score is equal.
+
+defense.json: ``auroc`` (score separating backdoor from clean *test* inputs), ``tpr_at_fpr_5pct`` /
+``test_fpr_at_fpr_5pct`` / ``threshold_at_fpr_5pct``, ``flagged_backdoor`` / ``flagged_clean``
+(shares above the boundary), ``boundary`` (quadratic coefficients, highest power first),
+``flat_cam_share``, ``calibration`` / ``n_calib_used``, ``applicable`` (+ ``reason``), and the points.
 """
 
 from __future__ import annotations
@@ -23,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import AttackRun, Defense, DefenseResult, check_param, register, roc_summary
+from .base import (AttackRun, Defense, DefenseResult, check_param, constant_scores, missing_stages, not_applicable,
+                   register, roc_summary)
 from .plots import plot_cam_maps, plot_sentinet
 
 
@@ -99,7 +112,11 @@ class SentiNet(Defense):
 
     @classmethod
     def headline(cls, f: dict) -> str:
-        return f"AUROC {f['auroc']:.3f}, TPR@FPR5% {f['tpr_at_fpr_5pct']:.3f}"
+        na = not_applicable(f)
+        if na:
+            return na
+        text = f"AUROC {f['auroc']:.3f}, TPR@FPR5% {f['tpr_at_fpr_5pct']:.3f}"
+        return text + (f" (test FPR {f['test_fpr_at_fpr_5pct']:.3f})" if "test_fpr_at_fpr_5pct" in f else "")
 
     def __init__(self, n_eval: int = 200, n_calib: int = 200, n_holdout: int = 100, mask_fraction: float = 0.1,
                  bins: int = 10, stage: int = -1, seed: int = 0) -> None:
@@ -112,8 +129,12 @@ class SentiNet(Defense):
         self.stage = stage
 
     def run(self, run: AttackRun, out: Path) -> DefenseResult:
-        held, _ = run.clean_train(self.n_holdout + self.n_calib, seed=self.seed)
-        holdout, calib = held[: self.n_holdout], held[self.n_holdout:]
+        lacking = missing_stages(run)
+        if lacking:
+            return DefenseResult(self.name, {"applicable": False, "reason": lacking, "calibration": run.calibration_source,
+                                             "trigger": run.trigger_kind}, self.params)
+        holdout, _ = run.clean_train(self.n_holdout, seed=self.seed)
+        calib, _ = run.clean_val(self.n_calib, seed=self.seed)
         x, _ = run.attacked_test(self.n_eval, seed=self.seed)
         xb = run.backdoor(x)
         p_calib, _ = sentinet_points(run, calib, holdout, self.mask_fraction, self.seed, self.stage)
@@ -121,15 +142,29 @@ class SentiNet(Defense):
         p_bd, cam_bd = sentinet_points(run, xb, holdout, self.mask_fraction, self.seed + 2, self.stage)
         coeffs = fit_boundary(p_calib, self.bins)
         score = lambda p: p[:, 1] - np.polyval(coeffs, p[:, 0])  # noqa: E731
-        s_clean, s_bd = score(p_clean), score(p_bd)
+        s_clean, s_bd, s_calib = score(p_clean), score(p_bd), score(p_calib)
+        cams = torch.cat([cam_clean, cam_bd]).flatten(1)
+        flat_share = float((cams.amax(1) == cams.amin(1)).float().mean())
+        reason = None
+        if flat_share == 1.0:
+            reason = "every Grad-CAM map is flat: the top-saliency mask covers the whole image, so nothing is localised"
+        elif np.polyval(coeffs, np.linspace(0, 1, 101)).min() >= 1.0 - 1e-9:
+            reason = ("the boundary sits at fooled rate 1 over the whole confidence range (every clean validation bin "
+                      "already fools all hold-out images): nothing can lie above it")
+        elif constant_scores(s_clean, s_bd):
+            reason = "every test input has the same score: the detector ranks nothing"
         fields = {
-            **roc_summary(s_clean, s_bd),
+            **roc_summary(s_clean, s_bd, s_calib),
+            "applicable": reason is None, **({"reason": reason} if reason else {}),
             "flagged_backdoor": float((s_bd > 0).mean()), "flagged_clean": float((s_clean > 0).mean()),
-            "boundary": coeffs.tolist(), "trigger": run.trigger_kind,
+            "boundary": coeffs.tolist(), "flat_cam_share": flat_share, "calibration": run.calibration_source,
+            "n_calib_used": len(calib), "trigger": run.trigger_kind,
             "points_clean": p_clean.round(4).tolist(), "points_backdoor": p_bd.round(4).tolist(),
+            "points_calib": p_calib.round(4).tolist(),
         }
         figs = [
-            plot_sentinet(p_clean, p_bd, coeffs, out / "sentinet_scatter.png", title=f"SentiNet on {run.cfg.label()}: AUROC {fields['auroc']:.3f}"),
+            plot_sentinet(p_clean, p_bd, coeffs, out / "sentinet_scatter.png",
+                          title=f"SentiNet on {run.cfg.label()}: AUROC {fields['auroc']:.3f}" + ("" if reason is None else " (n/a)")),
             plot_cam_maps(
                 torch.cat([x[:5], xb[:5]]).cpu().numpy(), torch.cat([cam_clean[:5], cam_bd[:5]]).numpy(),
                 ["clean"] * 5 + ["backdoor"] * 5, out / "sentinet_gradcam.png",

@@ -1,8 +1,12 @@
 """``cuba defense-table``: the defenses' verdicts on several runs, read back from their defense.json.
 
-Two Markdown tables: (1) defenses as rows, runs as columns, each cell the headline numbers and
-the defense's wall time; (2) the removal curves of Fine-pruning and NAD (paper Table III), one
-row per prune ratio / epoch, CA / ASR per run.
+Two Markdown tables: (1) defenses as rows, runs as columns, each cell the headline numbers (or
+"n/a (reason)" for a defense.json that says ``"applicable": false``) and the defense's wall time;
+(2) the removal curves of Fine-pruning and NAD (paper Table III), one row per prune ratio /
+epoch, CA and the *headline* ASR per run: ASR-C for untargeted attacks (a repaired model's clean
+mistakes count as successes there, so plain ASR >= 1 - CA says nothing about the backdoor), plain
+ASR for the targeted controls. Each run's column title says which it shows; a defense.json
+written before ASR-C was recorded shows plain ASR, marked † and explained under the table.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ..runs import read_json
-from .base import pct
+from .base import ASR_NAMES, headline_asr_key_of, headline_value, not_applicable, pct
+
+FALLBACK_NOTE = ("† ASR-C not recorded (defense.json written before it): plain ASR shown, which for an "
+                 "untargeted attack also counts the repaired model's clean mistakes as successes.")
 
 
 def load_results(run_dirs: list[Path], root: str = "defenses") -> list[tuple[Path, dict[str, dict[str, Any]]]]:
@@ -23,6 +30,35 @@ def load_results(run_dirs: list[Path], root: str = "defenses") -> list[tuple[Pat
             raise FileNotFoundError(f"{r} has no {root}/<defense>/defense.json (run `cuba defend all {r}` first)")
         out.append((Path(r), found))
     return out
+
+
+def removal_table(name: str, key: str, cols: list[str], per_run: list[dict[str, Any] | None]) -> list[str]:
+    """Markdown lines of one removal curve (Fine-pruning or NAD): a row per step, "CA / headline ASR"
+    per run, the column title naming the headline ASR of that run; [] when no run has rows."""
+    rows_of = [(f or {}).get("rows", []) for f in per_run]
+    steps = sorted({r[key] for rows in rows_of for r in rows})
+    if not steps:
+        return []
+    heads, fallback = [], False
+    for col, f, rows in zip(cols, per_run, rows_of):
+        akey = headline_asr_key_of(f) if f else "asr"
+        missing = bool(rows) and akey == "asr_c" and any("asr_c" not in r for r in rows)
+        fallback |= missing
+        heads.append(f"{col} (CA / {'ASR†' if missing else ASR_NAMES[akey]})")
+    lines = ["", f"{name}: CA / headline ASR (%) per run -- ASR-C (over test images the repaired model classifies "
+             "correctly when clean) for untargeted attacks, ASR for the targeted controls", "",
+             f"| {key} | " + " | ".join(heads) + " |", "|---|" + "---|" * len(cols)]
+    for s in steps:
+        cells = []
+        for f, rows in zip(per_run, rows_of):
+            row = next((r for r in rows if r[key] == s), None)
+            if row is None:
+                cells.append("–")
+                continue
+            value, _ = headline_value(row, headline_asr_key_of(f) if f else "asr")
+            cells.append(f"{pct(row['ca'])} / {pct(value)}")
+        lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
+    return lines + (["", FALLBACK_NOTE] if fallback else [])
 
 
 def defense_tables(run_dirs: list[Path], names: list[str] | None = None) -> str:
@@ -37,19 +73,12 @@ def defense_tables(run_dirs: list[Path], names: list[str] | None = None) -> str:
         cells = []
         for _, d in res:
             f = d.get(name)
-            line = DEFENSES[name].headline(f) if f is not None and name in DEFENSES else "see defense.json"
-            cells.append("–" if f is None else f"{line} ({f['seconds']:.0f} s)")
+            if f is None:
+                cells.append("–")
+                continue
+            line = not_applicable(f) or (DEFENSES[name].headline(f) if name in DEFENSES else "see defense.json")
+            cells.append(f"{line} ({f['seconds']:.0f} s)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, key in (("fine-pruning", "prune_ratio"), ("nad", "epoch")):
-        per_run = [d.get(name, {}).get("rows", []) for _, d in res]
-        steps = sorted({r[key] for rows in per_run for r in rows})
-        if not steps:
-            continue
-        lines += ["", f"{name}: CA / ASR (%) per run", "", f"| {key} | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        for s in steps:
-            cells = []
-            for rows in per_run:
-                row = next((r for r in rows if r[key] == s), None)
-                cells.append("–" if row is None else f"{pct(row['ca'])} / {pct(row['asr'])}")
-            lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
+        lines += removal_table(name, key, cols, [d.get(name) for _, d in res])
     return "\n".join(lines)

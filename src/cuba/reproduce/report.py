@@ -1,8 +1,10 @@
 """The paper's Table III and Figures 4-8 from a grid's run folders, and one self-contained report.html.
 
-* ``table3.{md,csv,tex}``: Fine-pruning (CA / ASR per prune ratio) and NAD (per epoch) for every
-  run that has those defense.json files; ``defenses.md``: every defense's headline numbers
-  (STRIP / SentiNet / SCALE-UP AUROC, Neural Cleanse's anomaly index, ...) per defended run.
+* ``table3.{md,csv,tex}``: Fine-pruning (CA / ASR / ASR-C per prune ratio) and NAD (per epoch) for
+  every run that has those defense.json files; the headline is ASR-C for untargeted attacks and
+  ASR for the targeted controls (:func:`cuba.defenses.base.headline_asr_key`), and says so;
+  ``defenses.md``: every defense's headline numbers (STRIP / SentiNet / SCALE-UP AUROC, Neural
+  Cleanse's anomaly index, ...) per defended run.
 * figures (``figures/``): Fig. 4 triggers, Fig. 5 confidences and the per-source-class histograms of
   a CUBA run (copied from its run folder; ``cuba figures RUN`` draws them for an older run), Fig. 6 STRIP entropies, Fig. 7 Neural Cleanse norms and SentiNet scatter (from the
   defense folders), Fig. 8 the source-class-1 histograms of CUBA FRA beside the untargeted
@@ -23,27 +25,44 @@ from pathlib import Path
 
 import yaml
 
-from ..defenses.base import at_chance
+from ..defenses.base import at_chance, headline_asr_key_of
 from ..runs import read_json, write_text
 from .tables import finished_runs, table2_markdown, table2_rows
 
 REMOVAL = (("fine-pruning", "prune_ratio"), ("nad", "epoch"))
 
+# read beside Table II: what the DS scale columns and the degenerate flag mean
+TABLE2_NOTE = ("DS floor: the DS of total collapse onto one class; DS uniform: the expected DS of an attacker "
+               "drawing uniformly from T(y) with this run's successful images per class; eff. classes: "
+               "e^entropy of the successful predictions per source class. A DS is read between the first two. "
+               "A setting marked degenerate (CA at chance, or more than 10 points under the clean CA) has "
+               "stopped classifying: its ASR/DS read n/a, not a backdoor. – : not recorded by an older run.")
+
 
 def table3_rows(out: Path) -> list[dict]:
+    """One dict per removal step of every run's Fine-pruning / NAD defense.json. ``asr_c`` is there
+    only when the defense.json recorded it; ``headline`` is the run's headline ASR key."""
     rows = []
     for run in finished_runs(out):
         for name, key in REMOVAL:
             f = run.path / "defenses" / name / "defense.json"
             if f.is_file():
-                for r in read_json(f)["rows"]:
+                js = read_json(f)
+                headline = headline_asr_key_of({"setting": run.label, **js})
+                for r in js.get("rows", []):
                     rows.append({"run": run.path.name, "setting": run.label, "defense": name, "step": r[key],
-                                 "ca": r["ca"], "asr": r["asr"], "num_classes": run.metrics.get("num_classes")})
+                                 "ca": r["ca"], "asr": r["asr"], **({"asr_c": r["asr_c"]} if "asr_c" in r else {}),
+                                 "headline": headline, "num_classes": run.metrics.get("num_classes")})
     return rows
 
 
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
+
+
+def _headline(r: dict) -> str:
+    """A table3 row's headline ASR key (rows built by hand or by older code may lack ``headline``)."""
+    return headline_asr_key_of({"asr_headline_key": r.get("headline"), "setting": r.get("setting", "clean")})
 
 
 # The paper's Table III (CIFAR-10 / ResNet18, CUBA): NAD's ASR and CA after 2..10 epochs. Its
@@ -54,14 +73,21 @@ PAPER_NAD = {2: (81.39, 93.61), 4: (80.91, 92.07), 6: (79.22, 89.85), 8: (76.40,
 AT_CHANCE_NOTE = ("‡ clean accuracy under twice chance (2/K): the repaired model has (nearly) stopped "
                   "classifying, so its ASR counts how often its few predicted classes fall in the target "
                   "set (a constant predictor scores (K-1)/K under FRA), not a surviving backdoor.")
+HEADLINE_NOTE = ("Headline: ASR-C for untargeted attacks (the row marked \"(headline)\": ASR over the backdoor "
+                 "test images whose clean twin the same repaired model classifies correctly; plain ASR is at "
+                 "least 1 - CA there once repair costs accuracy, backdoor or not), plain ASR for the targeted controls.")
+FALLBACK_NOTE = ("† ASR-C not recorded (defense.json written before it): the headline falls back to plain ASR, "
+                 "which for an untargeted attack also counts the repaired model's clean mistakes.")
 
 
 def table3_markdown(rows: list[dict]) -> str:
     """One table per defense in the paper's layout: a CA row and an ASR row per run, one column
-    per prune ratio (Fine-pruning) or epoch (NAD); NAD also gets the paper's rows. ASR values of
-    models left at chance-level CA are marked ‡ (see :data:`AT_CHANCE_NOTE`)."""
+    per prune ratio (Fine-pruning) or epoch (NAD), plus an ASR-C row -- the headline -- for
+    untargeted runs; NAD also gets the paper's rows. ASR values of models left at chance-level CA
+    are marked ‡ (see :data:`AT_CHANCE_NOTE`); an untargeted run whose defense.json predates ASR-C
+    gets its ASR row marked † as the fallback headline (:data:`FALLBACK_NOTE`)."""
     blocks = []
-    marked = False
+    marked = fallback = untargeted = False
     for name, key in REMOVAL:
         mine = [r for r in rows if r["defense"] == name]
         if not mine:
@@ -71,14 +97,23 @@ def table3_markdown(rows: list[dict]) -> str:
         lines = [head.replace("| | ", f"| {key.replace('_', ' ')} → | ", 1), "|---|---|" + "---|" * len(steps)]
         for run in dict.fromkeys(r["run"] for r in mine):
             by_step = {r["step"]: r for r in mine if r["run"] == run}
-            for metric in ("ca", "asr"):
+            wants_c = _headline(next(iter(by_step.values()))) == "asr_c"
+            has_c = any("asr_c" in r for r in by_step.values())
+            untargeted |= wants_c
+            metrics = [("ca", "CA"), ("asr", "ASR")]
+            if wants_c and has_c:
+                metrics.append(("asr_c", "ASR-C (headline)"))
+            elif wants_c:
+                metrics[1] = ("asr", "ASR † (headline)")
+                fallback = True
+            for metric, label in metrics:
                 vals = []
                 for s in steps:
                     r = by_step.get(s)
                     flag = r is not None and metric == "asr" and r["asr"] is not None and at_chance(r["ca"], r.get("num_classes"))
                     marked |= flag
-                    vals.append("" if r is None else _pct(r[metric]) + (" ‡" if flag else ""))
-                lines.append(f"| {run} | {metric.upper()} | " + " | ".join(vals) + " |")
+                    vals.append("" if r is None else _pct(r.get(metric)) + (" ‡" if flag else ""))
+                lines.append(f"| {run} | {label} | " + " | ".join(vals) + " |")
         if name == "nad":
             for i, metric in ((1, "CA"), (0, "ASR")):
                 vals = [f"{PAPER_NAD[s][i]:.2f}" if s in PAPER_NAD else "" for s in steps]
@@ -86,7 +121,8 @@ def table3_markdown(rows: list[dict]) -> str:
         blocks.append("\n".join(lines))
     if not blocks:
         return "(no Fine-pruning or NAD results yet)"
-    return "\n\n".join(blocks) + (f"\n\n{AT_CHANCE_NOTE}" if marked else "")
+    notes = [n for n, on in ((HEADLINE_NOTE, untargeted), (FALLBACK_NOTE, fallback), (AT_CHANCE_NOTE, marked)) if on]
+    return "\n\n".join(blocks + notes)
 
 
 def write_table3(out: Path) -> list[Path]:
@@ -94,11 +130,20 @@ def write_table3(out: Path) -> list[Path]:
     md = [table3_markdown(rows)]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["run", "setting", "defense", "step", "ca", "asr"])
+    w.writerow(["run", "setting", "defense", "step", "ca", "asr", "asr_c", "headline_asr"])
+    blank = lambda v: "" if v is None else v  # noqa: E731
     for r in rows:
-        w.writerow([r["run"], r["setting"], r["defense"], r["step"], r["ca"], "" if r["asr"] is None else r["asr"]])
-    tex = ["\\begin{tabular}{lllrr}", "\\toprule", "Run & Defense & Ratio / epoch & CA (\\%) & ASR (\\%) \\\\", "\\midrule"]
-    tex += [f"{r['run']} & {r['defense']} & {r['step']:g} & {_pct(r['ca'])} & {_pct(r['asr'])} \\\\".replace("–", "--").replace("_", "\\_") for r in rows]
+        head = _headline(r)
+        head = head if head == "asr" or "asr_c" in r else "asr (asr_c not recorded)"
+        w.writerow([r["run"], r["setting"], r["defense"], r["step"], r["ca"], blank(r["asr"]), blank(r.get("asr_c")), head])
+    tex = ["% headline ASR in bold: ASR-C for untargeted attacks, ASR for the targeted controls",
+           "\\begin{tabular}{lllrrr}", "\\toprule",
+           "Run & Defense & Ratio / epoch & CA (\\%) & ASR (\\%) & ASR-C (\\%) \\\\", "\\midrule"]
+    for r in rows:
+        bold = "asr_c" if _headline(r) == "asr_c" and "asr_c" in r else ("asr" if r["asr"] is not None else None)
+        cell = lambda k: f"\\textbf{{{_pct(r.get(k))}}}" if k == bold else _pct(r.get(k))  # noqa: E731
+        tex.append(f"{r['run']} & {r['defense']} & {r['step']:g} & {_pct(r['ca'])} & {cell('asr')} & {cell('asr_c')} \\\\"
+                   .replace("–", "--").replace("_", "\\_"))
     tex += ["\\bottomrule", "\\end{tabular}"]
     files = []
     for suffix, text in (("md", "\n".join(md)), ("csv", buf.getvalue()), ("tex", "\n".join(tex))):
@@ -172,8 +217,12 @@ def write_report(out: Path, title: str = "cuba reproduction report") -> Path:
     detection = dt.read_text().split("\n\n")[0] if dt is not None else ""
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>Run folder: {html.escape(str(out))}</p>",
              "<h2>Table II: ASR, DS, CA (mean ± std over seeds), beside the paper</h2>", _md_table_to_html(t2),
-             "<h2>Table III: Fine-pruning and NAD (CA and ASR, %)</h2>",
-             *(_md_table_to_html(block) for block in t3.split("\n\n")),
+             f"<p>{html.escape(TABLE2_NOTE)}</p>",
+             "<h2>Table III: Fine-pruning and NAD (CA, ASR and ASR-C, %; the headline is ASR-C for untargeted "
+             "attacks, ASR for the targeted controls)</h2>",
+             # tables as tables; the notes under them (headline, †, ‡) as paragraphs, not dropped
+             *(_md_table_to_html(block) if block.lstrip().startswith("|") else f"<p>{html.escape(block)}</p>"
+               for block in t3.strip().split("\n\n")),
              "<h2>Defenses: each one's headline numbers per defended run</h2>",
              "<p>Definitions: README, section Defenses. CA/ASR in %; times are wall seconds.</p>" + _md_table_to_html(detection),
              "<h2>Figures</h2>"]

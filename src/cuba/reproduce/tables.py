@@ -50,7 +50,24 @@ def _cell(m: float, s: float) -> str:
     return "–" if math.isnan(m) else (f"{m:.2f}" if math.isnan(s) else f"{m:.2f} ± {s:.2f}")
 
 
+# (metrics.json key, scale) of every Table II number: the paper's three, then DS on its own scale
+# (METHOD.md §2): the DS of a collapse, of a uniform attacker with the run's success counts, and
+# the effective number of classes -- so DS reads the same on MNIST (K = 10) and CIFAR-100
+TABLE2_KEYS = (("asr", 100.0), ("ds", 100.0), ("ca", 100.0), ("ds_floor", 100.0), ("ds_uniform", 100.0),
+               ("effective_classes", 1.0))
+TABLE2_NA = {"asr", "ds", "ds_floor", "ds_uniform", "effective_classes"}  # n/a on a degenerate model
+
+
 def table2_rows(runs: list[Run]) -> list[dict]:
+    """One row per (data set, model, attacked setting): mean ± std over seeds.
+
+    A degenerate group (:func:`cuba.compare.group_degeneracy`: every seed at chance, or a mean CA
+    more than 10 points under the clean CA of the same data set and model) gets ``degenerate`` set
+    and NaN backdoor numbers; degenerate seeds of a healthy group are left out of its backdoor
+    numbers (``n_degenerate`` counts them) while CA keeps every seed.
+    """
+    from ..compare import group_degeneracy, mean_ca, metric_value
+
     groups: dict[tuple[str, str, str], list[Run]] = defaultdict(list)
     for r in runs:
         groups[(str(r.metrics.get("dataset") or r.config["dataset"]), r.config["model"], r.label)].append(r)
@@ -59,10 +76,17 @@ def table2_rows(runs: list[Run]) -> list[dict]:
         if label == "clean":
             continue
         clean = groups.get((ds, model, "clean"), [])
-        row = {"dataset": ds, "model": model, "setting": label, "n": len(rs)}
-        for key in ("asr", "ds", "ca"):
-            row[key] = _stats([100 * r.metrics[key] if r.metrics.get(key) is not None else None for r in rs])
-        row["clean_ca"] = _stats([100 * r.metrics["ca"] for r in clean])
+        deg = group_degeneracy(rs, mean_ca(clean))
+        row = {"dataset": ds, "model": model, "setting": label, "n": len(rs), "degenerate": deg.reason,
+               "n_degenerate": len(deg.dropped),
+               "degenerate_reasons": list(dict.fromkeys(why for _, why in deg.dropped))}
+        for key, scale in TABLE2_KEYS:
+            if key in TABLE2_NA and deg.reason is not None:
+                row[key] = (math.nan, math.nan, 0)
+                continue
+            use = deg.kept if key in TABLE2_NA else rs
+            row[key] = _stats([scale * v for v in (metric_value(r.metrics, key) for r in use)])
+        row["clean_ca"] = _stats([100 * metric_value(r.metrics, "ca") for r in clean])
         same_setting = PAPER_MODELS.get(ds) == model
         row["paper"] = PAPER_TABLE2.get((ds, label)) if same_setting else None
         row["paper_clean"] = PAPER_CLEAN.get(ds) if same_setting else None
@@ -70,36 +94,73 @@ def table2_rows(runs: list[Run]) -> list[dict]:
     return rows
 
 
+def _t2_name(r: dict) -> str:
+    from ..compare import flagged, short_reason
+
+    if r.get("degenerate"):
+        return flagged(r["setting"], r["degenerate"])
+    if r.get("n_degenerate"):
+        why = "; ".join(dict.fromkeys(short_reason(w) for w in r.get("degenerate_reasons", [])))
+        return f"{r['setting']} ({r['n_degenerate']}/{r['n']} seeds degenerate: {why}; left out of ASR/DS)"
+    return r["setting"]
+
+
+def _t2_cell(r: dict, key: str, digits: int = 2) -> str:
+    from ..compare import NA
+
+    if key in TABLE2_NA and r.get("degenerate"):
+        return NA
+    m, s = r[key][:2]
+    return "–" if math.isnan(m) else (f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}")
+
+
 def table2_markdown(rows: list[dict]) -> str:
-    lines = ["| data / model | setting | n | ASR | DS | CA | clean CA | paper ASR / DS / CA (clean) | Δ ASR / DS / CA |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """The paper's columns, then DS floor / DS uniform (the DS of a collapse and of a uniform
+    attacker, read against DS) and the effective number of classes."""
+    lines = ["| data / model | setting | n | ASR | DS | CA | clean CA | DS floor | DS uniform | eff. classes "
+             "| paper ASR / DS / CA (clean) | Δ ASR / DS / CA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["paper"]
         paper = f"{p[0]:.2f} / {p[1]:.2f} / {p[2]:.2f} ({r['paper_clean']:.2f})" if p else "–"
-        diff = " / ".join(f"{r[k][0] - p[i]:+.2f}" if not math.isnan(r[k][0]) else "–" for i, k in enumerate(("asr", "ds", "ca"))) if p else "–"
-        lines.append(f"| {r['dataset']} / {r['model']} | {r['setting']} | {r['n']} | {_cell(*r['asr'][:2])} | {_cell(*r['ds'][:2])} | "
-                     f"{_cell(*r['ca'][:2])} | {_cell(*r['clean_ca'][:2])} | {paper} | {diff} |")
+        diff = " / ".join(
+            "n/a" if k in TABLE2_NA and r.get("degenerate") else (f"{r[k][0] - p[i]:+.2f}" if not math.isnan(r[k][0]) else "–")
+            for i, k in enumerate(("asr", "ds", "ca"))) if p else "–"
+        lines.append(f"| {r['dataset']} / {r['model']} | {_t2_name(r)} | {r['n']} | {_t2_cell(r, 'asr')} | {_t2_cell(r, 'ds')} | "
+                     f"{_t2_cell(r, 'ca')} | {_cell(*r['clean_ca'][:2])} | {_t2_cell(r, 'ds_floor')} | {_t2_cell(r, 'ds_uniform')} | "
+                     f"{_t2_cell(r, 'effective_classes')} | {paper} | {diff} |")
     return "\n".join(lines)
 
 
 def table2_csv(rows: list[dict]) -> str:
+    """Every number of the Markdown table; a degenerate group's backdoor cells are empty and its
+    ``degenerate`` column says why (empty for a healthy group). Old runs lacking the newer keys
+    leave those cells empty too."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["dataset", "model", "setting", "n", "asr_mean", "asr_std", "ds_mean", "ds_std", "ca_mean", "ca_std",
-                "clean_ca_mean", "clean_ca_std", "paper_asr", "paper_ds", "paper_ca", "paper_clean_ca"])
+    w.writerow(["dataset", "model", "setting", "n", "degenerate", "n_degenerate", "asr_mean", "asr_std", "ds_mean", "ds_std",
+                "ca_mean", "ca_std", "clean_ca_mean", "clean_ca_std", "ds_floor_mean", "ds_floor_std", "ds_uniform_mean",
+                "ds_uniform_std", "effective_classes_mean", "effective_classes_std",
+                "paper_asr", "paper_ds", "paper_ca", "paper_clean_ca"])
     f = lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"  # noqa: E731
     for r in rows:
         p = r["paper"] or (None, None, None)
-        w.writerow([r["dataset"], r["model"], r["setting"], r["n"], *(f(v) for k in ("asr", "ds", "ca", "clean_ca") for v in r[k][:2]),
-                    *(f(v) for v in p), f(r["paper_clean"])])
+        keys = ("asr", "ds", "ca", "clean_ca", "ds_floor", "ds_uniform", "effective_classes")
+        w.writerow([r["dataset"], r["model"], r["setting"], r["n"], r.get("degenerate") or "", r.get("n_degenerate", 0),
+                    *(f(v) for k in keys for v in r[k][:2]), *(f(v) for v in p), f(r["paper_clean"])])
     return buf.getvalue()
 
 
 def table2_latex(rows: list[dict]) -> str:
-    body = [f"{r['dataset']} / {r['model']} & {r['setting']} & {_cell(*r['asr'][:2])} & {_cell(*r['ds'][:2])} & "
-            f"{_cell(*r['ca'][:2])} & {_cell(*r['clean_ca'][:2])} \\\\".replace("±", "$\\pm$").replace("–", "--") for r in rows]
-    return "\n".join(["\\begin{tabular}{llrrrr}", "\\toprule",
-                      "Data / model & Setting & ASR (\\%) & DS (\\%) & CA (\\%) & Clean CA (\\%) \\\\", "\\midrule",
+    body = []
+    for r in rows:
+        cells = [f"{r['dataset']} / {r['model']}", _t2_name(r),
+                 *(_t2_cell(r, k) for k in ("asr", "ds", "ca")), _cell(*r["clean_ca"][:2]),
+                 *(_t2_cell(r, k) for k in ("ds_floor", "ds_uniform", "effective_classes"))]
+        body.append((" & ".join(cells) + " \\\\").replace("±", "$\\pm$").replace("–", "--").replace("%", "\\%").replace("_", "\\_"))
+    return "\n".join(["\\begin{tabular}{llrrrrrrr}", "\\toprule",
+                      "Data / model & Setting & ASR (\\%) & DS (\\%) & CA (\\%) & Clean CA (\\%) & DS floor (\\%) "
+                      "& DS uniform (\\%) & Eff.\\ classes \\\\", "\\midrule",
                       *body, "\\bottomrule", "\\end{tabular}"])
 
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Issue 15, point 1: re-derive the tau and gamma defaults on the VALIDATION split (MNIST /
+# SimpleCNN, FRA, 3 seeds, reduced budget: 20k training images from the 54k left after the
+# 6k validation split, 3 epochs; the test set is only reported). Resumable: `cuba sweep` skips
+# finished cells, so the script can be stopped and restarted.
+#
+#   bash benchmarks/sweeps_mnist_val.sh [MNIST_NPZ] [OUT]     (defaults: ../shared/data/mnist.npz, runs/sweeps-val)
+#
+# Each sweep writes OUT/FIELD/sweep-FIELD.{md,csv,png} with the ranking by validation DS.
+set -euo pipefail
+DATA=${1:-../shared/data/mnist.npz}
+OUT=${2:-runs/sweeps-val}
+COMMON=(--config src/cuba/configs/mnist.yaml --dataset "$DATA" --n-train 20000 --epochs 3 --no-progress --seeds 0 1 2)
+
+cuba sweep tau 0.01 0.02 0.04 0.1 0.5 1.0 "${COMMON[@]}" --out "$OUT/tau"
+cuba sweep gamma 1 5 10 "${COMMON[@]}" --out "$OUT/gamma"
