@@ -315,3 +315,17 @@ def test_degenerate_run_is_flagged_in_words(tmp_path: Path, capsys: pytest.Captu
     assert "WARNING: degenerate run" in capsys.readouterr().out
     assert read_json(tmp_path / "d" / "metrics.json")["degenerate"] is True
     assert read_json(tmp_path / "d" / "status.json")["degenerate_reason"] == "CA 0.00% is at chance level"
+
+
+def test_ds_scale_line_places_ds_between_collapse_and_uniform() -> None:
+    from cuba.cli import ds_scale_line
+
+    line = ds_scale_line("cuba-fra", {"ds": 0.9242, "ds_floor": 0.7, "ds_uniform": 0.9409, "effective_classes": 7.93})
+    assert line == "cuba-fra: DS 92.42 between collapse 70.00 and uniform-random 94.09; 7.93 effective classes per source class"
+    assert ds_scale_line("clean", {"ca": 0.9, "ds_uniform": float("nan")}) is None
+    assert ds_scale_line("old run", {"ds": 0.9}) is None  # metrics.json from before the keys existed
+
+
+def test_metrics_json_splits_asr_by_clean_correctness(cuba_run: Path) -> None:
+    m = read_json(cuba_run / "metrics.json")
+    assert {"asr_clean_wrong", "asr_pred", "ds_floor", "ds_uniform", "effective_classes"} <= set(m)

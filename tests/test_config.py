@@ -159,3 +159,12 @@ def test_setting_differences_same_file_by_name_or_path(tmp_path: Path) -> None:
     assert setting_differences(by_path, elsewhere) != []  # no file there: never called equal
     assert setting_differences(by_path, make_config({"dataset": "mnist", "data_dir": str(tmp_path), "lr": 0.5})) == [
         f"lr: {by_path.lr!r} != 0.5"]
+
+
+def test_a_stored_run_config_loads_without_its_data_file() -> None:
+    # compare/tables read a run's numbers from anywhere; its relative data path need not resolve here
+    from cuba.config import config_from_run
+
+    assert config_from_run({"dataset": "../elsewhere/mnist.npz"}).dataset == "../elsewhere/mnist.npz"
+    with pytest.raises(ConfigError, match="^dataset: "):
+        make_config({"dataset": "../elsewhere/mnist.npz"})

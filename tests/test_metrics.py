@@ -208,7 +208,7 @@ def test_ssim_small_even_image_works() -> None:
 def test_compute_metrics_clean_model_has_nan_backdoor_keys() -> None:
     y = np.array([0, 1, 2, 2])
     m = compute_metrics(y, np.array([0, 1, 2, 0]), None, None, full_range=True)
-    backdoor = ("asr", "asr_c", "ds", "ds_min", "d_p", "ds_floor", "ds_uniform", "effective_classes")
+    backdoor = ("asr", "asr_c", "asr_clean_wrong", "asr_pred", "ds", "ds_min", "d_p", "ds_floor", "ds_uniform", "effective_classes")
     assert set(m) == {"ca", *backdoor}
     assert m["ca"] == pytest.approx(0.75)
     assert all(math.isnan(m[k]) for k in backdoor)
@@ -361,3 +361,22 @@ def test_effective_classes_hand_computed() -> None:
     assert per[0] == pytest.approx(2.0) and math.isnan(per[1]) and per[2] == pytest.approx(1.0)
     m = compute_metrics(y3, y3, np.array([1, 2, 1, 1, 2, 0]), fra_targets(3), full_range=True)
     assert m["effective_classes"] == pytest.approx(1.5)  # mean over the classes with a success
+
+
+def test_asr_split_by_clean_correctness_and_relative_to_the_clean_prediction() -> None:
+    # NRA-1, K = 3: T(0) = {1}, T(1) = {2}, T(2) = {0}. Images 1 and 3 are misclassified clean;
+    # the backdoor sends each image to T of its *clean prediction*, as a model that keys the
+    # trigger to the class it perceives does.
+    from cuba.metrics import asr_clean_wrong, asr_relative_to_prediction
+
+    t = index_targets(3, 1)
+    y, clean, bd = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 0]), torch.tensor([1, 2, 2, 1])
+    assert attack_success_rate(y, bd, t) == pytest.approx(0.5)
+    assert attack_success_rate(y, bd, t, clean) == pytest.approx(1.0)  # ASR-C
+    assert asr_clean_wrong(y, bd, t, clean) == pytest.approx(0.0)  # T(y_hat) misses T(y) here
+    assert asr_relative_to_prediction(y, bd, t, clean) == pytest.approx(1.0)
+    m = compute_metrics(y, clean, bd, t, full_range=False)
+    assert (m["asr_clean_wrong"], m["asr_pred"]) == (pytest.approx(0.0), pytest.approx(1.0))
+    # ASR = CA * ASR-C + (1 - CA) * ASR on clean-wrong images, with CA = 0.5 here
+    assert m["asr"] == pytest.approx(0.5 * m["asr_c"] + 0.5 * m["asr_clean_wrong"])
+    assert math.isnan(asr_clean_wrong(y, bd, t, y))  # no clean mistake: undefined, not 0

@@ -111,6 +111,15 @@ def format_metrics_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def ds_scale_line(name: str, m: dict[str, Any]) -> str | None:
+    """Where a run's DS sits between collapse and a uniformly random attacker (README, Metrics);
+    None for a clean run or an older metrics.json without the keys."""
+    if not isinstance(m.get("ds_uniform"), float) or math.isnan(m["ds_uniform"]):
+        return None
+    return (f"{name}: DS {_fmt(m.get('ds'))} between collapse {_fmt(m.get('ds_floor'))} and uniform-random "
+            f"{_fmt(m.get('ds_uniform'))}; {_fmt(m.get('effective_classes'), False)} effective classes per source class")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .pipeline import run_training
 
@@ -124,6 +133,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(0)
     print(format_metrics_table([(cfg.label(), metrics)]))
+    scale = ds_scale_line(cfg.label(), metrics)
+    if scale:
+        print(scale)
     if metrics.get("degenerate"):
         print(f"WARNING: degenerate run, its ASR/DS are not a result: {metrics.get('degenerate_reason')}")
     print(f"run folder: {run_dir}")
@@ -200,6 +212,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rows.append((label, m))
     print()
     print(format_metrics_table(rows))
+    for line in filter(None, (ds_scale_line(label, m) for label, m in rows)):
+        print(line)
     print(f"\nrun folders: {out}/clean, {out}/cuba-fra (metrics.json, predictions.npz, figures/)")
     return 0
 

@@ -160,8 +160,12 @@ LEGACY_DEFAULTS: dict[str, Any] = {"val_fraction": 0.0}
 
 
 def config_from_run(values: dict[str, Any]) -> TrainConfig:
-    """A run folder's stored config.yaml (as a dict) -> TrainConfig, older folders included."""
-    return make_config({**LEGACY_DEFAULTS, **values})
+    """A run folder's stored config.yaml (as a dict) -> TrainConfig, older folders included.
+
+    The data set path is not required to exist: a stored ``../shared/data/mnist.npz`` is relative
+    to wherever the run was started, and reading a run's numbers (compare, tables) needs no data.
+    Whatever loads the data still fails clearly when it is missing."""
+    return make_config({**LEGACY_DEFAULTS, **values}, check_paths=False)
 
 
 def parse_variant(value: str) -> tuple[str, int | None]:
@@ -172,8 +176,9 @@ def parse_variant(value: str) -> tuple[str, int | None]:
     return m.group(1), int(m.group(2)) if m.group(2) else None
 
 
-def make_config(values: dict[str, Any]) -> TrainConfig:
-    """Build and validate a :class:`TrainConfig` from a dict (unknown keys are an error)."""
+def make_config(values: dict[str, Any], check_paths: bool = True) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from a dict (unknown keys are an error);
+    ``check_paths=False`` skips the check that a data set path exists (stored run configs)."""
     unknown = sorted(set(values) - set(FIELDS), key=str)
     if unknown:
         raise ConfigError(f"unknown config field(s): {', '.join(map(repr, unknown))}; known fields: {', '.join(FIELDS)}")
@@ -184,7 +189,7 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
         if k is not None:
             values["k"] = k
     cfg = TrainConfig(**{k: v for k, v in values.items() if v is not None or k in ("targets", "out", "name", "n_train", "n_test", "data_dir")})
-    validate(cfg)
+    validate(cfg, check_paths)
     return cfg
 
 
@@ -196,7 +201,7 @@ def _type_ok(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     """Check types and ranges; raise ConfigError naming the first bad field."""
     from .data import DATASET_NAMES  # local: avoid import cycles
     from .data.sources import find_path
@@ -237,7 +242,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name}: must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     if not isinstance(cfg.dataset, str) or not cfg.dataset:
         raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} or a path to a .npz/.zip/folder, got {cfg.dataset!r}")
-    if cfg.dataset not in DATASET_NAMES and find_path(cfg.dataset, cfg.data_dir) is None:
+    if check_paths and cfg.dataset not in DATASET_NAMES and find_path(cfg.dataset, cfg.data_dir) is None:
         where = " (as given or under data_dir)" if cfg.data_dir else ""
         raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} or an existing .npz/.zip/folder path{where}, got {cfg.dataset!r}")
     if cfg.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", str(cfg.device)):

@@ -7,7 +7,9 @@ All functions take plain label tensors/arrays so they can be recomputed from a s
 * ASR -- share of backdoor test images whose prediction satisfies the variant's success rule:
   prediction in T(y) (for FRA, T(y) = every class but y, i.e. prediction != y). Images whose
   class has an empty T(y) -- the target class of an all-to-one attack -- are not attacked and
-  are left out. ASR-C is the same restricted to images the model classifies correctly when clean.
+  are left out. ASR-C is the same restricted to images the model classifies correctly when clean,
+  ``asr_clean_wrong`` restricted to those it misclassifies; ``asr_pred`` counts a prediction in
+  T(y_hat) of the clean prediction y_hat instead of T(y) (:func:`asr_relative_to_prediction`).
 * DS  -- per source class c, over the *successful* backdoor images of c: with H_c the classes
   the predictions should spread over (all K for FRA, T(c) for NRA) and p_j the share of those
   predictions on class j, DS_c = 1 - sqrt(mean_{j in H_c} (p_j - 1/|H_c|)^2). Headline DS is
@@ -93,6 +95,37 @@ def attack_success_rate(
     if y_pred_clean is not None:
         keep &= _t(y_true) == _t(y_pred_clean)
     ok = success_mask(y_true, y_pred_bd, targets)[keep]
+    return float(ok.float().mean()) if len(ok) else float("nan")
+
+
+def asr_clean_wrong(
+    y_true: torch.Tensor | np.ndarray, y_pred_bd: torch.Tensor | np.ndarray, targets: torch.Tensor,
+    y_pred_clean: torch.Tensor | np.ndarray,
+) -> float:
+    """ASR over the attacked images the model *misclassifies* when clean (ASR-C's complement):
+    ASR = CA' * ASR-C + (1 - CA') * this, with CA' the clean accuracy on attacked images."""
+    keep = attacked_mask(y_true, targets) & (_t(y_true) != _t(y_pred_clean))
+    ok = success_mask(y_true, y_pred_bd, targets)[keep]
+    return float(ok.float().mean()) if len(ok) else float("nan")
+
+
+def asr_relative_to_prediction(
+    y_true: torch.Tensor | np.ndarray, y_pred_bd: torch.Tensor | np.ndarray, targets: torch.Tensor,
+    y_pred_clean: torch.Tensor | np.ndarray,
+) -> float:
+    """``asr_pred``: share of attacked backdoor images whose prediction lies in T(y_hat), y_hat the
+    model's *clean* prediction, instead of T(y).
+
+    Why: the backdoor can only be keyed to the class the model perceives. On an image it
+    misclassifies clean as y_hat, the trigger sends it into T(y_hat), which for NRA seldom meets
+    T(y); a paper that reports near-perfect NRA success at imperfect clean accuracy may have
+    measured this (or ASR-C) rather than ASR. Images whose T(y_hat) is empty (an all-to-one
+    target class predicted clean) are left out.
+    """
+    t = targets.bool()
+    yc = _t(y_pred_clean)
+    keep = attacked_mask(y_true, targets) & t.any(dim=1)[yc]
+    ok = t[yc, _t(y_pred_bd)][keep]
     return float(ok.float().mean()) if len(ok) else float("nan")
 
 
@@ -255,7 +288,7 @@ def ssim_per_image(clean: torch.Tensor, backdoor: torch.Tensor) -> np.ndarray:
 
 
 # the scalar metrics that only exist for a backdoored model (NaN for a clean one)
-BACKDOOR_KEYS = ("asr", "asr_c", "ds", "ds_min", "d_p", "ds_floor", "ds_uniform", "effective_classes")
+BACKDOOR_KEYS = ("asr", "asr_c", "asr_clean_wrong", "asr_pred", "ds", "ds_min", "d_p", "ds_floor", "ds_uniform", "effective_classes")
 
 
 def compute_metrics(
@@ -275,6 +308,8 @@ def compute_metrics(
     out.update(
         asr=attack_success_rate(y_true, y_pred_bd, targets),
         asr_c=attack_success_rate(y_true, y_pred_bd, targets, y_pred_clean),
+        asr_clean_wrong=asr_clean_wrong(y_true, y_pred_bd, targets, y_pred_clean),
+        asr_pred=asr_relative_to_prediction(y_true, y_pred_bd, targets, y_pred_clean),
         ds=ds, ds_min=ds_min, d_p=ubw_dispersibility(y_true, y_pred_bd, k),
         ds_floor=floor, ds_uniform=uniform,
         effective_classes=float(np.mean(eff_seen)) if eff_seen else float("nan"),
