@@ -329,3 +329,9 @@ def test_ds_scale_line_places_ds_between_collapse_and_uniform() -> None:
 def test_metrics_json_splits_asr_by_clean_correctness(cuba_run: Path) -> None:
     m = read_json(cuba_run / "metrics.json")
     assert {"asr_clean_wrong", "asr_pred", "ds_floor", "ds_uniform", "effective_classes"} <= set(m)
+
+
+def test_val_fraction_flag(tmp_path: Path) -> None:
+    assert main(["train", *TINY, "--attack", "none", "--val-fraction", "0", "--out", str(tmp_path / "v")]) == 0
+    split = read_json(tmp_path / "v" / "split.json")
+    assert split["n_val"] == 0 and split["val_indices"] == [] and "val" not in read_json(tmp_path / "v" / "metrics.json")

@@ -34,7 +34,8 @@ TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
     "alpha": (float, "MSE weight"), "beta": (float, "clean CE weight"), "gamma": (float, "backdoor loss weight"),
     "epochs": (float, "training epochs (fractions allowed)"),
     "batch_size": (int, "batch size"), "lr": (float, "classifier learning rate"),
-    "n_train": (int, "random training subset size"), "n_test": (int, "random test subset size"),
+    "n_train": (int, "random training subset size (drawn after the validation split)"), "n_test": (int, "random test subset size"),
+    "val_fraction": (float, "stratified share of the full training set held out for validation (default 0.1; 0: none)"),
     "seed": (int, "random seed"), "device": (str, "auto | cpu | cuda | cuda:N"),
     "precision": (str, "auto | fp32 | bf16"), "out": (str, "run folder to write"),
 }
