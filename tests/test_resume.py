@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from cuba.checkpoint import CHECKPOINT, load_checkpoint
+from cuba.runs import load_run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,3 +149,30 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
     write_json(tmp_path / "m.json", {"a": 1})
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o666 & ~mask
     assert not list(tmp_path.glob(".m.json.*"))  # no temporary file left behind
+
+
+@pytest.mark.slow  # two real trainings in subprocesses
+def test_a_second_writer_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    # two `cuba train` into one --out used to both "finish", leaving a folder of mixed files
+    out = tmp_path / "r"
+    first = subprocess.Popen([sys.executable, "-m", "cuba", "train", "--dataset", "digits", "--epochs", "6", "--no-progress",
+                              "--set", "generator_width=8", "--out", str(out)], env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300  # a hang guard, not a timing assertion
+        while not (out / "status.json").is_file():
+            assert first.poll() is None, first.stdout.read()
+            assert time.time() < deadline
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "cuba", "train", "--dataset", "digits", "--epochs", "6", "--seed", "1",
+                                 "--no-progress", "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2
+        assert second.stderr.strip() == (f"cuba: error: {out} is being written by another process (pid {first.pid}); "
+                                         "wait for it to finish or choose another --out")
+    finally:
+        assert first.wait(timeout=600) == 0
+    assert load_run_config(out).seed == 0  # the folder is the first writer's alone
+    # the lock died with its holder: the same command now finds the finished run
+    again = subprocess.run([sys.executable, "-m", "cuba", "train", "--dataset", "digits", "--epochs", "6", "--no-progress",
+                            "--set", "generator_width=8", "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "is already finished" in again.stdout

@@ -23,7 +23,7 @@ from .figures import plot_confidences, plot_histograms, plot_triggers
 from .attack import POISON_ATTACKS, build_trigger
 from .models import build_classifier
 from .runs import (
-    default_run_dir, load_predictions, load_run_config, load_weights, read_json, save_config, save_predictions,
+    default_run_dir, writer_lock, load_predictions, load_run_config, load_weights, read_json, save_config, save_predictions,
     save_weights, write_json,
 )
 from .train import train
@@ -108,6 +108,12 @@ def run_training(cfg: TrainConfig, run_dir: Path | None = None, overwrite: bool 
     """
     run_dir = Path(run_dir or cfg.out or default_run_dir(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
+    with writer_lock(run_dir):
+        return _train_into(cfg, run_dir, overwrite)
+
+
+def _train_into(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> tuple[Path, dict[str, Any]]:
+    """run_training's body, run while this process holds the folder's writer lock."""
     status = read_json(run_dir / "status.json") if (run_dir / "status.json").is_file() else {}
     if (run_dir / "config.yaml").is_file() and not overwrite:
         old = load_run_config(run_dir)

@@ -12,6 +12,8 @@
       figures/triggers.png      clean / backdoor / amplified residual (paper Fig. 4)
       figures/confidences.png   softmax of 3 backdoor images per true class (paper Fig. 5)
       figures/histograms.png    backdoor prediction histogram per source class (with Fig. 8: compare)
+      split.json                the validation split: held-out training indices, their sha256, sizes
+      .lock                     held (flock) by the process writing the folder; see writer_lock
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import TrainConfig, config_from_run
+from .config import ConfigError, TrainConfig, config_from_run
 from .evaluate import Predictions
 
 METRIC_KEYS = ("ca", "asr", "asr_c", "ds", "ds_min", "d_p", "psnr", "ssim", "linf")
@@ -128,6 +132,47 @@ def load_predictions(run_dir: Path) -> tuple[Predictions, torch.Tensor | None]:
         pred = Predictions(z["y_true"], z["y_pred_clean"], get("y_pred_backdoor"), get("psnr"), get("ssim"), get("linf"))
         tm = get("target_matrix")
     return pred, torch.from_numpy(tm) if tm is not None else None
+
+
+class RunLockedError(ConfigError):
+    """Another live process is writing this run folder."""
+
+
+@contextmanager
+def writer_lock(run_dir: Path) -> Iterator[None]:
+    """Hold RUN_DIR/.lock exclusively while a process writes the folder.
+
+    Why: two ``cuba train`` commands started into the same ``--out`` (say seeds 0 and 1) both ran
+    to "finished" and left a folder mixing their files. The second writer is now refused with a
+    one-line error naming the holder's pid. ``flock`` locks die with their process, so a run killed
+    by SIGKILL leaves no stale lock and resumes as before. Under torchrun only rank 0 takes it
+    (the other ranks belong to the same run). Where ``fcntl`` does not exist (Windows) there is no
+    lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    f = open(Path(run_dir) / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RunLockedError(f"{run_dir} is being written by another process (pid {holder}); "
+                                 "wait for it to finish or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing the file releases the lock
 
 
 def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
