@@ -395,6 +395,9 @@ def test_defend_cli_errors(badnets_run: Path, tmp_path: Path, capsys: pytest.Cap
     assert "is not a finished run folder" in capsys.readouterr().err
     assert main(["defend", "strip", str(badnets_run), "--set", "colour=1"]) == 2
     assert "--set: strip has no parameter colour" in capsys.readouterr().err
+    # a local variable of Strip.__init__ is not a parameter (co_varnames listed it: failed on the old check)
+    assert main(["defend", "strip", str(badnets_run), "--set", "v=1"]) == 2
+    assert "--set: strip has no parameter v" in capsys.readouterr().err
 
 
 def test_clean_model_gets_a_probe_patch(tmp_path: Path) -> None:

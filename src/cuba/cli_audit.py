@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
     run = load_attack_run(args.run_dir, device=args.device)
     out = Path(args.out) if args.out else None
     for name in names:
-        accepted = set(DEFENSES[name].__init__.__code__.co_varnames)
+        # the constructor's parameters (co_varnames would also list its local variables)
+        accepted = set(inspect.signature(DEFENSES[name].__init__).parameters) - {"self"}
         unknown = sorted(set(params) - accepted) if args.name != "all" else []
         if unknown:
             raise ConfigError(f"--set: {name} has no parameter {', '.join(unknown)}")
