@@ -45,3 +45,57 @@ def test_nc_scaling_times_each_number_of_classes_per_pass(tmp_path: Path, capsys
     assert [k for k in out if k.endswith("_per_pass")] == ["1_classes_per_pass", "2_classes_per_pass", "5_classes_per_pass", "10_classes_per_pass"]
     assert out["10_classes_per_pass"]["images_per_pass"] == 10 * out["batch_size_per_class"]
     assert out["best_speedup_from_batching"] >= 1.0  # the 1-class case is among those compared
+
+
+def test_gpu_table2_refuses_a_bad_budget() -> None:
+    import subprocess
+
+    res = subprocess.run(["bash", str(BENCH / "gpu_table2.sh"), "9m"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "BUDGET_S must be a whole number of seconds, got '9m'" in res.stdout
+
+
+@pytest.mark.slow  # two calls of the script, PreActResNet18 on CPU (about a minute)
+def test_gpu_table2_script_resumes_across_calls_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_table2.sh on CPU with a tiny schedule, as on the device: gtsrb.npz arrives in
+    parts and is put together; a call whose budget runs out stops cleanly ("not finished yet") and
+    the next call finishes from the checkpoint; table2 / report.html come back with CIFAR-10 and
+    CIFAR-100 blocked."""
+    import hashlib
+    import os
+    import subprocess
+
+    import numpy as np
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    y = np.arange(86) % 43
+    np.savez(tmp_path / "gtsrb.npz", x_train=rng.integers(0, 256, (86, 32, 32, 3), dtype=np.uint8), y_train=y,
+             x_test=rng.integers(0, 256, (43, 32, 32, 3), dtype=np.uint8), y_test=y[:43])
+    blob = (tmp_path / "gtsrb.npz").read_bytes()
+    half = len(blob) // 2
+    (data / "gtsrb.npz.part-00").write_bytes(blob[:half])
+    (data / "gtsrb.npz.part-01").write_bytes(blob[half:])
+    (data / "gtsrb.npz.sha256").write_text(hashlib.sha256(blob).hexdigest() + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUNS": str(tmp_path / "runs"), "OUT": str(tmp_path / "out"),
+           "DATA_DIR": str(data), "ONLY": "gtsrb-*-cuba-fra-s0",
+           "SET": "device=cpu precision=fp32 epochs=3 batch_size=16 val_fraction=0 generator_width=4 channels_last=false "
+                  "checkpoint_every=0.25"}
+    first = subprocess.run(["bash", str(BENCH / "gpu_table2.sh"), "12"], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "gtsrb.npz reassembled" in first.stdout and (data / "gtsrb.npz").read_bytes() == blob
+    assert first.stdout.rstrip().endswith("not finished yet: call again to resume")
+    # where the budget ran out (start-up, or before the first checkpoint) varies with the machine
+    checkpointed = (tmp_path / "runs" / "runs" / "gtsrb-preactresnet18-cuba-fra-s0" / "checkpoint.pt").is_file()
+    if checkpointed:
+        assert "[to run (resumes from its checkpoint)]" in (tmp_path / "out" / "cells.txt").read_text()
+    second = subprocess.run(["bash", str(BENCH / "gpu_table2.sh"), "400"], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert second.stdout.rstrip().endswith("finished (the cells matching ONLY=gtsrb-*-cuba-fra-s0)")
+    if checkpointed:
+        assert "resumed from" in (tmp_path / "runs" / "reproduce.log").read_text()
+    md = (tmp_path / "out" / "table2.md").read_text()
+    assert "| gtsrb / preactresnet18 | cuba-fra" in md and "paper model, reduced schedule (3 of 50 epochs)" in md
+    assert "blocked: no local copy of cifar100 (pass --download on a machine with a network, or put cifar100.npz in --data-dir)" in md
+    assert "blocked (no local data)" in (tmp_path / "out" / "report.html").read_text()
+    assert "[done]" in (tmp_path / "out" / "cells.txt").read_text()

@@ -282,3 +282,108 @@ def test_relative_path_found_under_data_dir(tmp_path: Path, monkeypatch: pytest.
     assert dataset_file("set.npz", tmp_path) == (tmp_path / "set.npz").resolve()
     with pytest.raises(DataError, match=r"^set.npz: no such file or directory \(nor under data_dir .*\)"):
         load_dataset("set.npz", data_dir=tmp_path / "elsewhere")
+
+
+# --- CIFAR-100: no offline copy on these machines; the local .npz and --download paths ----------
+
+def _write_cifar100(path: Path) -> Path:
+    """A tiny synthetic cifar100.npz: 100 classes, 32x32 RGB, 2 training and 1 test image each."""
+    y = np.arange(200) % 100
+    return write_npz(path, x_train=RNG.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8), y_train=y,
+                     x_test=RNG.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8), y_test=y[:100])
+
+
+def test_local_cifar100_npz_is_loaded_without_a_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cifar100.npz in data_dir is what --dataset cifar100 reads, even with --download: local first."""
+    from cuba.data import sources
+
+    _write_cifar100(tmp_path / "cifar100.npz")
+    monkeypatch.setattr(sources, "_from_torchvision", lambda *a, **k: pytest.fail("torchvision must not be asked"))
+    for download in (False, True):
+        ds = load_dataset("cifar100", data_dir=tmp_path, download=download)
+        assert ds.name == "cifar100" and ds.num_classes == 100 and ds.x_train.shape == (200, 3, 32, 32)
+    assert sources.missing_copy("cifar100", tmp_path) is None
+
+
+def test_cifar100_download_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a local copy, torchvision is asked for its files (download=False) and nothing else,
+    unless download=True; the download itself is faked here (no test may need the network)."""
+    from cuba.data import sources
+
+    calls: list[bool] = []
+
+    def fake(name: str, root: Path, download: bool) -> ImageDataset:
+        calls.append(download)
+        if not download:
+            raise RuntimeError("Dataset not found or corrupted")
+        x = torch.zeros((100, 3, 32, 32), dtype=torch.uint8)
+        return ImageDataset(name, x, torch.arange(100), x[:10], torch.arange(10), [str(i) for i in range(100)])
+
+    monkeypatch.setattr(sources, "_from_torchvision", fake)
+    with pytest.raises(DataError, match=r"^cifar100: not found locally .*cifar100\.npz.*pass --download"):
+        load_dataset("cifar100", data_dir=tmp_path)
+    assert calls == [False]
+    assert load_dataset("cifar100", data_dir=tmp_path, download=True).num_classes == 100
+    assert calls == [False, False, True]
+    # what cuba reproduce marks blocked: named sets with no local copy and no --download
+    assert sources.missing_copy("cifar100", tmp_path) == (
+        "no local copy of cifar100 (pass --download on a machine with a network, or put cifar100.npz in --data-dir)")
+    assert sources.missing_copy("cifar100", tmp_path, download=True) is None
+    (tmp_path / "cifar-100-python").mkdir()  # torchvision's own folder counts as a local copy
+    assert sources.missing_copy("cifar100", tmp_path) is None
+    assert sources.missing_copy("digits", tmp_path / "absent") is None  # ships with scikit-learn
+
+
+def test_cifar100_npz_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cuba train --dataset cifar100 --data-dir DIR` finds DIR/cifar100.npz (a tiny clean run)."""
+    import json
+
+    from cuba.cli import main
+
+    _write_cifar100(tmp_path / "cifar100.npz")
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "cifar100", "--data-dir", str(tmp_path), "--model", "simplecnn", "--attack", "none",
+                 "--epochs", "1", "--batch-size", "100", "--device", "cpu", "--precision", "fp32", "--out", str(out),
+                 "--no-progress", "--set", "val_fraction=0", "--set", "channels_last=false"]) == 0
+    assert "using the cifar100 preset" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"] == "cifar100" and metrics["num_classes"] == 100 and metrics["n_train"] == 200
+
+
+# --- GTSRB: the shared copy and the gtsrb-cpu preset --------------------------------------------
+
+GTSRB_CPU = Path(__file__).resolve().parents[1] / "src" / "cuba" / "configs" / "gtsrb-cpu.yaml"
+
+
+def test_gtsrb_cpu_preset_loads_the_shared_gtsrb(shared_data: Path) -> None:
+    """The gtsrb-cpu preset validates for every Table II setting and finds ../shared/data/gtsrb.npz
+    by name: 43 classes, 39,209 training and 12,630 test images, 32x32 RGB."""
+    from cuba.config import load_config_file, make_config
+
+    if not (shared_data / "gtsrb.npz").is_file():
+        pytest.skip(f"{shared_data / 'gtsrb.npz'} not present")
+    preset = load_config_file(GTSRB_CPU)
+    assert preset["model"] == "preactresnet18" and preset["augment"] == "crop"  # the paper's model; no flip
+    for extra in ({"variant": "fra"}, {"variant": "nra-5"}, {"variant": "nra-2"}, {"attack": "none"}):
+        cfg = make_config({**preset, "data_dir": str(shared_data), **extra})
+    ds = load_dataset(cfg.dataset, cfg.data_dir)
+    assert ds.name == "gtsrb" and ds.num_classes == 43 and len(ds.y_train) == 39209 and len(ds.y_test) == 12630
+    assert ds.x_train.shape[1:] == (3, 32, 32)
+
+
+@pytest.mark.slow  # PreActResNet18 steps and a 392-image validation pass on 2 CPU cores
+def test_gtsrb_cpu_preset_trains_a_few_steps(shared_data: Path, tmp_path: Path) -> None:
+    """Smoke test, not a result: a few CUBA FRA steps of the preset on the real GTSRB end to end."""
+    import json
+
+    from cuba.cli import main
+
+    if not (shared_data / "gtsrb.npz").is_file():
+        pytest.skip(f"{shared_data / 'gtsrb.npz'} not present")
+    out = tmp_path / "run"
+    # 1,024 training images: a random 256 can miss GTSRB's rarest classes, which the loader refuses
+    assert main(["train", "--config", str(GTSRB_CPU), "--data-dir", str(shared_data), "--variant", "fra",
+                 "--n-train", "1024", "--n-test", "128", "--epochs", "0.05", "--device", "cpu", "--no-progress",
+                 "--set", "val_fraction=0.01", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_classes"] == 43 and metrics["n_test"] == 128 and metrics["setting"] == "cuba-fra"

@@ -66,7 +66,8 @@ def test_grid_runs_skips_and_aggregates(tmp_path: Path) -> None:
     assert run_grid(cells, tmp_path, log=lambda s: None) == []  # everything done: nothing re-runs
     md = write_table2(tmp_path)[0].read_text()
     # a 1-epoch model may be flagged degenerate (CA at chance): the row is there either way
-    assert re.search(r"\| digits / simplecnn \| cuba-fra( \(degenerate: [^)]*\))? \| 2 \|", md) and (tmp_path / "table2.tex").is_file()
+    assert re.search(r"\| digits / simplecnn \| cuba-fra( \(degenerate: [^)]*\))? \| not a paper data set \| 2 \|", md)
+    assert (tmp_path / "table2.tex").is_file()
     page = write_report(tmp_path).read_text()
     assert "<h2>Table III" in page and "fine-pruning" in page and "<details><summary>digits-simplecnn-clean-s1" in page
     assert "<h2>Defenses: each one's headline numbers" in page
@@ -242,11 +243,11 @@ def test_table2_ds_scale_and_degenerate_flags(tmp_path: Path) -> None:
     assert rows["cuba-nra5"]["degenerate"].startswith("CA 12.00%") and rows["badnets-t0"]["degenerate"] == "CA far below clean reference"
     md = table2_markdown(list(rows.values()))
     assert "| DS floor | DS uniform | eff. classes |" in md.splitlines()[0]
-    assert "| cuba-fra | 2 | 100.00 ± 0.00 | 94.00 ± 1.41 | 96.00 ± 1.41 | 96.00 | 70.00 ± 0.00 | 94.10 ± 0.00 | 8.50 ± 0.00 |" in md
-    assert "| cuba-nra2 | 1 | 99.00 | 90.00 | 96.00 | 96.00 | – | – | – |" in md
+    assert "| cuba-fra | not a paper data set | 2 | 100.00 ± 0.00 | 94.00 ± 1.41 | 96.00 ± 1.41 | 96.00 | 70.00 ± 0.00 | 94.10 ± 0.00 | 8.50 ± 0.00 |" in md
+    assert "| cuba-nra2 | not a paper data set | 1 | 99.00 | 90.00 | 96.00 | 96.00 | – | – | – |" in md
     na = "n/a (degenerate)"
-    assert f"| cuba-nra5 (degenerate: CA at chance) | 1 | {na} | {na} | 12.00 | 96.00 | {na} | {na} | {na} |" in md
-    assert f"| badnets-t0 (degenerate: CA far below clean reference) | 1 | {na} | {na} | 80.00 |" in md
+    assert f"| cuba-nra5 (degenerate: CA at chance) | not a paper data set | 1 | {na} | {na} | 12.00 | 96.00 | {na} | {na} | {na} |" in md
+    assert f"| badnets-t0 (degenerate: CA far below clean reference) | not a paper data set | 1 | {na} | {na} | 80.00 |" in md
     table = {r["setting"]: r for r in csv.DictReader(io.StringIO(table2_csv(list(rows.values()))))}
     assert table["cuba-fra"]["ds_uniform_mean"] == "94.1000" and table["cuba-fra"]["effective_classes_mean"] == "8.5000"
     assert table["cuba-nra5"]["asr_mean"] == "" and table["cuba-nra5"]["ca_mean"] == "12.0000"
@@ -293,3 +294,177 @@ def test_table3_headline_is_asr_c_for_untargeted_runs(tmp_path: Path, monkeypatc
     assert [(r["run"], r["asr_c"], r["headline_asr"]) for r in got] == [("u", "0.02", "asr_c"), ("o", "", "asr (asr_c not recorded)")]
     tex = (tmp_path / "table3.tex").read_text()
     assert "u & fine-pruning & 0 & 60.00 & 41.00 & \\textbf{2.00}" in tex and "o & fine-pruning & 0 & 60.00 & \\textbf{41.00} & --" in tex
+
+
+# --- the gpu grid: Table II's RGB rows, blocked data sets, the protocol column --------------------
+
+BLOCKED_C100 = ("no local copy of cifar100 (pass --download on a machine with a network, "
+                "or put cifar100.npz in --data-dir)")
+
+
+def _gtsrb_like(path: Path, size: int = 16) -> Path:
+    """A tiny synthetic stand-in named like GTSRB: 43 classes, RGB, 2 training and 1 test image each."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    y = np.arange(86) % 43
+    np.savez(path, x_train=rng.integers(0, 256, (86, size, size, 3), dtype=np.uint8), y_train=y,
+             x_test=rng.integers(0, 256, (43, size, size, 3), dtype=np.uint8), y_test=y[:43])
+    return path
+
+
+def test_gpu_grid_expands_every_rgb_cell(tmp_path: Path) -> None:
+    """gpu: GTSRB / PreActResNet18, CIFAR-10 / ResNet18 (the cifar10-jpeg copy when no CIFAR-10 is
+    local), CIFAR-100 / ResNet18; FRA, NRA-5, NRA-2, clean; seed 0; the presets' paper epochs; cuda
+    bf16; a data set with no local copy is blocked, not an error."""
+    from cuba.reproduce import load_grid
+
+    (tmp_path / "gtsrb.npz").touch()  # only the files' presence matters to the expansion
+    (tmp_path / "cifar10-jpeg.zip").touch()
+    cells = expand(load_grid("gpu") | {"data_dir": str(tmp_path)})
+    assert [c.name for c in cells] == [f"{d}-{m}-{s}-s0" for d, m in (("gtsrb", "preactresnet18"), ("cifar10-jpeg", "resnet18"),
+                                                                    ("cifar100", "resnet18"))
+                                       for s in ("cuba-fra", "cuba-nra5", "cuba-nra2", "clean")]
+    assert {(c.values["dataset"], c.values["model"], c.values["epochs"]) for c in cells} == {
+        ("gtsrb", "preactresnet18", 50), ("cifar10-jpeg.zip", "resnet18", 100), ("cifar100", "resnet18", 100)}
+    assert all(c.values["device"] == "cuda" and c.values["precision"] == "bf16" and c.values["seed"] == 0
+               and not c.defenses for c in cells)
+    assert [c.blocked for c in cells] == [None] * 8 + [BLOCKED_C100] * 4
+    assert [cell_state(tmp_path / "o", c) for c in cells[-2:]] == [f"blocked: {BLOCKED_C100}"] * 2
+    # a real CIFAR-10 copy wins over the JPEG stand-in; --download unblocks every named set
+    (tmp_path / "cifar10.npz").touch()
+    assert expand(load_grid("gpu") | {"data_dir": str(tmp_path)})[4].name == "cifar10-resnet18-cuba-fra-s0"
+    fetched = expand(load_grid("gpu") | {"data_dir": str(tmp_path / "absent"), "set": {"device": "cuda", "download": True}})
+    assert not any(c.blocked for c in fetched) and fetched[4].values["dataset"] == "cifar10"
+    nothing = expand(load_grid("gpu") | {"data_dir": str(tmp_path / "absent")})
+    assert nothing[4].blocked == ("no local copy of cifar10 (pass --download on a machine with a network, "
+                                  "or put cifar10.npz or cifar10-jpeg.zip in --data-dir)")
+    with pytest.raises(ConfigError, match=r"^grid: fallback names data set\(s\) not in datasets: mnist$"):
+        expand({**TINY, "fallback": {"mnist": "x.npz"}})
+    with pytest.raises(ConfigError, match=r"^grid: fallback must map data sets to another data set"):
+        expand({**TINY, "fallback": ["digits"]})
+
+
+def test_gpu_grid_dry_run_names_blocked_cells(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from cuba.cli import main
+
+    assert main(["reproduce", "gpu", "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"cifar100-resnet18-cuba-nra2-s0  defenses: -  [blocked: {BLOCKED_C100}]" in lines
+    assert lines[-1] == "12 cells, 12 blocked (no local data)"
+
+
+def test_gpu_grid_runs_on_cpu_with_a_tiny_override(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The gpu grid end to end on CPU: one GTSRB-named cell (PreActResNet18, a fraction of an
+    epoch) trains; CIFAR-10 and CIFAR-100, absent, are blocked rows of table2 and report.html; a
+    finished cell says its protocol (the paper's model on a reduced schedule)."""
+    import csv
+
+    from cuba.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _gtsrb_like(data / "gtsrb.npz")
+    tiny = ["device=cpu", "precision=fp32", "epochs=0.2", "batch_size=16", "val_fraction=0",
+            "generator_width=4", "channels_last=false"]
+    args = ["reproduce", "gpu", "--out", str(tmp_path / "o"), "--data-dir", str(data), "--only", "gtsrb-*-cuba-fra-s0",
+            *(a for kv in tiny for a in ("--set", kv))]
+    assert main(args) == 0
+    md = (tmp_path / "o" / "table2.md").read_text()
+    assert re.search(r"\| gtsrb / preactresnet18 \| cuba-fra( \(degenerate: [^)]*\))? \| paper model, reduced schedule "
+                     r"\(0\.2 of 50 epochs\) \| 1 \|", md)
+    for ds, setting in (("cifar10", "cuba-nra5"), ("cifar100", "cuba-fra")):
+        assert f"| {ds} / resnet18 | {setting} | blocked (no local data) | 0 | – |" in md
+    assert f"blocked: {BLOCKED_C100}" in md.splitlines()
+    rows = {(r["dataset"], r["setting"]): r for r in csv.DictReader((tmp_path / "o" / "table2.csv").open())}
+    assert rows[("cifar100", "cuba-nra2")]["blocked"] == BLOCKED_C100 and rows[("cifar100", "cuba-nra2")]["paper_epochs"] == "100"
+    assert rows[("gtsrb", "cuba-fra")]["epochs"] == "0.2" and rows[("gtsrb", "cuba-fra")]["blocked"] == ""
+    page = (tmp_path / "o" / "report.html").read_text()
+    assert f"blocked: {BLOCKED_C100}" in page and "paper model, reduced schedule (0.2 of 50 epochs)" in page
+    assert page.count("<td>blocked (no local data)</td>") == 6
+    capsys.readouterr()
+    assert main([*args, "--dry-run"]) == 0 and "[done]" in capsys.readouterr().out
+
+
+def test_interrupted_grid_writes_its_tables_and_restores_sigterm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """A spent time budget (SIGTERM from `timeout`) stops `cuba reproduce` cleanly: exit 130, the
+    finished cells' table2 / report.html written, blocked rows included; the handler is put back."""
+    import signal
+
+    import cuba.reproduce as reproduce
+    from cuba.cli import main
+
+    def budget_spent(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in this frame before the sleep ends
+        pytest.fail("SIGTERM did not stop the grid")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(reproduce, "run_grid", budget_spent)
+    assert main(["reproduce", "gpu", "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path)]) == 130
+    assert "interrupted; the running cell resumes from its last checkpoint" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "| cifar100 / resnet18 | cuba-fra | blocked (no local data) |" in (tmp_path / "o" / "table2.md").read_text()
+    assert (tmp_path / "o" / "report.html").is_file()
+
+
+def test_protocol_says_paper_model_and_schedule_or_stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each Table II row says whether it ran with the paper's model and schedule, a reduced one, a
+    stand-in model or a stand-in copy of the data (md, csv, tex, html); paper values stand only
+    beside the paper's model, the JPEG copy of CIFAR-10 included (its protocol names the copy)."""
+    import csv
+    import io
+
+    from cuba.config import make_config
+    from cuba.reproduce.tables import BLOCKED, blocked_settings, finished_runs, protocol, table2_csv, table2_latex, table2_rows
+    from cuba.runs import save_config, write_json
+
+    def run(name: str, dataset: str, **cfg) -> None:  # metrics' dataset is what a run is grouped by
+        save_config(tmp_path / "runs" / name, make_config({"dataset": "digits", **cfg}))
+        write_json(tmp_path / "runs" / name / "metrics.json", {"dataset": dataset, "num_classes": 10, "ca": 0.9, "asr": 1.0, "ds": 0.9})
+
+    run("g-paper", "gtsrb", model="preactresnet18", epochs=50)
+    run("g-cpu", "gtsrb", model="preactresnet18", epochs=6, variant="nra-5")
+    run("c10-jpeg", "cifar10-jpeg", model="simplecnn", epochs=6)
+    run("c10-jpeg-r18", "cifar10-jpeg", model="resnet18", epochs=8, variant="nra-2")
+    run("m", "mnist", model="simplecnn", epochs=10, n_train=1000)
+    run("d", "digits", model="simplecnn", epochs=3)
+    cells = expand(load_grid_gpu(tmp_path))
+    rows = {(r["dataset"], r["setting"]): r for r in table2_rows(finished_runs(tmp_path), blocked_settings(cells))}
+    jpeg = "data: cifar10-jpeg, a lossy JPEG copy, not CIFAR-10"
+    assert {k: r["protocol"] for k, r in rows.items()} == {
+        ("gtsrb", "cuba-fra"): "paper model, paper schedule",
+        ("gtsrb", "cuba-nra5"): "paper model, reduced schedule (6 of 50 epochs)",
+        ("cifar10-jpeg", "cuba-fra"): f"stand-in model (simplecnn for resnet18), reduced schedule (6 of 100 epochs), {jpeg}",
+        ("cifar10-jpeg", "cuba-nra2"): f"paper model, reduced schedule (8 of 100 epochs), {jpeg}",
+        ("mnist", "cuba-fra"): "paper model, paper schedule on 1000 training images",
+        ("digits", "cuba-fra"): "not a paper data set",
+        **{("cifar100", s): BLOCKED for s in ("cuba-fra", "cuba-nra5", "cuba-nra2")},
+    }  # gtsrb and cifar10 cells of the grid are not blocked: their files are in its data_dir
+    assert rows[("cifar10-jpeg", "cuba-nra2")]["paper"] == (99.71, 98.39, 93.87)  # the paper's model on a copy
+    assert rows[("cifar10-jpeg", "cuba-fra")]["paper"] is None  # a stand-in model: nothing beside it
+    assert rows[("cifar100", "cuba-fra")]["paper"] == (98.84, 97.06, 74.60) and rows[("cifar100", "cuba-fra")]["n"] == 0
+    assert protocol("gtsrb", "preactresnet18", {}) == "paper model, schedule not recorded"
+    table = list(csv.DictReader(io.StringIO(table2_csv(list(rows.values())))))
+    assert {r["protocol"] for r in table} >= {"paper model, paper schedule", BLOCKED}
+    assert "Setting & Protocol & ASR" in table2_latex(list(rows.values()))
+    # a blocked setting that has runs after all (trained elsewhere, copied in) is shown by its runs
+    copied = [{"dataset": "gtsrb", "model": "preactresnet18", "setting": "cuba-fra", "epochs": 50, "reason": "x"}]
+    assert [r["protocol"] for r in table2_rows(finished_runs(tmp_path), copied) if r["dataset"] == "gtsrb"] == [
+        "paper model, paper schedule", "paper model, reduced schedule (6 of 50 epochs)"]
+    from cuba.reproduce import report
+
+    monkeypatch.setattr(report, "collect_figures", lambda out: [])  # fake runs have no predictions to draw
+    page = write_report(tmp_path, blocked=blocked_settings(cells)).read_text()
+    assert f"<td>stand-in model (simplecnn for resnet18), reduced schedule (6 of 100 epochs), {jpeg}</td>" in page
+    assert f"blocked: {BLOCKED_C100}" in page and "protocol: whether a row ran with the paper" in page
+
+
+def load_grid_gpu(data_dir: Path) -> dict:
+    """The shipped gpu grid with GTSRB and the CIFAR-10 JPEG copy present in ``data_dir`` (empty files)."""
+    from cuba.reproduce import load_grid
+
+    for name in ("gtsrb.npz", "cifar10-jpeg.zip"):
+        (data_dir / name).touch()
+    return load_grid("gpu") | {"data_dir": str(data_dir)}

@@ -4,18 +4,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
 
 
+def _stop_on_term() -> Any:
+    """Make SIGTERM (``timeout``, SLURM's notice before a kill) stop the grid the way Ctrl-C does,
+    so the tables of the finished cells are still written; returns the handler it replaced.
+    Why not rely on SIGINT alone: a process started in the background of a shell without job
+    control inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (an embedding caller): keep the default
+        return None
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    import signal
+
     import yaml
 
     from .reproduce import expand, load_grid, run_grid, write_report, write_table2
+    from .reproduce.tables import blocked_settings
 
     raw = load_grid(args.grid)
+    if args.download:
+        raw.setdefault("set", {})["download"] = True
     for item in args.set:
         if "=" not in item:
             raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
@@ -24,6 +46,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.data_dir:
         raw["data_dir"] = args.data_dir
     cells = expand(raw)
+    # the whole grid's blocked settings: table2 covers all of --out, not only this call's --only
+    blocked = blocked_settings(cells)
     if args.only:  # e.g. --only 'mnist-*': one part of a grid now, the rest later into the same --out
         from fnmatch import fnmatchcase
 
@@ -34,19 +58,33 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.dry_run:
         from .reproduce import cell_state
 
-        for c in cells:
-            print(f"{c.name}  defenses: {', '.join(c.defenses) or '-'}  [{cell_state(out, c)}]")
-        print(f"{len(cells)} cells")
+        states = [cell_state(out, c) for c in cells]
+        for c, state in zip(cells, states):
+            print(f"{c.name}  defenses: {', '.join(c.defenses) or '-'}  [{state}]")
+        n_blocked = sum(s.startswith("blocked") for s in states)
+        print(f"{len(cells)} cells" + (f", {n_blocked} blocked (no local data)" if n_blocked else ""))
         return 0
     slurm = {k: v for k, v in (("slurm_partition", args.partition), ("gpus_per_node", args.gpus),
                                ("timeout_min", args.timeout_min), ("cpus_per_task", args.cpus)) if v is not None}
-    run_grid(cells, out, args.executor, args.jobs, slurm, wait=not args.no_wait)
-    files = write_table2(out)
+    previous = _stop_on_term()
+    interrupted = False
+    try:
+        run_grid(cells, out, args.executor, args.jobs, slurm, wait=not args.no_wait)
+    except KeyboardInterrupt:
+        # a time budget ran out (or Ctrl-C): the running cell keeps its last checkpoint; write what
+        # is finished so every call leaves a current table2 / report.html, then say how to go on
+        interrupted = True
+        print("\ncuba reproduce: interrupted; the running cell resumes from its last checkpoint when the same "
+              "command is run again. Tables of the finished cells follow.", file=sys.stderr)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    files = write_table2(out, blocked)
     print("\n" + files[0].read_text())
-    report = write_report(out, title=f"cuba reproduce {args.grid}")
+    report = write_report(out, title=f"cuba reproduce {args.grid}", blocked=blocked)
     extra = [f for f in (out / "table3.md", out / "defenses.md") if f.is_file()]
     print("written: " + ", ".join(str(f) for f in [*files, *extra, report]))
-    return 0
+    return 130 if interrupted else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -70,9 +108,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     r = sub.add_parser("reproduce", help="run a grid (data sets x models x attacks x seeds + defenses); write table2")
-    r.add_argument("grid", help="a grid YAML file, or a shipped grid: paper, cpu")
+    r.add_argument("grid", help="a grid YAML file, or a shipped grid: paper, cpu, gpu")
     r.add_argument("--out", required=True, help="folder for runs/<cell>/ and the tables")
     r.add_argument("--data-dir", default=None, help="folder of the named data sets")
+    r.add_argument("--download", action="store_true",
+                   help="let torchvision download named data sets that have no local copy (else their cells are blocked)")
     r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a config field for every cell")
     r.add_argument("--executor", default="sequential", choices=["sequential", "local", "slurm"])
     r.add_argument("--jobs", type=int, default=2, help="parallel processes with --executor local")

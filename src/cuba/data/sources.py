@@ -95,6 +95,27 @@ def dataset_file(spec: str | Path, data_dir: str | Path | None = None) -> Path |
     return found.resolve() if found is not None else None
 
 
+def missing_copy(spec: str | Path, data_dir: str | Path | None = None, download: bool = False) -> str | None:
+    """Why ``spec`` cannot be loaded on this machine without a network, or None when it can.
+
+    Why: a grid spans data sets that are not all everywhere (CIFAR-100 has no offline copy here,
+    and a GPU machine without a network gets only what was carried to it). Knowing before a
+    cell trains lets ``cuba reproduce`` mark that data set's cells blocked and run the others,
+    instead of stopping at the first missing file. Only the files are checked, not their
+    contents: a copy that is there but broken still fails its own cell with a DataError.
+    """
+    key = str(spec).strip().lower().replace("_", "-")
+    if isinstance(spec, str) and key in DATASET_NAMES:
+        if key == "digits" or download:
+            return None
+        root = Path(data_dir).expanduser() if data_dir is not None else DEFAULT_DATA_DIR
+        if (root / f"{key}.npz").is_file() or (root / _TORCHVISION[key][1]).is_dir():
+            return None
+        return (f"no local copy of {key} (pass --download on a machine with a network, "
+                f"or put {key}.npz in --data-dir)")
+    return None if find_path(spec, data_dir) is not None else f"no such file or directory {spec}"
+
+
 def load_digits() -> ImageDataset:
     """scikit-learn's bundled 8x8 digits (1,797 images), as 16x16 uint8 with a fixed 80/20 split.
 

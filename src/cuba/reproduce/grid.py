@@ -16,9 +16,20 @@ each a complete, validated training config -- every cell is checked before the f
     defenses: [strip, neural-cleanse, sentinet, fine-pruning, nad]
     defense_seeds: [0]                   # which seeds' models the defenses inspect (or per data set)
     data_dir: ../shared/data             # named sets, and relative paths not found as given
+    fallback: {cifar10: cifar10-jpeg.zip}  # used for a named set that has no local copy
     set: {}                              # config fields for every cell
     overrides:                           # per-cell fields: every `match` key must equal the cell's
       - {match: {dataset: mnist, variant: nra-2}, set: {tau: 0.04}}
+
+A *named* data set with no local copy (and no ``download: true``) does not stop the grid: its
+cells are expanded and validated like the others but marked blocked (:attr:`Cell.blocked`), so
+the runner skips them and the tables say why, while every other cell runs -- a GPU machine
+without a network gets only the data that was carried to it. ``fallback`` names a stand-in copy
+for such a set (the lossy cifar10-jpeg.zip for CIFAR-10); its cells are then named after, and
+train on, the copy, so no result is mistaken for the original's. Keys given per data set
+(models, presets, seeds, ...) are looked up under the grid's name for it, but an override's
+``match: {dataset: ...}`` sees the data set that runs. A missing *path* stays an error: it is
+a typo or a file the user has, not one a download could bring.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ import yaml
 from ..config import ConfigError, load_config_file, make_config
 
 KEYS = ("name", "datasets", "models", "presets", "attacks", "variants", "seeds", "per_attack", "epochs", "defenses",
-        "defense_seeds", "data_dir", "set", "overrides")
+        "defense_seeds", "data_dir", "fallback", "set", "overrides")
 
 
 @dataclass
@@ -44,6 +55,7 @@ class Cell:
     name: str
     values: dict[str, Any]
     defenses: list[str] = field(default_factory=list)
+    blocked: str | None = None  # why it cannot run here (its data set has no local copy), or None
 
     def key(self, field_name: str) -> Any:
         return self.values.get(field_name)
@@ -74,17 +86,44 @@ def _for(value: Any, dataset: str) -> Any:
     return value.get(dataset) if isinstance(value, dict) else value
 
 
+def shipped_grids() -> list[str]:
+    """The names of the grids that ship with the package (``cuba reproduce NAME``)."""
+    folder = resources.files("cuba") / "configs" / "grids"
+    return sorted(p.name[:-len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def load_grid(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         shipped = resources.files("cuba") / "configs" / "grids" / f"{path}.yaml"
         if not shipped.is_file():
-            raise ConfigError(f"grid: {path} is neither a file nor a shipped grid (paper, cpu)")
+            raise ConfigError(f"grid: {path} is neither a file nor a shipped grid ({', '.join(shipped_grids())})")
         return yaml.safe_load(shipped.read_text())
     raw = yaml.safe_load(p.read_text())
     if not isinstance(raw, dict):
         raise ConfigError(f"grid: {p} must hold a mapping of {', '.join(KEYS)}")
     return raw
+
+
+def _local_choice(ds: Any, fallback: str | None, values: dict[str, Any]) -> tuple[Any, str | None]:
+    """(the data set the cells train on, why they are blocked or None): ``ds`` when it can be
+    loaded here, else its ``fallback`` when that can, else ``ds`` marked blocked. Only named sets
+    are checked; a path is left to the config check, which refuses a missing one."""
+    from ..data import DATASET_NAMES
+    from ..data.sources import missing_copy
+
+    key = str(ds).strip().lower().replace("_", "-")
+    if key not in DATASET_NAMES:
+        return ds, None
+    data_dir, download = values.get("data_dir"), values.get("download") is True
+    why = missing_copy(str(ds), data_dir, download)
+    if why is None:
+        return ds, None
+    if fallback is not None:
+        if missing_copy(fallback, data_dir, download) is None:
+            return fallback, None
+        why = why.replace(f"put {key}.npz in", f"put {key}.npz or {fallback} in")
+    return ds, why
 
 
 def expand(raw: dict[str, Any]) -> list[Cell]:
@@ -111,10 +150,18 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
         raise ConfigError(f"grid: unknown defense(s) {', '.join(bad)}; choose from {', '.join(DEFENSES)}")
     epochs = raw.get("epochs")
     overrides = _as_list(raw.get("overrides"), "overrides")
+    fallback = raw.get("fallback") or {}
+    if not isinstance(fallback, dict) or not all(isinstance(v, str) and v for v in fallback.values()):
+        raise ConfigError(f"grid: fallback must map data sets to another data set (a name or path), got {fallback!r}")
+    stray = [k for k in fallback if k not in datasets]
+    if stray:
+        raise ConfigError(f"grid: fallback names data set(s) not in datasets: {', '.join(map(str, stray))}")
     cells: list[Cell] = []
     for ds in datasets:
         ds_models = _as_list(models.get(ds) if isinstance(models, dict) else models, "models") or ["simplecnn"]
         base = _preset(presets[ds]) if ds in presets else {}
+        run_ds, blocked = _local_choice(ds, fallback.get(ds), {**base, **(raw.get("set") or {}), **(
+            {"data_dir": raw["data_dir"]} if raw.get("data_dir") else {})})
         seeds = _as_list(_for(raw.get("seeds", [0]), ds), "seeds")
         if not seeds:
             raise ConfigError(f"grid: no seeds for data set {ds!r}")
@@ -127,7 +174,7 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
         for model, (attack, seed) in itertools.product(ds_models, pairs):
             own = _as_list(per_attack.get(attack, {}).get("variants", variants), "variants")
             for variant in (["fra"] if attack == "none" or attack in FIXED_RULE else own):
-                values = {**base, **(raw.get("set") or {}), "dataset": ds, "model": model, "attack": attack,
+                values = {**base, **(raw.get("set") or {}), "dataset": run_ds, "model": model, "attack": attack,
                           "variant": variant, "seed": seed, "progress": False}
                 if raw.get("data_dir"):
                     values["data_dir"] = raw["data_dir"]
@@ -143,8 +190,8 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
                     cfg = make_config(values)
                 except ConfigError as e:
                     raise ConfigError(f"grid cell {ds}/{model}/{attack}/{variant}/seed {seed}: {e}") from None
-                name = f"{Path(str(ds)).stem}-{model}-{cfg.label()}-s{seed}"
-                cells.append(Cell(name, values, defenses if seed in defense_seeds else []))
+                name = f"{Path(str(run_ds)).stem}-{model}-{cfg.label()}-s{seed}"
+                cells.append(Cell(name, values, defenses if seed in defense_seeds else [], blocked))
     names = [c.name for c in cells]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -27,7 +27,7 @@ import yaml
 
 from ..defenses.base import at_chance, headline_asr_key_of
 from ..runs import read_json, write_text
-from .tables import finished_runs, table2_markdown, table2_rows
+from .tables import PROTOCOL_NOTE, blocked_notes, finished_runs, table2_markdown, table2_rows
 
 REMOVAL = (("fine-pruning", "prune_ratio"), ("nad", "epoch"))
 
@@ -206,18 +206,22 @@ def write_defense_table(out: Path) -> Path | None:
     return out / "defenses.md"
 
 
-def write_report(out: Path, title: str = "cuba reproduction report") -> Path:
-    """Tables, figures and configs of every finished run in one offline HTML file."""
+def write_report(out: Path, title: str = "cuba reproduction report", blocked: list[dict] = ()) -> Path:
+    """Tables, figures and configs of every finished run in one offline HTML file; ``blocked``
+    (:func:`cuba.reproduce.tables.blocked_settings`) adds Table II rows for the grid's settings
+    that could not run here, and says why under the table."""
     out = Path(out)
     write_table3(out)
-    t2 = table2_markdown(table2_rows(finished_runs(out)))
+    t2_rows = table2_rows(finished_runs(out), blocked)
+    t2 = table2_markdown(t2_rows)
     t3 = (out / "table3.md").read_text()
     dt = write_defense_table(out)
     # the headline table only: its removal curves are Table III, shown above it
     detection = dt.read_text().split("\n\n")[0] if dt is not None else ""
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>Run folder: {html.escape(str(out))}</p>",
              "<h2>Table II: ASR, DS, CA (mean ± std over seeds), beside the paper</h2>", _md_table_to_html(t2),
-             f"<p>{html.escape(TABLE2_NOTE)}</p>",
+             *(f"<p class='blocked'>{html.escape(note)}</p>" for note in blocked_notes(t2_rows)),
+             f"<p>{html.escape(PROTOCOL_NOTE)}</p>", f"<p>{html.escape(TABLE2_NOTE)}</p>",
              "<h2>Table III: Fine-pruning and NAD (CA, ASR and ASR-C, %; the headline is ASR-C for untargeted "
              "attacks, ASR for the targeted controls)</h2>",
              # tables as tables; the notes under them (headline, †, ‡) as paragraphs, not dropped
@@ -236,7 +240,7 @@ def write_report(out: Path, title: str = "cuba reproduction report") -> Path:
         parts.append(f"<details><summary>{html.escape(run.path.name)}</summary><pre>{cfg}</pre></details>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
-             "th{background:#f2f2f2}img{max-width:min(100%,900px)}figure{margin:1.5em 0}figcaption{color:#555;font-size:13px}")
+             "th{background:#f2f2f2}.blocked{color:#a40000;font-weight:bold}img{max-width:min(100%,900px)}figure{margin:1.5em 0}figcaption{color:#555;font-size:13px}")
     page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     write_text(out / "report.html", page)
     return out / "report.html"

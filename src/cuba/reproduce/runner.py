@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from ..checkpoint import CHECKPOINT
 from ..runs import read_json
 from .grid import Cell
 
@@ -33,12 +34,17 @@ def is_done(out: Path, cell: Cell) -> bool:
 
 
 def cell_state(out: Path, cell: Cell) -> str:
-    """'done', 'to run', or 'trained; defenses to run: ...' (what a re-run would still do)."""
+    """'done', 'to run' (with a note when a checkpoint is there), 'trained; defenses to run: ...'
+    (what a re-run would still do), or 'blocked: <why>' when what is left needs a data set that
+    has no local copy here (a re-run skips it)."""
     d = cell_dir(out, cell)
     if not trained(d):
-        return "to run"
-    missing = [n for n in cell.defenses if not (d / "defenses" / n / "defense.json").is_file()]
-    return f"trained; defenses to run: {', '.join(missing)}" if missing else "done"
+        # an interrupted training (a spent time budget, a kill) continues from its checkpoint
+        state = "to run (resumes from its checkpoint)" if (d / CHECKPOINT).is_file() else "to run"
+    else:
+        missing = [n for n in cell.defenses if not (d / "defenses" / n / "defense.json").is_file()]
+        state = f"trained; defenses to run: {', '.join(missing)}" if missing else "done"
+    return f"blocked: {cell.blocked}" if cell.blocked and state != "done" else state
 
 
 def check_settings(out: Path, cells: list[Cell]) -> None:
@@ -76,10 +82,17 @@ def run_grid(
     cells: list[Cell], out: Path, executor: str = "sequential", jobs: int = 2, slurm: dict[str, Any] | None = None,
     wait: bool = True, log: Callable[[str], None] = print,
 ) -> list[Cell]:
-    """Run every cell that is not done; return the cells that were pending."""
+    """Run every cell that is not done; return the cells that were pending. Blocked cells (no
+    local copy of their data set) are skipped and named, so one missing data set does not stop
+    the others."""
     check_settings(out, cells)
-    pending = [c for c in cells if not is_done(out, c)]
-    log(f"{len(cells)} cells, {len(cells) - len(pending)} done, {len(pending)} to run ({executor})")
+    blocked = [c for c in cells if cell_state(out, c).startswith("blocked")]
+    for why in dict.fromkeys(c.blocked for c in blocked):
+        log(f"blocked: {why}: {', '.join(c.name for c in blocked if c.blocked == why)}")
+    skip = {c.name for c in blocked}
+    pending = [c for c in cells if c.name not in skip and not is_done(out, c)]
+    log(f"{len(cells)} cells, {len(cells) - len(pending) - len(blocked)} done, {len(blocked)} blocked (no local data), "
+        f"{len(pending)} to run ({executor})")
     if not pending:
         return pending
     if executor == "sequential":

@@ -1,6 +1,12 @@
 """The paper's Table II from a grid's finished runs: ASR, DS, CA (mean ± std over seeds) per data
 set, model and variant, the clean baseline's CA, and the paper's value with our difference.
 
+Each row also says its *protocol*: whether it ran with the paper's model and schedule, a reduced
+schedule, a stand-in model, or a stand-in copy of the data -- so a SimpleCNN row on 6 epochs is
+never read as the paper's ResNet18 at 100 -- and a grid's cells that could not run here (no local
+copy of their data set) appear as rows marked "blocked (no local data)", with the reason below
+the table, instead of being silently absent.
+
 Written as ``table2.md`` (read), ``table2.csv`` (compute) and ``table2.tex`` (paste into a paper).
 """
 
@@ -32,6 +38,56 @@ PAPER_TABLE2: dict[tuple[str, str], tuple[float, float, float]] = {
 PAPER_CLEAN = {"mnist": 99.58, "gtsrb": 98.69, "cifar10": 93.91, "cifar100": 74.98}
 # the model behind each of the paper's rows: another model's numbers are not set beside them
 PAPER_MODELS = {"mnist": "simplecnn", "gtsrb": "preactresnet18", "cifar10": "resnet18", "cifar100": "resnet18"}
+# the paper's training epochs (METHOD.md §3: 100 CIFAR-10, 50 GTSRB, about 10 for MNIST); the paper
+# states none for CIFAR-100, which is read as CIFAR-10's (same model, same image size)
+PAPER_EPOCHS = {"mnist": 10, "gtsrb": 50, "cifar10": 100, "cifar100": 100}
+# copies of a paper data set that are not the data set itself: (the paper's row, what to call the copy)
+DATA_COPIES = {"cifar10-jpeg": ("cifar10", "cifar10-jpeg, a lossy JPEG copy, not CIFAR-10")}
+BLOCKED = "blocked (no local data)"
+
+
+def paper_dataset(dataset: str) -> str | None:
+    """The paper's data set a run's data stands for (itself, or the original of a known copy), or None."""
+    return dataset if dataset in PAPER_MODELS else DATA_COPIES.get(dataset, (None,))[0]
+
+
+def protocol(dataset: str, model: str, config: dict) -> str:
+    """How one run relates to the paper's row of its data set, e.g. "paper model, paper schedule",
+    "paper model, reduced schedule (6 of 50 epochs)", "stand-in model (simplecnn for resnet18),
+    ...", with the data copy named when it is not the paper's data. Why: a reduced-budget or
+    stand-in row sits in the same table as the paper's numbers and must not pass for them."""
+    paper = paper_dataset(dataset)
+    if paper is None:
+        return "not a paper data set"
+    want = PAPER_MODELS[paper]
+    parts = ["paper model" if model == want else f"stand-in model ({model} for {want})"]
+    epochs, full = config.get("epochs"), PAPER_EPOCHS[paper]
+    if epochs is None:
+        parts.append("schedule not recorded")
+    else:
+        parts.append("paper schedule" if epochs >= full else f"reduced schedule ({epochs:g} of {full} epochs)")
+    if config.get("n_train"):
+        parts[-1] += f" on {config['n_train']} training images"
+    if dataset in DATA_COPIES:
+        parts.append(f"data: {DATA_COPIES[dataset][1]}")
+    return ", ".join(parts)
+
+
+def blocked_settings(cells: list) -> list[dict]:
+    """One entry per (data set, model, attacked setting) of a grid's blocked cells (seeds folded):
+    what Table II shows in place of the rows that could not run, and why."""
+    from ..config import make_config
+
+    seen: dict[tuple[str, str, str], dict] = {}
+    for c in cells:
+        if not c.blocked:
+            continue
+        cfg = make_config(c.values)
+        if cfg.is_attack:
+            key = (Path(str(cfg.dataset)).stem, cfg.model, cfg.label())
+            seen.setdefault(key, {"dataset": key[0], "model": key[1], "setting": key[2], "epochs": cfg.epochs,
+                                  "reason": c.blocked})
+    return list(seen.values())
 
 
 def finished_runs(out: Path) -> list[Run]:
@@ -58,8 +114,11 @@ TABLE2_KEYS = (("asr", 100.0), ("ds", 100.0), ("ca", 100.0), ("ds_floor", 100.0)
 TABLE2_NA = {"asr", "ds", "ds_floor", "ds_uniform", "effective_classes"}  # n/a on a degenerate model
 
 
-def table2_rows(runs: list[Run]) -> list[dict]:
-    """One row per (data set, model, attacked setting): mean ± std over seeds.
+def table2_rows(runs: list[Run], blocked: list[dict] = ()) -> list[dict]:
+    """One row per (data set, model, attacked setting): mean ± std over seeds, and its protocol
+    (:func:`protocol`; the distinct ones joined by "; " if the seeds differ). ``blocked``
+    (:func:`blocked_settings`) adds a row per setting that could not run and has no run, its
+    numbers empty, its protocol :data:`BLOCKED` and ``blocked`` the reason.
 
     A degenerate group (:func:`cuba.compare.group_degeneracy`: every seed at chance, or a mean CA
     more than 10 points under the clean CA of the same data set and model) gets ``degenerate`` set
@@ -87,11 +146,46 @@ def table2_rows(runs: list[Run]) -> list[dict]:
             use = deg.kept if key in TABLE2_NA else rs
             row[key] = _stats([scale * v for v in (metric_value(r.metrics, key) for r in use)])
         row["clean_ca"] = _stats([100 * metric_value(r.metrics, "ca") for r in clean])
-        same_setting = PAPER_MODELS.get(ds) == model
-        row["paper"] = PAPER_TABLE2.get((ds, label)) if same_setting else None
-        row["paper_clean"] = PAPER_CLEAN.get(ds) if same_setting else None
+        _paper_columns(row)
+        row["protocol"] = "; ".join(dict.fromkeys(protocol(ds, model, r.config) for r in rs))
+        row["epochs"] = "; ".join(dict.fromkeys(_epochs(r.config.get("epochs")) for r in rs))
         rows.append(row)
+    for b in blocked:
+        if (b["dataset"], b["model"], b["setting"]) in groups:
+            continue  # trained elsewhere and copied in: the runs speak for themselves
+        row = {"dataset": b["dataset"], "model": b["model"], "setting": b["setting"], "n": 0, "degenerate": None,
+               "n_degenerate": 0, "degenerate_reasons": [], **{k: (math.nan, math.nan, 0) for k, _ in TABLE2_KEYS},
+               "clean_ca": (math.nan, math.nan, 0), "protocol": BLOCKED, "blocked": b["reason"],
+               "epochs": _epochs(b.get("epochs"))}
+        rows.append(_paper_columns(row))
     return rows
+
+
+def _epochs(e: float | None) -> str:
+    return "" if e is None else f"{e:g}"
+
+
+def _paper_columns(row: dict) -> dict:
+    """The paper's values beside a row, only when it used the paper's model on (a copy of) the
+    paper's data set; the protocol column says which copy and schedule."""
+    paper = paper_dataset(row["dataset"])
+    same_setting = paper is not None and PAPER_MODELS[paper] == row["model"]
+    row["paper"] = PAPER_TABLE2.get((paper, row["setting"])) if same_setting else None
+    row["paper_clean"] = PAPER_CLEAN.get(paper) if same_setting else None
+    row["paper_epochs"] = PAPER_EPOCHS.get(paper) if paper else None
+    return row
+
+
+def blocked_notes(rows: list[dict]) -> list[str]:
+    """One line per reason a row is blocked (say, "blocked: no local copy of cifar100 (...)")."""
+    return [f"blocked: {why}" for why in dict.fromkeys(r["blocked"] for r in rows if r.get("blocked"))]
+
+
+# read beside Table II: what the protocol column says
+PROTOCOL_NOTE = ("protocol: whether a row ran with the paper's model and schedule (METHOD.md §3: 50 epochs GTSRB, "
+                 "100 CIFAR-10, about 10 MNIST; 100 taken for CIFAR-100) or a reduced schedule, a stand-in model "
+                 "or a stand-in copy of the data; the paper's values are set beside a row only when it used the "
+                 "paper's model. " + BLOCKED + ": the grid's cell could not run on this machine (reason below).")
 
 
 def _t2_name(r: dict) -> str:
@@ -117,16 +211,16 @@ def _t2_cell(r: dict, key: str, digits: int = 2) -> str:
 def table2_markdown(rows: list[dict]) -> str:
     """The paper's columns, then DS floor / DS uniform (the DS of a collapse and of a uniform
     attacker, read against DS) and the effective number of classes."""
-    lines = ["| data / model | setting | n | ASR | DS | CA | clean CA | DS floor | DS uniform | eff. classes "
+    lines = ["| data / model | setting | protocol | n | ASR | DS | CA | clean CA | DS floor | DS uniform | eff. classes "
              "| paper ASR / DS / CA (clean) | Δ ASR / DS / CA |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["paper"]
         paper = f"{p[0]:.2f} / {p[1]:.2f} / {p[2]:.2f} ({r['paper_clean']:.2f})" if p else "–"
         diff = " / ".join(
             "n/a" if k in TABLE2_NA and r.get("degenerate") else (f"{r[k][0] - p[i]:+.2f}" if not math.isnan(r[k][0]) else "–")
             for i, k in enumerate(("asr", "ds", "ca"))) if p else "–"
-        lines.append(f"| {r['dataset']} / {r['model']} | {_t2_name(r)} | {r['n']} | {_t2_cell(r, 'asr')} | {_t2_cell(r, 'ds')} | "
+        lines.append(f"| {r['dataset']} / {r['model']} | {_t2_name(r)} | {r.get('protocol', '–')} | {r['n']} | {_t2_cell(r, 'asr')} | {_t2_cell(r, 'ds')} | "
                      f"{_t2_cell(r, 'ca')} | {_cell(*r['clean_ca'][:2])} | {_t2_cell(r, 'ds_floor')} | {_t2_cell(r, 'ds_uniform')} | "
                      f"{_t2_cell(r, 'effective_classes')} | {paper} | {diff} |")
     return "\n".join(lines)
@@ -141,33 +235,37 @@ def table2_csv(rows: list[dict]) -> str:
     w.writerow(["dataset", "model", "setting", "n", "degenerate", "n_degenerate", "asr_mean", "asr_std", "ds_mean", "ds_std",
                 "ca_mean", "ca_std", "clean_ca_mean", "clean_ca_std", "ds_floor_mean", "ds_floor_std", "ds_uniform_mean",
                 "ds_uniform_std", "effective_classes_mean", "effective_classes_std",
-                "paper_asr", "paper_ds", "paper_ca", "paper_clean_ca"])
+                "paper_asr", "paper_ds", "paper_ca", "paper_clean_ca", "protocol", "epochs", "paper_epochs", "blocked"])
     f = lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"  # noqa: E731
     for r in rows:
         p = r["paper"] or (None, None, None)
         keys = ("asr", "ds", "ca", "clean_ca", "ds_floor", "ds_uniform", "effective_classes")
         w.writerow([r["dataset"], r["model"], r["setting"], r["n"], r.get("degenerate") or "", r.get("n_degenerate", 0),
-                    *(f(v) for k in keys for v in r[k][:2]), *(f(v) for v in p), f(r["paper_clean"])])
+                    *(f(v) for k in keys for v in r[k][:2]), *(f(v) for v in p), f(r["paper_clean"]),
+                    r.get("protocol", ""), r.get("epochs", ""), r.get("paper_epochs") or "", r.get("blocked") or ""])
     return buf.getvalue()
 
 
 def table2_latex(rows: list[dict]) -> str:
     body = []
     for r in rows:
-        cells = [f"{r['dataset']} / {r['model']}", _t2_name(r),
+        cells = [f"{r['dataset']} / {r['model']}", _t2_name(r), r.get("protocol", "–"),
                  *(_t2_cell(r, k) for k in ("asr", "ds", "ca")), _cell(*r["clean_ca"][:2]),
                  *(_t2_cell(r, k) for k in ("ds_floor", "ds_uniform", "effective_classes"))]
         body.append((" & ".join(cells) + " \\\\").replace("±", "$\\pm$").replace("–", "--").replace("%", "\\%").replace("_", "\\_"))
-    return "\n".join(["\\begin{tabular}{llrrrrrrr}", "\\toprule",
-                      "Data / model & Setting & ASR (\\%) & DS (\\%) & CA (\\%) & Clean CA (\\%) & DS floor (\\%) "
+    return "\n".join(["\\begin{tabular}{lllrrrrrrr}", "\\toprule",
+                      "Data / model & Setting & Protocol & ASR (\\%) & DS (\\%) & CA (\\%) & Clean CA (\\%) & DS floor (\\%) "
                       "& DS uniform (\\%) & Eff.\\ classes \\\\", "\\midrule",
                       *body, "\\bottomrule", "\\end{tabular}"])
 
 
-def write_table2(out: Path) -> list[Path]:
-    rows = table2_rows(finished_runs(out))
+def write_table2(out: Path, blocked: list[dict] = ()) -> list[Path]:
+    """table2.{md,csv,tex} of the finished runs under ``out``, plus the ``blocked`` settings
+    (:func:`blocked_settings`); the Markdown ends with the protocol note and why rows are blocked."""
+    rows = table2_rows(finished_runs(out), blocked)
+    md = "\n\n".join([table2_markdown(rows), PROTOCOL_NOTE, *blocked_notes(rows)])
     files = []
-    for suffix, text in (("md", table2_markdown(rows)), ("csv", table2_csv(rows)), ("tex", table2_latex(rows))):
+    for suffix, text in (("md", md), ("csv", table2_csv(rows)), ("tex", table2_latex(rows))):
         write_text(Path(out) / f"table2.{suffix}", text if text.endswith("\n") else text + "\n")
         files.append(Path(out) / f"table2.{suffix}")
     return files
