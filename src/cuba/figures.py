@@ -155,8 +155,11 @@ def plot_sweep(rows: list[dict], field: str, path: Path) -> Path:
     """
     xs = np.array([float(r[field]) for r in rows])
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.0))
+    has_val = any(not np.isnan(r.get("val.ds", (np.nan,))[0]) for r in rows)
     for ax, (key, title) in zip(axes, (("ds", "DS %"), ("asr", "ASR %"), ("ca", "CA %"))):
-        ax.plot(xs, [r[key][0] for r in rows], marker="o", label="mean")
+        ax.plot(xs, [r[key][0] for r in rows], marker="o", label="test mean")
+        if has_val:  # the sweep's ranking reads these; the test line is what gets reported
+            ax.plot(xs, [r.get(f"val.{key}", (np.nan,))[0] for r in rows], marker="s", ls="--", label="validation mean")
         for x, r in zip(xs, rows):
             vals = r.get(f"{key}_values", [])
             ax.scatter([x] * len(vals), vals, s=14, color="0.4", alpha=0.7, zorder=3,
@@ -168,5 +171,6 @@ def plot_sweep(rows: list[dict], field: str, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     n = sorted({r["n"] for r in rows})
-    fig.suptitle(f"Sweep over {field} ({'/'.join(map(str, n))} seed(s) per value: dots = seeds, line = mean)", fontsize=9)
+    what = "dots = test, one per seed; lines = means" + ("; settings are chosen on validation" if has_val else "")
+    fig.suptitle(f"Sweep over {field} ({'/'.join(map(str, n))} seed(s) per value: {what})", fontsize=9)
     return save_figure(fig, path)
