@@ -23,7 +23,7 @@ from .figures import plot_confidences, plot_histograms, plot_triggers
 from .attack import POISON_ATTACKS, build_trigger
 from .models import build_classifier
 from .runs import (
-    default_run_dir, writer_lock, load_predictions, load_run_config, load_weights, read_json, save_config, save_predictions,
+    METRIC_KEYS, default_run_dir, writer_lock, load_predictions, load_run_config, load_weights, read_json, save_config, save_predictions,
     save_weights, write_json,
 )
 from .train import train
@@ -211,7 +211,7 @@ def evaluate_run(run_dir: Path, from_predictions: bool = False, device: str = "a
         pred = predict(classifier, generator, data, engine, cfg.eval_batch_size, stealth=True, progress=cfg.progress)
     metrics = metrics_from_predictions(pred, targets, cfg.full_range)
     stored = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
-    keys = ("ca", "asr", "asr_c", "ds", "ds_min", "d_p", "psnr", "ssim", "linf")
+    keys = METRIC_KEYS
     if write and not from_predictions:
         save_predictions(run_dir, pred, targets)
         write_json(run_dir / "metrics.json", {**stored, **metrics, "previous": {k: stored.get(k) for k in keys}})

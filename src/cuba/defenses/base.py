@@ -197,12 +197,11 @@ class DefenseResult:
 class Defense(ABC):
     """A backdoor defense. Subclasses set ``name``, validate parameters in ``__init__`` and implement ``run``.
 
-    ``needs_trigger``: input-level detectors score backdoor inputs, so a clean model (no
-    trigger) is only scored on clean inputs; see :func:`run_defense`.
+    A clean model has no trigger: input-level detectors then score a probe patch it never
+    learned (:meth:`AttackRun.backdoor`), a negative control.
     """
 
     name: ClassVar[str]
-    needs_trigger: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = int(seed)

@@ -96,7 +96,6 @@ REPORTED_FPR = (0.01, 0.05)
 @register
 class ScaleUp(Defense):
     name = "scale-up"
-    needs_trigger = True
 
     @classmethod
     def headline(cls, f: dict) -> str:

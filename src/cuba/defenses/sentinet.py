@@ -108,7 +108,6 @@ def fit_boundary(points: np.ndarray, bins: int = 10) -> np.ndarray:
 @register
 class SentiNet(Defense):
     name = "sentinet"
-    needs_trigger = True
 
     @classmethod
     def headline(cls, f: dict) -> str:

@@ -103,7 +103,6 @@ def calibration_collapse(calib_mean: float, calib_std: float, num_classes: int) 
 @register
 class Strip(Defense):
     name = "strip"
-    needs_trigger = True
 
     @classmethod
     def headline(cls, f: dict) -> str:

@@ -57,9 +57,6 @@ class Cell:
     defenses: list[str] = field(default_factory=list)
     blocked: str | None = None  # why it cannot run here (its data set has no local copy), or None
 
-    def key(self, field_name: str) -> Any:
-        return self.values.get(field_name)
-
 
 def _as_list(v: Any, name: str) -> list:
     if v is None:
