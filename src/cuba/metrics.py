@@ -86,6 +86,12 @@ def attacked_mask(y_true: torch.Tensor | np.ndarray, targets: torch.Tensor) -> t
     return targets.bool().any(dim=1)[_t(y_true)]
 
 
+def _success_share(y_true, y_pred_bd, targets: torch.Tensor, keep: torch.Tensor) -> float:
+    """Share of successful backdoor predictions among the images ``keep`` selects (NaN if none)."""
+    ok = success_mask(y_true, y_pred_bd, targets)[keep]
+    return float(ok.float().mean()) if len(ok) else float("nan")
+
+
 def attack_success_rate(
     y_true: torch.Tensor | np.ndarray, y_pred_bd: torch.Tensor | np.ndarray, targets: torch.Tensor,
     y_pred_clean: torch.Tensor | np.ndarray | None = None,
@@ -94,8 +100,7 @@ def attack_success_rate(
     keep = attacked_mask(y_true, targets)
     if y_pred_clean is not None:
         keep &= _t(y_true) == _t(y_pred_clean)
-    ok = success_mask(y_true, y_pred_bd, targets)[keep]
-    return float(ok.float().mean()) if len(ok) else float("nan")
+    return _success_share(y_true, y_pred_bd, targets, keep)
 
 
 def asr_clean_wrong(
@@ -105,8 +110,7 @@ def asr_clean_wrong(
     """ASR over the attacked images the model *misclassifies* when clean (ASR-C's complement):
     ASR = CA' * ASR-C + (1 - CA') * this, with CA' the clean accuracy on attacked images."""
     keep = attacked_mask(y_true, targets) & (_t(y_true) != _t(y_pred_clean))
-    ok = success_mask(y_true, y_pred_bd, targets)[keep]
-    return float(ok.float().mean()) if len(ok) else float("nan")
+    return _success_share(y_true, y_pred_bd, targets, keep)
 
 
 def asr_relative_to_prediction(

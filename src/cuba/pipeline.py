@@ -112,18 +112,27 @@ def run_training(cfg: TrainConfig, run_dir: Path | None = None, overwrite: bool 
         return _train_into(cfg, run_dir, overwrite)
 
 
+def _finished_run(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> dict[str, Any] | None:
+    """The stored metrics when ``run_dir`` already holds this setting finished (None: train or
+    resume); a folder holding another setting is a ConfigError unless ``overwrite``."""
+    if not (run_dir / "config.yaml").is_file() or overwrite:
+        return None
+    diff = setting_differences(load_run_config(run_dir), cfg)
+    if diff:
+        raise ConfigError(f"{run_dir} holds a run of a different setting ({'; '.join(diff[:3])}); "
+                          "choose another --out or pass --overwrite")
+    status = read_json(run_dir / "status.json") if (run_dir / "status.json").is_file() else {}
+    if status.get("state") == "finished" and (run_dir / "metrics.json").is_file():
+        print(f"{run_dir} is already finished; its stored metrics follow (--overwrite retrains)", flush=True)
+        return read_json(run_dir / "metrics.json")
+    return None
+
+
 def _train_into(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> tuple[Path, dict[str, Any]]:
     """run_training's body, run while this process holds the folder's writer lock."""
-    status = read_json(run_dir / "status.json") if (run_dir / "status.json").is_file() else {}
-    if (run_dir / "config.yaml").is_file() and not overwrite:
-        old = load_run_config(run_dir)
-        diff = setting_differences(old, cfg)
-        if diff:
-            raise ConfigError(f"{run_dir} holds a run of a different setting ({'; '.join(diff[:3])}); "
-                              "choose another --out or pass --overwrite")
-        if status.get("state") == "finished" and (run_dir / "metrics.json").is_file():
-            print(f"{run_dir} is already finished; its stored metrics follow (--overwrite retrains)", flush=True)
-            return run_dir, read_json(run_dir / "metrics.json")
+    done = _finished_run(cfg, run_dir, overwrite)
+    if done is not None:
+        return run_dir, done
     if overwrite and (run_dir / CHECKPOINT).is_file():
         (run_dir / CHECKPOINT).unlink()
     if cfg.deterministic:
@@ -163,6 +172,15 @@ def _train_into(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> tuple[Path,
         device=str(engine.device), bf16=engine.bf16, torch=torch.__version__, cuba=__version__,
         machine=platform.machine(), threads=torch.get_num_threads(), processes=d.world,
     )
+    _write_run(run_dir, cfg, data, engine, result, pred, metrics)
+    finish(d)
+    return run_dir, metrics
+
+
+def _write_run(run_dir: Path, cfg: TrainConfig, data: ImageDataset, engine: Engine, result: Any, pred: Any,
+               metrics: dict[str, Any]) -> None:
+    """Write a finished run's folder (rank 0): split, weights, targets, predictions, history,
+    figures, metrics, then status "finished" last, so a folder that says finished is complete."""
     write_json(run_dir / "split.json", split_record(data, cfg))
     save_weights(run_dir / "classifier.safetensors", result.classifier)
     if result.generator is not None:
@@ -176,9 +194,7 @@ def _train_into(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> tuple[Path,
     if (run_dir / CHECKPOINT).is_file():
         (run_dir / CHECKPOINT).unlink()  # the weights are saved; the training state is no longer needed
     write_json(run_dir / "status.json", {"state": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                         "degenerate": reason is not None, **({"degenerate_reason": reason} if reason else {})})
-    finish(d)
-    return run_dir, metrics
+                                         "degenerate": metrics["degenerate"], **({"degenerate_reason": metrics["degenerate_reason"]} if metrics["degenerate"] else {})})
 
 
 def load_models(run_dir: Path, cfg: TrainConfig, data: ImageDataset, engine: Engine) -> tuple[torch.nn.Module, torch.nn.Module | None]:
