@@ -119,6 +119,8 @@ def test_sweep_plans_validates_and_skips_finished_cells(tmp_path: Path) -> None:
 def test_sweep_cli_needs_out(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sweep", "tau", "0.1", "--dataset", "digits"]) == 2
     assert "--out FOLDER is required" in capsys.readouterr().err
+    assert main(["sweep", "eps", "0.05", "--dataset", "digits", "--out", "x", "--within", "-2"]) == 2
+    assert "--within must be >= 0 percentage points, got -2.0" in capsys.readouterr().err
 
 
 def test_fig8_titles_carry_ds(tmp_path: Path) -> None:
@@ -282,3 +284,21 @@ def test_sweep_ranking_without_validation_or_winner(tmp_path: Path) -> None:
     assert best_on_validation(ranked, "tau").startswith("best on validation: none (every setting is degenerate")
     assert "| 2 | 0.1 | cuba-fra (tau=0.1) | – | – | – | ranked last: no validation metrics" in ranking_markdown(ranked, "tau")
     assert best_on_validation([], "tau").startswith("best on validation: none")
+
+
+def test_sweep_within_prefers_the_first_listed_value_close_to_the_top(tmp_path: Path) -> None:
+    # eps listed smallest first: 0.02 is 3 points below the top (0.1), 0.05 is 0.5 below;
+    # within 1 point the stealthier 0.05 wins, without --within the top val DS (0.1) wins
+    val = {0.02: 0.90, 0.05: 0.925, 0.1: 0.93}
+
+    def runner(cfg) -> None:
+        write_sweep_run(cfg, {"ca": 0.98, "asr": 1.0, "ds": val[cfg.eps]}, {"ca": 0.98, "asr": 1.0, "ds": 0.5})
+
+    md, _ = run_sweep({"dataset": "digits"}, "eps", [0.02, 0.05, 0.1], [0], tmp_path, runner=runner, log=lambda s: None, within=1.0)
+    assert md.rstrip().endswith("best on validation: eps=0.05 (first as listed within 1 points of the top val DS)")
+    md, _ = run_sweep({"dataset": "digits"}, "eps", [0.02, 0.05, 0.1], [0], tmp_path, runner=runner, log=lambda s: None)
+    assert md.rstrip().endswith("best on validation: eps=0.1")
+    md, _ = run_sweep({"dataset": "digits"}, "eps", [0.02, 0.05, 0.1], [0], tmp_path, runner=runner, log=lambda s: None, within=5)
+    assert md.rstrip().endswith("best on validation: eps=0.02 (first as listed within 5 points of the top val DS)")
+    with pytest.raises(ConfigError, match="--within must be >= 0"):
+        run_sweep({"dataset": "digits"}, "eps", [0.02], [0], tmp_path, runner=runner, log=lambda s: None, within=-1)

@@ -183,7 +183,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not out:
         raise ConfigError("sweep: --out FOLDER is required (it holds one run folder per value and seed)")
     seeds = args.seeds if args.seeds is not None else [int(base.get("seed", 0))]
-    md, files = run_sweep(base, args.field.replace("-", "_"), [parse_value(v) for v in args.values], seeds, Path(out))
+    md, files = run_sweep(base, args.field.replace("-", "_"), [parse_value(v) for v in args.values], seeds, Path(out),
+                          within=args.within)
     print(md)
     print("\nwritten: " + ", ".join(str(f) for f in files))
     return 0
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("field", help="config field to sweep, e.g. tau or gamma")
     w.add_argument("values", nargs="+", help="values (YAML), e.g. 0.01 0.1 1")
     w.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds per value (default: --seed, or 0)")
+    w.add_argument("--within", type=float, default=None, metavar="POINTS",
+                   help="pick the first value as listed whose val DS is within POINTS of the best "
+                        "(for a field that costs stealth, e.g. eps listed smallest first); default: the top val DS")
     _add_train_flags(w)
     w.set_defaults(func=cmd_sweep)
     d = sub.add_parser("demo", help="clean vs CUBA FRA on the bundled digits data, in a few minutes on CPU")

@@ -13,6 +13,12 @@ a setting whose validation CA is degenerate (:func:`cuba.compare.degenerate_reas
 ASR is under :data:`MIN_VAL_ASR` (a widely spread backdoor that rarely fires is not a better
 attack), or that has no validation numbers, is ranked last with the reason. The last line names
 the winner: ``best on validation: FIELD=VALUE``.
+
+``within`` (``cuba sweep --within POINTS``) is the rule for a field that trades the attack against
+something DS does not see -- eps, the trigger's L-inf budget, buys DS with stealth: the winner is
+then the *first value as listed* among the eligible ones whose val DS is within POINTS percentage
+points of the best (list eps smallest first and the stealthiest good-enough budget wins), the
+"one-standard-error" habit of model selection. Without it the top val DS wins.
 """
 
 from __future__ import annotations
@@ -57,12 +63,15 @@ def plan_cells(base: dict[str, Any], field: str, values: list[Any], seeds: list[
 def run_sweep(
     base: dict[str, Any], field: str, values: list[Any], seeds: list[int], out: Path,
     runner: Callable[[TrainConfig], Any] | None = None, log: Callable[[str], None] = print,
+    within: float | None = None,
 ) -> tuple[str, list[Path]]:
     """Train every missing cell, then write the grouped table and plot; return (markdown, files)."""
     from .compare import compare
 
     if runner is None:
         from .pipeline import run_training as runner
+    if within is not None and not within >= 0:
+        raise ConfigError(f"sweep: --within must be >= 0 percentage points, got {within}")
     cells = plan_cells(base, field, values, seeds, out)
     for i, cfg in enumerate(cells, 1):
         done = (Path(cfg.out) / "metrics.json").is_file()
@@ -70,7 +79,8 @@ def run_sweep(
         if not done:
             runner(cfg)
     md, files = compare([c.out for c in cells], out=out, name=f"sweep-{field}", by=field, val=True,
-                        appendix=lambda groups: ranking_markdown(rank_by_validation(groups, field), field))
+                        appendix=lambda groups: ranking_markdown(rank_by_validation(groups, field), field,
+                                                                 within=within, order=values))
     return md, files
 
 
@@ -114,17 +124,36 @@ def rank_by_validation(groups: list[Group], field: str) -> list[dict[str, Any]]:
     return sorted(ranked, key=key)
 
 
-def best_on_validation(ranked: list[dict[str, Any]], field: str) -> str:
+def pick(ranked: list[dict[str, Any]], within: float | None = None, order: list[Any] | None = None) -> dict[str, Any] | None:
+    """The winning entry of :func:`rank_by_validation`'s list, or None when none is eligible.
+
+    With ``within`` (percentage points) the winner is the first of ``order`` (the values as listed)
+    among the eligible entries whose val DS is at least best - within/100."""
+    eligible = [e for e in ranked if e["why"] is None]
+    if not eligible:
+        return None
+    if within is None:
+        return eligible[0]
+    close = [e for e in eligible if e["ds"] >= eligible[0]["ds"] - within / 100]
+    listed = list(order) if order is not None else [e["value"] for e in ranked]
+    return min(close, key=lambda e: listed.index(e["value"]) if e["value"] in listed else len(listed))
+
+
+def best_on_validation(ranked: list[dict[str, Any]], field: str, within: float | None = None,
+                       order: list[Any] | None = None) -> str:
     """``best on validation: FIELD=VALUE``, or why there is none."""
     from .compare import _fmt_value
 
-    if not ranked or ranked[0]["why"] is not None:
+    winner = pick(ranked, within, order)
+    if winner is None:
         return ("best on validation: none (every setting is degenerate, under the val ASR bar of "
                 f"{100 * MIN_VAL_ASR:.0f}%, or lacks validation metrics)")
-    return f"best on validation: {field}={_fmt_value(ranked[0]['value'])}"
+    rule = "" if within is None else f" (first as listed within {within:g} points of the top val DS)"
+    return f"best on validation: {field}={_fmt_value(winner['value'])}{rule}"
 
 
-def ranking_markdown(ranked: list[dict[str, Any]], field: str) -> str:
+def ranking_markdown(ranked: list[dict[str, Any]], field: str, within: float | None = None,
+                     order: list[Any] | None = None) -> str:
     pct = lambda v: "–" if math.isnan(v) else f"{100 * v:.2f}"  # noqa: E731
     from .compare import _fmt_value
 
@@ -134,4 +163,4 @@ def ranking_markdown(ranked: list[dict[str, Any]], field: str) -> str:
     for i, e in enumerate(ranked, 1):
         note = f"ranked last: {e['why']}" if e["why"] else ""
         lines.append(f"| {i} | {_fmt_value(e['value'])} | {e['setting']} | {pct(e['ds'])} | {pct(e['asr'])} | {pct(e['ca'])} | {note} |")
-    return "\n".join([*lines, "", best_on_validation(ranked, field)])
+    return "\n".join([*lines, "", best_on_validation(ranked, field, within, order)])
