@@ -295,6 +295,24 @@ def test_total_is_alpha_mse_plus_beta_ce_plus_gamma_lnf_with_cfg_tau() -> None:
         assert float(jl.total) == pytest.approx(float(2.0 * mse + 3.0 * ce + 5.0 * lnf), rel=1e-5)
 
 
+def test_target_reduction_mean_divides_the_objective_by_the_target_set_size() -> None:
+    # mutation caught: target_reduction ignored (NRA-2 summed like FRA), or rows normalised under "sum"
+    from cuba.attack.step import joint_loss
+    from cuba.config import ConfigError, make_config
+
+    cfg, classifier, x, y, _ = _step_inputs()
+    rows = index_targets(10, 2).float()
+    for reduction, scale in (("sum", 1.0), ("mean", 0.5)):
+        c = make_config({**cfg.__dict__, "target_reduction": reduction})
+        jl = joint_loss(classifier, lambda a: (a + 0.1).clamp(0, 1), x, y, rows, OBJECTIVES["cuba"], c, gamma=1.0,
+                        n_bd=8, split_passes=True)
+        with torch.no_grad():
+            lnf = _hand_lnf(classifier((x + 0.1).clamp(0, 1)), rows[y], c.tau)
+        assert float(jl.backdoor) == pytest.approx(scale * float(lnf), rel=1e-5)
+    with pytest.raises(ConfigError, match="target_reduction: must be one of sum, mean, got 'max'"):
+        make_config({"target_reduction": "max"})
+
+
 def test_evaluation_runs_without_autocast_even_on_a_bf16_engine() -> None:
     # mutation caught: predict() wrapped in engine.autocast() (bf16 turns CUBA's near-tie logits into ties)
     from cuba.data import ImageDataset

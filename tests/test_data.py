@@ -387,3 +387,31 @@ def test_gtsrb_cpu_preset_trains_a_few_steps(shared_data: Path, tmp_path: Path) 
                  "--set", "val_fraction=0.01", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_classes"] == 43 and metrics["n_test"] == 128 and metrics["setting"] == "cuba-fra"
+
+
+def test_stratified_subset_keeps_every_class_in_proportion() -> None:
+    from cuba.data.split import stratified_subset
+
+    # a GTSRB-like long tail: class c has 10 * (c + 1) images, two rare classes with 3 images
+    y = torch.cat([torch.full((10 * (c + 1),), c) for c in range(8)] + [torch.full((3,), 8), torch.full((3,), 9)])
+    idx = stratified_subset(y, 30, seed=0)
+    counts = torch.bincount(y[idx], minlength=10)
+    assert len(idx) == 30 and (counts >= 1).all()  # the random draw this replaced left rare classes empty
+    assert idx.equal(idx.sort().values) and len(set(idx.tolist())) == 30
+    assert counts[7] > counts[0]  # proportional: the big class keeps more
+    assert idx.equal(stratified_subset(y, 30, seed=0)) and not idx.equal(stratified_subset(y, 30, seed=1))
+    assert len(stratified_subset(y, 5, seed=0)) == 5  # fewer rows than classes: exact size, no floor
+    assert stratified_subset(y, 10_000).equal(torch.arange(len(y)))
+    with pytest.raises(ValueError, match="n >= 0"):
+        stratified_subset(y, -1)
+
+
+def test_subset_of_a_long_tailed_set_leaves_no_class_empty() -> None:
+    from cuba.data.base import validate_dataset
+
+    y = torch.cat([torch.zeros(500, dtype=torch.long), torch.arange(1, 43).repeat_interleave(2)])
+    x = torch.zeros(len(y), 3, 8, 8, dtype=torch.uint8)
+    ds = ImageDataset("longtail", x, y, x[:43], torch.arange(43), [str(c) for c in range(43)])
+    small = ds.subset(n_train=64, seed=0)
+    assert len(small.y_train) == 64 and torch.unique(small.y_train).numel() == 43
+    validate_dataset(small)

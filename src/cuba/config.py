@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 MSE_REDUCTIONS = ("mean", "sum")
+TARGET_REDUCTIONS = ("sum", "mean")  # the backdoor objective over T(y): METHOD.md sums; mean divides by |T(y)|
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = "auto, cpu, cuda, cuda:N or mps"  # what --device accepts (checked here and by the engine)
 
@@ -62,6 +63,9 @@ class TrainConfig:
     beta: float = 1.0
     gamma: float = 5.0
     mse_reduction: str = "mean"
+    # sum (METHOD.md) or mean over T(y): with sum, NRA-2's backdoor term weighs |T(y)| = 2 terms
+    # against FRA's K-1, so at equal gamma the two variants are not pushed equally hard
+    target_reduction: str = "sum"
     backdoor_ratio: float = 1.0
     warmup_epochs: float = 0.0  # clean-only classifier epochs before the joint training
     gamma_ramp_epochs: float = 0.0  # linear ramp of gamma from 0 after the warm-up
@@ -234,7 +238,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
             raise ConfigError(f"{name}: must be a positive integer or unset, got {v!r}")
     choices = {
         "attack": ATTACKS, "model": tuple(CLASSIFIERS), "vicinity": VICINITIES, "generator_mode": GENERATOR_MODES,
-        "mse_reduction": MSE_REDUCTIONS, "precision": PRECISIONS, "optimizer": ("sgd", "adam"),
+        "mse_reduction": MSE_REDUCTIONS, "target_reduction": TARGET_REDUCTIONS, "precision": PRECISIONS, "optimizer": ("sgd", "adam"),
         "augment": ("auto", "none", "crop", "crop+flip"), "variant": ("fra", "nra"),
     }
     for name, allowed in choices.items():

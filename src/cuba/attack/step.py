@@ -6,6 +6,9 @@ and a test can call:
                                         see both halves in one batch), two passes otherwise
     L = alpha * MSE(x*, x) + beta * CE(z, y) + gamma * objective(z*, y, T(y))
 
+with the objective summed over T(y) (METHOD.md), or averaged over it when
+``cfg.target_reduction == "mean"`` (each target row then sums to 1).
+
 CE is taken on the *clean* logits and the backdoor objective (CUBA's LNF with ``tau`` and the
 L2 logit normalisation, or a baseline's loss) on the *backdoor* logits; the generator gets its
 gradient through x*, which must not be detached. tests/test_attack.py pins each of these.
@@ -56,5 +59,8 @@ def joint_loss(
     mse = (xb.float() - x[:n_bd]).pow(2)
     mse = mse.mean() if cfg.mse_reduction == "mean" else mse.flatten(1).sum(1).mean()
     ce = F.cross_entropy(zc.float(), y)
-    bd = objective(zb, y[:n_bd], target_rows[y[:n_bd]], cfg.tau, cfg.lnf_eps)
+    rows = target_rows[y[:n_bd]]
+    if cfg.target_reduction == "mean":
+        rows = rows / rows.sum(dim=1, keepdim=True).clamp(min=1)
+    bd = objective(zb, y[:n_bd], rows, cfg.tau, cfg.lnf_eps)
     return JointLoss(cfg.alpha * mse + cfg.beta * ce + gamma * bd, mse, ce, bd, xb)

@@ -82,15 +82,15 @@ class ImageDataset:
                             self.x_train[val], self.y_train[val], val, len(self.y_train))
 
     def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> "ImageDataset":
-        """A stratification-free random subset, for small CPU budgets. ``None`` keeps a split whole.
-        The validation split is kept as it is: a smaller budget trains on fewer images, it is not
-        judged on fewer."""
-        g = torch.Generator().manual_seed(seed)
+        """A stratified subset (:func:`cuba.data.split.stratified_subset`: every class in proportion,
+        none left empty), for small CPU budgets. ``None`` keeps a split whole. The validation split is
+        kept as it is: a smaller budget trains on fewer images, it is not judged on fewer."""
+        from .split import stratified_subset
 
         def pick(x: torch.Tensor, y: torch.Tensor, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
             if n is None or n >= len(y):
                 return x, y
-            idx = torch.randperm(len(y), generator=g)[:n].sort().values
+            idx = stratified_subset(y, n, seed)
             return x[idx], y[idx]
 
         xtr, ytr = pick(self.x_train, self.y_train, n_train)
