@@ -3,8 +3,8 @@
     python benchmarks/step_breakdown.py [--model simplecnn|resnet18] [--steps 60] [--repeats 3] [--profile] [--json]
 
 `cuba bench` gives the ratio of a CUBA step to a clean step; this script splits it. It replays
-the training step of :func:`cuba.train.train` (same modules, engine, losses, optimisers, gradient
-clipping) with parts left out, and times the U-Net generator on its own at full and half
+the training step of :func:`cuba.train.train` (:class:`cuba.attack.step.TrainStep`: same modules,
+engine, losses, optimisers, gradient clipping) with parts left out, and times the U-Net generator on its own at full and half
 resolution and two widths. Each number is the median of ``repeats`` interleaved measurements
 of ``steps`` steps, after three warm-up steps; synthetic uint8 images (speed does not depend on
 pixel values). ``--model resnet18`` does the same for ResNet18 on 32x32 RGB (use ``--steps 5``:
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from cuba.attack import OBJECTIVES
-from cuba.attack.step import joint_loss
+from cuba.attack.step import TrainStep
 from cuba.config import make_config
 from cuba.engine import make_engine
 from cuba.models import TriggerGenerator, build_classifier
@@ -105,26 +105,15 @@ def main() -> None:
     g_half, opt_half = make_gen(2, 16)
 
     def train_step(gen: tuple[torch.nn.Module, torch.optim.Optimizer] | None, attack: bool) -> Callable[[int], None]:
+        # the training loop's own step (cuba.attack.step.TrainStep); without a generator the
+        # triggered input is a leaf that still needs its gradient
+        g = gen[0] if gen else (lambda a: a.detach().clone().requires_grad_(True))
+        ts = TrainStep(CFG, f, gen[0] if gen else None, opt, gen[1] if gen else None, objective=OBJECTIVES["cuba"],
+                       n_bd=BATCH, split_passes=split, fwd_g=g, autocast=eng.autocast)
+        ts.target_rows = rows
+
         def step(i: int) -> None:
-            x, y = xs[i % 8], ys[i % 8]
-            with eng.autocast():
-                if not attack:
-                    loss = F.cross_entropy(f(x).float(), y)
-                else:  # the training loop's own loss (cuba.attack.step); without a generator the
-                    # triggered input is a leaf that still needs its gradient
-                    g = gen[0] if gen else (lambda a: a.detach().clone().requires_grad_(True))
-                    loss = joint_loss(f, g, x, y, rows, OBJECTIVES["cuba"], CFG, CFG.gamma, len(x), split).total
-            torch.isfinite(loss).item()
-            opt.zero_grad(set_to_none=True)
-            if gen:
-                gen[1].zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(f.parameters(), 5.0)
-            if gen:
-                torch.nn.utils.clip_grad_norm_(gen[0].parameters(), 5.0)
-            opt.step()
-            if gen:
-                gen[1].step()
+            ts(xs[i % 8], ys[i % 8], joint=attack, gamma=CFG.gamma)
         return step
 
     def gen_alone(scale: int, width: int) -> Callable[[int], None]:

@@ -271,7 +271,7 @@ def test_ce_reads_clean_logits_and_the_objective_backdoor_logits() -> None:
         jl = joint_loss(classifier, lambda a: 1 - a, x, y, rows, spy, cfg, gamma=1.0, n_bd=8, split_passes=split)
         with torch.no_grad():
             assert torch.allclose(seen["z"], classifier(1 - x), atol=1e-5)
-            assert float(jl.ce) == pytest.approx(float(F.cross_entropy(classifier(x), y)), rel=1e-5)
+            assert jl.ce.detach().item() == pytest.approx(float(F.cross_entropy(classifier(x), y)), rel=1e-5)
         assert torch.equal(seen["t"], rows[y])  # T(y) of each sample, not of another
 
 
@@ -289,10 +289,12 @@ def test_total_is_alpha_mse_plus_beta_ce_plus_gamma_lnf_with_cfg_tau() -> None:
             lnf = _hand_lnf(scaled(xb), rows[y], tau)
             mse = (xb - x).pow(2).mean()
             ce = F.cross_entropy(scaled(x), y)
-        assert float(jl.backdoor) == pytest.approx(float(lnf), rel=1e-5)
-        assert float(jl.backdoor) != pytest.approx(float(_hand_lnf(scaled(xb), rows[y], 1.0)), rel=1e-3)
-        assert float(jl.backdoor) != pytest.approx(float(soft_target_ce(scaled(xb), rows[y], tau=tau)), rel=1e-3)
-        assert float(jl.total) == pytest.approx(float(2.0 * mse + 3.0 * ce + 5.0 * lnf), rel=1e-5)
+        assert jl.backdoor.detach().item() == pytest.approx(float(lnf), rel=1e-5)
+        with torch.no_grad():
+            at_tau_1, unnormalised = _hand_lnf(scaled(xb), rows[y], 1.0), soft_target_ce(scaled(xb), rows[y], tau=tau)
+        assert jl.backdoor.detach().item() != pytest.approx(float(at_tau_1), rel=1e-3)
+        assert jl.backdoor.detach().item() != pytest.approx(float(unnormalised), rel=1e-3)
+        assert jl.total.detach().item() == pytest.approx(float(2.0 * mse + 3.0 * ce + 5.0 * lnf), rel=1e-5)
 
 
 def test_target_reduction_mean_divides_the_objective_by_the_target_set_size() -> None:
@@ -308,7 +310,7 @@ def test_target_reduction_mean_divides_the_objective_by_the_target_set_size() ->
                         n_bd=8, split_passes=True)
         with torch.no_grad():
             lnf = _hand_lnf(classifier((x + 0.1).clamp(0, 1)), rows[y], c.tau)
-        assert float(jl.backdoor) == pytest.approx(scale * float(lnf), rel=1e-5)
+        assert jl.backdoor.detach().item() == pytest.approx(scale * float(lnf), rel=1e-5)
     with pytest.raises(ConfigError, match="target_reduction: must be one of sum, mean, got 'max'"):
         make_config({"target_reduction": "max"})
 

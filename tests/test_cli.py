@@ -72,7 +72,7 @@ def test_evaluate_folder_without_config(capsys: pytest.CaptureFixture, tmp_path:
 def test_format_metrics_table_shows_dash_for_missing() -> None:
     table = format_metrics_table([("clean", {"ca": 0.9876, "asr": float("nan"), "psnr": None})])
     row = table.splitlines()[2]
-    assert row.startswith("clean") and "98.76" in row and "-" in row
+    assert row.startswith("clean") and "98.76" in row and "–" in row and "nan" not in row and "None" not in row
 
 
 # --- tiny real runs ----------------------------------------------------------------------------
@@ -335,3 +335,17 @@ def test_val_fraction_flag(tmp_path: Path) -> None:
     assert main(["train", *TINY, "--attack", "none", "--val-fraction", "0", "--out", str(tmp_path / "v")]) == 0
     split = read_json(tmp_path / "v" / "split.json")
     assert split["n_val"] == 0 and split["val_indices"] == [] and "val" not in read_json(tmp_path / "v" / "metrics.json")
+
+
+def test_set_takes_section_dotted_fields_and_overrides_the_preset(capsys: pytest.CaptureFixture) -> None:
+    import argparse
+
+    from cuba.cli.common import config_values, parse_set
+
+    assert parse_set(["attack.tau=0.2", "optimisation.lr=0.03", "n-train=5"]) == {"tau": 0.2, "lr": 0.03, "n_train": 5}
+    assert parse_set(["attack.tau=0.2"], sections=False) == {"attack.tau": 0.2}  # defense parameters: as given
+    args = argparse.Namespace(config=None, set=["attack.tau=0.2"], dataset="digits")
+    values = config_values(args)  # the digits preset says tau 0.1; the dotted --set wins
+    assert values["tau"] == 0.2 and values["epochs"] == 30
+    rc = main(["train", "--dataset", "digits", "--set", "data.tau=0.2", "--out", "x"])
+    assert_one_line_error(capsys, rc, "data.tau: 'tau' is in section 'attack', not 'data'")

@@ -135,7 +135,7 @@ def test_fig8_titles_carry_ds(tmp_path: Path) -> None:
 # --- DS on its own scale, validation columns, degenerate runs ------------------------------------
 
 from cuba.compare import (  # noqa: E402
-    NA, REASON_CHANCE, REASON_CLEAN_GAP, columns, degenerate_reason, flagged, metric_value, short_reason, to_markdown,
+    NA, REASON_CHANCE, REASON_CLEAN_GAP, columns, degenerate_reason, flagged, metric_value, short_reason,
 )
 from cuba.sweep import best_on_validation, rank_by_validation, ranking_markdown  # noqa: E402
 

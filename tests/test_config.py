@@ -168,3 +168,42 @@ def test_a_stored_run_config_loads_without_its_data_file() -> None:
     assert config_from_run({"dataset": "../elsewhere/mnist.npz"}).dataset == "../elsewhere/mnist.npz"
     with pytest.raises(ConfigError, match="^dataset: "):
         make_config({"dataset": "../elsewhere/mnist.npz"})
+
+
+# --- sections -------------------------------------------------------------------------------------
+
+def test_every_field_is_in_exactly_one_section() -> None:
+    from cuba.config import FIELDS, SECTIONS
+
+    listed = [name for names in SECTIONS.values() for name in names]
+    assert sorted(listed) == sorted(FIELDS) and len(listed) == len(set(listed))
+
+
+def test_flat_dotted_and_sectioned_values_give_the_same_config() -> None:
+    flat = make_config({"tau": 0.2, "lr": 0.03, "model": "preactresnet18", "attack": "cuba", "n_train": 100})
+    dotted = make_config({"attack.tau": 0.2, "optimisation.lr": 0.03, "model.model": "preactresnet18", "data.n_train": 100})
+    sectioned = make_config({"attack": {"tau": 0.2, "attack": "cuba"}, "optimisation": {"lr": 0.03},
+                             "model": {"model": "preactresnet18"}, "data": {"n_train": 100}})
+    assert flat == dotted == sectioned
+    assert make_config(flat.to_sections()) == flat  # config.yaml is written by section and read back
+
+
+def test_sections_reject_misplaced_and_contradicting_fields() -> None:
+    with pytest.raises(ConfigError, match=r"^data\.tau: 'tau' is in section 'attack', not 'data'"):
+        make_config({"data.tau": 0.2})
+    with pytest.raises(ConfigError, match=r"^optimisation\.eps: 'eps' is in section 'attack'"):
+        make_config({"optimisation": {"eps": 0.1}})
+    with pytest.raises(ConfigError, match=r"^tau: given twice with different values \(0\.1, 0\.2\)"):
+        make_config({"tau": 0.1, "attack.tau": 0.2})
+    with pytest.raises(ConfigError, match=r"unknown config field\(s\): 'nope'"):
+        make_config({"attack": {"nope": 1}})
+
+
+def test_configs_written_before_the_sections_still_load() -> None:
+    from cuba.config import config_from_run
+
+    old = {k: v for k, v in make_config({}).to_dict().items() if k != "eval_each_epoch"}
+    old["extra"] = {"eval_each_epoch": False}  # the free-form dict those configs carried
+    cfg = config_from_run(old)
+    assert cfg.eval_each_epoch is False and cfg.tau == 0.1
+    assert config_from_run({**old, "extra": {}}).eval_each_epoch is True

@@ -67,7 +67,7 @@ def test_train_cuba_fra_resets_eps_and_builds_targets() -> None:
 
 
 def test_train_nra_index_targets() -> None:
-    res = train(tiny_cfg(variant="nra-1", extra={"eval_each_epoch": False}), tiny_data(k=4), ENGINE)
+    res = train(tiny_cfg(variant="nra-1", eval_each_epoch=False), tiny_data(k=4), ENGINE)
     assert res.history == []
     assert [res.targets[y].nonzero().flatten().tolist() for y in range(4)] == [[1], [2], [3], [0]]
 
@@ -90,7 +90,7 @@ def test_train_k_too_large_for_data_set() -> None:
 
 
 def test_train_is_seeded() -> None:
-    cfg = tiny_cfg(attack="none", extra={"eval_each_epoch": False})
+    cfg = tiny_cfg(attack="none", eval_each_epoch=False)
     a = train(cfg, tiny_data(), ENGINE).classifier
     b = train(cfg, tiny_data(), ENGINE).classifier
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -111,7 +111,7 @@ def test_train_image_mode_and_explicit_targets() -> None:
 
 @pytest.mark.parametrize("attack", ["untargeted-ce", "push-away"])
 def test_train_baseline_objectives_run(attack: str) -> None:
-    res = train(tiny_cfg(attack=attack, extra={"eval_each_epoch": False}), tiny_data(), ENGINE)
+    res = train(tiny_cfg(attack=attack, eval_each_epoch=False), tiny_data(), ENGINE)
     assert res.generator is not None and res.targets is not None
 
 
@@ -125,8 +125,8 @@ def test_nan_loss_stops_with_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_gamma_ramp_changes_training() -> None:
-    a = train(tiny_cfg(extra={"eval_each_epoch": False}), tiny_data(), ENGINE).classifier
-    b = train(tiny_cfg(gamma_ramp_epochs=1.0, extra={"eval_each_epoch": False}), tiny_data(), ENGINE).classifier
+    a = train(tiny_cfg(eval_each_epoch=False), tiny_data(), ENGINE).classifier
+    b = train(tiny_cfg(gamma_ramp_epochs=1.0, eval_each_epoch=False), tiny_data(), ENGINE).classifier
     assert any(not torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -136,8 +136,8 @@ def test_compile_flag_trains_the_same_model_shape() -> None:
 
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("torch.compile on CPU needs a C compiler")
-    res = train(tiny_cfg(attack="none", compile=True, extra={"eval_each_epoch": False}), tiny_data(), ENGINE)
-    plain = train(tiny_cfg(attack="none", extra={"eval_each_epoch": False}), tiny_data(), ENGINE)
+    res = train(tiny_cfg(attack="none", compile=True, eval_each_epoch=False), tiny_data(), ENGINE)
+    plain = train(tiny_cfg(attack="none", eval_each_epoch=False), tiny_data(), ENGINE)
     for (ka, va), (kb, vb) in zip(res.classifier.state_dict().items(), plain.classifier.state_dict().items()):
         assert ka == kb and torch.allclose(va, vb, atol=1e-4), ka  # compiled kernels: same math, float-order noise
 
@@ -150,7 +150,7 @@ def test_split_passes_train_the_same_model(monkeypatch: pytest.MonkeyPatch) -> N
 
     assert train_mod.batch_independent(build_classifier("simplecnn", 1, 10, 28))
     assert not train_mod.batch_independent(build_classifier("resnet18", 3, 10, 32))
-    cfg = tiny_cfg(extra={"eval_each_epoch": False}, epochs=3, warmup_epochs=0.0)
+    cfg = tiny_cfg(eval_each_epoch=False, epochs=3, warmup_epochs=0.0)
     split = train(cfg, tiny_data(), ENGINE)
     monkeypatch.setattr(train_mod, "batch_independent", lambda model: False)
     joint = train(cfg, tiny_data(), ENGINE)
@@ -178,12 +178,12 @@ def test_steady_throughput_leaves_out_the_first_two_steps(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(train_mod.time, "perf_counter", clock)
     monkeypatch.setattr(train_mod, "augment_batch", slow_first_two)
-    cfg = tiny_cfg(attack="none", epochs=4.0, extra={"eval_each_epoch": False})  # 3 steps/epoch -> 12 steps
+    cfg = tiny_cfg(attack="none", epochs=4.0, eval_each_epoch=False)  # 3 steps/epoch -> 12 steps
     res = train(cfg, tiny_data(), ENGINE)
     assert res.seconds > 2000 and res.images_per_second == pytest.approx(12 * 8 / res.seconds)
     assert res.steady_images_per_second > 20 * res.images_per_second  # the 2000 s are outside its window
     now["calls"] = 0
-    short = train(tiny_cfg(attack="none", epochs=2 / 3, extra={"eval_each_epoch": False}), tiny_data(), ENGINE)
+    short = train(tiny_cfg(attack="none", epochs=2 / 3, eval_each_epoch=False), tiny_data(), ENGINE)
     assert short.steady_images_per_second == short.images_per_second
 
 

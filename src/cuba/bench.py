@@ -56,7 +56,7 @@ def engine_throughput(model: str, data: ImageDataset, attack: str, augment: str,
         **fields,
         "dataset": "digits", "model": model, "attack": attack, "augment": augment, "batch_size": batch,
         "epochs": steps * batch / len(data.y_train), "warmup_epochs": 0.0, "progress": False, "device": device,
-        "extra": {"eval_each_epoch": False}, "checkpoint_every": 0.0,
+        "eval_each_epoch": False, "checkpoint_every": 0.0,
     })
     return train(cfg, data, make_engine(device, "auto", True)).steady_images_per_second
 

@@ -36,9 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import RUN_ONLY_FIELDS, ConfigError, config_from_run, make_config
+from .config import RUN_ONLY_FIELDS, ConfigError, make_config
 from .metrics import at_chance
-from .runs import read_json
+from .runs import is_finished, load_run_config, read_json
+from .formatting import fmt_value, mean_pm_std, mean_std
 
 # (metrics.json key, column title, scale): the issue's columns, DS on its own scale, stealth and time
 COLUMNS: tuple[tuple[str, str, float], ...] = (
@@ -222,7 +223,7 @@ def group_degeneracy(runs: list[Run], clean_ca: float | None = None, attacked: b
 
 
 def _is_run(p: Path) -> bool:
-    return (p / "config.yaml").is_file() and (p / "metrics.json").is_file()
+    return (p / "config.yaml").is_file() and is_finished(p)
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -237,21 +238,15 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
             continue
         inner = sorted(c.parent for c in p.rglob("metrics.json") if _is_run(c.parent))
         if not inner:
-            raise FileNotFoundError(f"{p} holds no finished run (no config.yaml + metrics.json)")
+            raise FileNotFoundError(f"{p} holds no finished run (config.yaml + metrics.json, status finished)")
         found.extend(inner)
     return list(dict.fromkeys(found))  # drop duplicates, keep order
 
 
 def load_run(path: Path) -> Run:
-    import yaml
-
-    cfg = config_from_run(yaml.safe_load((path / "config.yaml").read_text()))
+    cfg = load_run_config(path)
     # the resolved config: a field added after a run was made reads as its default, not as a difference
     return Run(path, cfg.to_dict(), read_json(path / "metrics.json"), cfg.label())
-
-
-def _fmt_value(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
@@ -266,7 +261,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
     groups: dict[tuple, Group] = {}
     for run, key in zip(runs, keys):
         if key not in groups:
-            extra = ", ".join(f"{k}={_fmt_value(run.config.get(k))}" for k in varying)
+            extra = ", ".join(f"{k}={fmt_value(run.config.get(k))}" for k in varying)
             groups[key] = Group(f"{run.label} ({extra})" if extra else run.label)
         groups[key].runs.append(run)
     return list(groups.values())
@@ -274,16 +269,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
 
 def summarize(group: Group, key: str, scale: float, runs: list[Run] | None = None) -> tuple[float, float]:
     """(mean, sample std) of one metric over a group's runs (or ``runs``), NaNs ignored; std NaN for one value."""
-    vals = np.array([v * scale for v in group.values(key, runs) if not math.isnan(v)])
-    if len(vals) == 0:
-        return math.nan, math.nan
-    return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
-
-
-def _cell(mean: float, std: float, digits: int = 2) -> str:
-    if math.isnan(mean):
-        return "–"
-    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    mean, std, _ = mean_std(v * scale for v in group.values(key, runs))
+    return mean, std
 
 
 def clean_reference(group: Group, groups: list[Group]) -> Group | None:
@@ -347,7 +334,7 @@ def table_rows(groups: list[Group], by: str | None = None) -> list[dict[str, Any
 def _show(row: dict[str, Any], key: str) -> str:
     if key in row.get("na", ()):
         return NA
-    return _cell(*row[key], digits=0 if key == "train_seconds" else 2)
+    return mean_pm_std(*row[key], digits=0 if key == "train_seconds" else 2)
 
 
 def to_markdown(rows: list[dict[str, Any]], by: str | None = None, val: bool = False) -> str:
@@ -355,7 +342,7 @@ def to_markdown(rows: list[dict[str, Any]], by: str | None = None, val: bool = F
     head = ["setting", *([by] if by else []), "n", *(title for _, title, _ in cols)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["setting"], *([_fmt_value(r[by])] if by else []), str(r["n"])]
+        cells = [r["setting"], *([fmt_value(r[by])] if by else []), str(r["n"])]
         cells += [_show(r, key) for key, _, _ in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,7 +1,14 @@
 """The training configuration: one dataclass, loaded from YAML/TOML and CLI flags, validated.
 
-Validation happens here, once, so every entry point fails the same way: a one-line
-:class:`ConfigError` naming the field and the allowed values (the CLI turns it into exit code 2).
+The fields fall into six sections (:data:`SECTIONS`): data, model, attack, optimisation, runtime,
+output. Code reads them flat (``cfg.tau``: a field name is unique across sections); a config file
+or a run folder's config.yaml may hold them flat or by section (``attack: {tau: 0.1}``), and
+``--set`` takes ``tau=0.1`` or ``attack.tau=0.1`` alike, so files written before the sections
+still load. config.yaml is written by section, for the reader.
+
+The checks that need only the config run here (:func:`validate`); the few that need its data set
+(K, image size) run once in :func:`cuba.train.check_against_data`. Either fails the same way: a
+one-line :class:`ConfigError` naming the field and the allowed values (the CLI: exit code 2).
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ import dataclasses
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +98,7 @@ class TrainConfig:
     out: str | None = None
     name: str | None = None
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    eval_each_epoch: bool = True  # validation metrics after every epoch (history.json); the bench turns it off
 
     @property
     def is_attack(self) -> bool:
@@ -118,10 +125,62 @@ class TrainConfig:
         return f"{self.attack}-{self.variant}{self.k if self.variant == 'nra' else ''}"
 
     def to_dict(self) -> dict[str, Any]:
+        """Flat: field -> value."""
         return dataclasses.asdict(self)
+
+    def to_sections(self) -> dict[str, dict[str, Any]]:
+        """By section (:data:`SECTIONS`), the form config.yaml is written in."""
+        flat = self.to_dict()
+        return {sec: {name: flat[name] for name in names} for sec, names in SECTIONS.items()}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# every field in exactly one section (tests/test_config.py checks the cover)
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": ("dataset", "data_dir", "download", "n_train", "n_test", "val_fraction", "augment"),
+    "model": ("model", "generator_mode", "generator_width", "generator_scale"),
+    "attack": ("attack", "variant", "k", "vicinity", "targets", "target_class", "poison_rate", "patch_size", "eps",
+               "eps_start", "eps_anneal", "tau", "lnf_eps", "alpha", "beta", "gamma", "mse_reduction",
+               "target_reduction", "backdoor_ratio", "warmup_epochs", "gamma_ramp_epochs"),
+    "optimisation": ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "generator_lr",
+                     "grad_clip", "seed"),
+    "runtime": ("checkpoint_every", "deterministic", "device", "precision", "channels_last", "compile",
+                "eval_batch_size", "eval_each_epoch"),
+    "output": ("out", "name", "progress"),
+}
+SECTION_OF = {name: sec for sec, names in SECTIONS.items() for name in names}
+
+
+def flatten_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Config values as written by a user or a run folder -> flat field names.
+
+    Accepts flat names (``tau``), dotted ones (``attack.tau``) and section mappings
+    (``{"attack": {"tau": 0.1}}``). A field under the wrong section is an error naming the right
+    one; ``extra: {eval_each_epoch: false}`` (the free-form dict of configs written before the
+    sections) maps to its field."""
+    flat: dict[str, Any] = {}
+
+    def put(name: str, value: Any, section: str | None) -> None:
+        if section is not None and name in SECTION_OF and SECTION_OF[name] != section:
+            raise ConfigError(f"{section}.{name}: {name!r} is in section {SECTION_OF[name]!r}, not {section!r}")
+        if name in flat and flat[name] != value:
+            raise ConfigError(f"{name}: given twice with different values ({flat[name]!r}, {value!r})")
+        flat[name] = value
+
+    for key, value in values.items():
+        key = str(key)
+        if key == "extra" and isinstance(value, dict):  # configs written before the sections
+            for name, v in value.items():
+                put(str(name), v, None)
+        elif key in SECTIONS and isinstance(value, dict):  # `model` and `attack` are fields too, never mappings
+            for name, v in value.items():
+                put(str(name), v, key)
+        elif "." in key and key.split(".", 1)[0] in SECTIONS:
+            section, name = key.split(".", 1)
+            put(name, value, section)
+        else:
+            put(key, value, None)
+    return flat
 # fields that change where and how a run is shown or stored, never the model it trains
 RUN_ONLY_FIELDS = frozenset({"out", "name", "progress", "device", "data_dir", "download", "eval_batch_size", "checkpoint_every"})
 
@@ -169,7 +228,7 @@ def config_from_run(values: dict[str, Any]) -> TrainConfig:
     The data set path is not required to exist: a stored ``../shared/data/mnist.npz`` is relative
     to wherever the run was started, and reading a run's numbers (compare, tables) needs no data.
     Whatever loads the data still fails clearly when it is missing."""
-    return make_config({**LEGACY_DEFAULTS, **values}, check_paths=False)
+    return make_config({**LEGACY_DEFAULTS, **flatten_values(values)}, check_paths=False)
 
 
 def parse_variant(value: str) -> tuple[str, int | None]:
@@ -183,6 +242,7 @@ def parse_variant(value: str) -> tuple[str, int | None]:
 def make_config(values: dict[str, Any], check_paths: bool = True) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from a dict (unknown keys are an error);
     ``check_paths=False`` skips the check that a data set path exists (stored run configs)."""
+    values = flatten_values(values)
     unknown = sorted(set(values) - set(FIELDS), key=str)
     if unknown:
         raise ConfigError(f"unknown config field(s): {', '.join(map(repr, unknown))}; known fields: {', '.join(FIELDS)}")
@@ -251,7 +311,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} or an existing .npz/.zip/folder path{where}, got {cfg.dataset!r}")
     if cfg.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", str(cfg.device)):
         raise ConfigError(f"device: must be {DEVICES}, got {cfg.device!r}")
-    for name in ("download", "channels_last", "progress", "deterministic", "compile"):
+    for name in ("download", "channels_last", "progress", "deterministic", "compile", "eval_each_epoch"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{name}: must be true or false, got {getattr(cfg, name)!r}")
     if cfg.attack in FIXED_RULE and cfg.variant != "fra":

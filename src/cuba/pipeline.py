@@ -23,7 +23,7 @@ from .figures import plot_confidences, plot_histograms, plot_triggers
 from .attack import POISON_ATTACKS, build_trigger
 from .models import build_classifier
 from .runs import (
-    METRIC_KEYS, default_run_dir, writer_lock, load_predictions, load_run_config, load_weights, read_json, save_config, save_predictions,
+    METRIC_KEYS, default_run_dir, is_finished, writer_lock, load_predictions, load_run_config, load_weights, read_json, save_config, save_predictions,
     save_weights, write_json,
 )
 from .train import train
@@ -121,8 +121,7 @@ def _finished_run(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> dict[str,
     if diff:
         raise ConfigError(f"{run_dir} holds a run of a different setting ({'; '.join(diff[:3])}); "
                           "choose another --out or pass --overwrite")
-    status = read_json(run_dir / "status.json") if (run_dir / "status.json").is_file() else {}
-    if status.get("state") == "finished" and (run_dir / "metrics.json").is_file():
+    if is_finished(run_dir):
         print(f"{run_dir} is already finished; its stored metrics follow (--overwrite retrains)", flush=True)
         return read_json(run_dir / "metrics.json")
     return None

@@ -39,6 +39,22 @@ from .evaluate import Predictions
 METRIC_KEYS = ("ca", "asr", "asr_c", "ds", "ds_min", "d_p", "psnr", "ssim", "linf")
 
 
+def is_finished(run_dir: str | Path) -> bool:
+    """The one rule for "this folder holds a finished run": metrics.json is there and status.json
+    says finished -- or is absent (folders written before status.json existed). Training writes
+    status "running" first and "finished" last, so a crash between the two never counts."""
+    run_dir = Path(run_dir)
+    status = run_dir / "status.json"
+    if not (run_dir / "metrics.json").is_file():
+        return False
+    if not status.is_file():
+        return True
+    try:
+        return json.loads(status.read_text()).get("state") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -100,7 +116,7 @@ def load_weights(path: Path, module: nn.Module) -> nn.Module:
 
 
 def save_config(run_dir: Path, cfg: TrainConfig) -> None:
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    text = yaml.safe_dump(cfg.to_sections(), sort_keys=False)
     _atomic_write(run_dir / "config.yaml", lambda t: Path(t).write_text(text))
 
 

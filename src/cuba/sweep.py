@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 
 from .config import FIELDS, ConfigError, TrainConfig, make_config
+from .formatting import fmt_value, pct
 
 if TYPE_CHECKING:
     from .compare import Group
@@ -67,6 +68,7 @@ def run_sweep(
 ) -> tuple[str, list[Path]]:
     """Train every missing cell, then write the grouped table and plot; return (markdown, files)."""
     from .compare import compare
+    from .runs import is_finished
 
     if runner is None:
         from .pipeline import run_training as runner
@@ -74,7 +76,7 @@ def run_sweep(
         raise ConfigError(f"sweep: --within must be >= 0 percentage points, got {within}")
     cells = plan_cells(base, field, values, seeds, out)
     for i, cfg in enumerate(cells, 1):
-        done = (Path(cfg.out) / "metrics.json").is_file()
+        done = is_finished(cfg.out)
         log(f"[{i}/{len(cells)}] {field}={getattr(cfg, field)} seed {cfg.seed}: {'done, skipped' if done else 'training'}")
         if not done:
             runner(cfg)
@@ -142,25 +144,20 @@ def pick(ranked: list[dict[str, Any]], within: float | None = None, order: list[
 def best_on_validation(ranked: list[dict[str, Any]], field: str, within: float | None = None,
                        order: list[Any] | None = None) -> str:
     """``best on validation: FIELD=VALUE``, or why there is none."""
-    from .compare import _fmt_value
-
     winner = pick(ranked, within, order)
     if winner is None:
         return ("best on validation: none (every setting is degenerate, under the val ASR bar of "
                 f"{100 * MIN_VAL_ASR:.0f}%, or lacks validation metrics)")
     rule = "" if within is None else f" (first as listed within {within:g} points of the top val DS)"
-    return f"best on validation: {field}={_fmt_value(winner['value'])}{rule}"
+    return f"best on validation: {field}={fmt_value(winner['value'])}{rule}"
 
 
 def ranking_markdown(ranked: list[dict[str, Any]], field: str, within: float | None = None,
                      order: list[Any] | None = None) -> str:
-    pct = lambda v: "–" if math.isnan(v) else f"{100 * v:.2f}"  # noqa: E731
-    from .compare import _fmt_value
-
     lines = [f"Ranking by validation DS (the test columns above are reported, never used to choose; "
              f"val ASR must reach {100 * MIN_VAL_ASR:.0f}%):", "",
              f"| rank | {field} | setting | val DS % | val ASR % | val CA % | note |", "|---|---|---|---|---|---|---|"]
     for i, e in enumerate(ranked, 1):
         note = f"ranked last: {e['why']}" if e["why"] else ""
-        lines.append(f"| {i} | {_fmt_value(e['value'])} | {e['setting']} | {pct(e['ds'])} | {pct(e['asr'])} | {pct(e['ca'])} | {note} |")
+        lines.append(f"| {i} | {fmt_value(e['value'])} | {e['setting']} | {pct(e['ds'])} | {pct(e['asr'])} | {pct(e['ca'])} | {note} |")
     return "\n".join([*lines, "", best_on_validation(ranked, field, within, order)])

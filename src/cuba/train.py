@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT, capture, load_checkpoint, restore, save_checkpoint
-from .attack.step import joint_loss
+from .attack.step import NonFiniteLossError, TrainStep
 from .attack import OBJECTIVES, POISON_ATTACKS, attack_targets, build_trigger, make_poison_plan, needs_reference_model
 from .config import ConfigError, TrainConfig
 from .data import ImageDataset
@@ -40,10 +39,6 @@ from .distributed import Dist, all_mean
 from .engine import Engine, seed_everything
 from .evaluate import evaluate_models
 from .models import build_classifier
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the message names the step."""
 
 
 @dataclass
@@ -118,18 +113,48 @@ def class_confusion(classifier: nn.Module, data: ImageDataset, engine: Engine, m
     return conf / torch.bincount(y, minlength=k).clamp_min(1)[:, None]
 
 
-def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | None = None, dist: Dist | None = None) -> TrainResult:
-    """Train a classifier (and, for an attack, its trigger generator) as ``cfg`` says.
+@dataclass
+class Schedule:
+    """Where a step sits in training: the clean warm-up, the gamma ramp, the eps anneal.
 
-    With ``run_dir``, a checkpoint is written there every ``cfg.checkpoint_every`` epochs
-    (fractions allowed: mid-epoch), and a checkpoint found there is resumed from. Under torchrun
-    (``dist``), each rank trains on its slice of every global batch (:mod:`cuba.distributed`).
+    Why these schedules (METHOD.md "Known failure modes"): joint training from step 0 with a
+    small residual collapses clean accuracy; a clean warm-up of F, gamma ramped from 0, and a
+    residual bound annealed from ``eps_start`` (the trigger is obvious, F learns it) down to
+    ``eps`` (stealthy) keep it from collapsing.
     """
-    d = dist or Dist()
+
+    cfg: TrainConfig
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    learned: bool  # a generator trained jointly with F (not a fixed patch, not clean)
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, n_images: int) -> "Schedule":
+        steps_per_epoch = max(1, n_images // cfg.batch_size)  # drop the ragged last batch: constant BN statistics
+        total = max(1, round(cfg.epochs * steps_per_epoch))
+        learned = cfg.attack in OBJECTIVES
+        warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch)) if learned else 0
+        return cls(cfg, steps_per_epoch, total, warmup, learned)
+
+    def joint(self, step: int) -> bool:
+        return self.learned and step >= self.warmup_steps
+
+    def eps(self, step: int) -> float:
+        c = self.cfg
+        span = max(1, (self.total_steps - self.warmup_steps) * c.eps_anneal)
+        return cosine(c.eps_start, c.eps, (step - self.warmup_steps) / span if c.eps_anneal > 0 else 1.0)
+
+    def gamma(self, step: int) -> float:
+        ramp = self.cfg.gamma_ramp_epochs * self.steps_per_epoch
+        return self.cfg.gamma * min(1.0, (step - self.warmup_steps + 1) / ramp) if ramp > 0 else self.cfg.gamma
+
+
+def check_against_data(cfg: TrainConfig, data: ImageDataset, d: Dist) -> None:
+    """The checks a config can only pass or fail once its data set is known (K, image size)."""
+    k = data.num_classes
     if d.enabled and cfg.batch_size % d.world:
         raise ConfigError(f"batch_size: must be divisible by the {d.world} torchrun processes, got {cfg.batch_size}")
-    gen = seed_everything(cfg.seed)
-    k = data.num_classes
     if cfg.variant == "nra" and cfg.is_attack and not 0 < cfg.k < k:
         raise ConfigError(f"k: must satisfy 0 < k < K = {k} for {data.name}, got {cfg.k}")
     if needs_reference_model(cfg) and cfg.warmup_epochs <= 0:
@@ -138,160 +163,216 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
         raise ConfigError(f"target_class: must lie in [0, {k}) for {data.name}, got {cfg.target_class}")
     if cfg.attack in POISON_ATTACKS and cfg.patch_size > data.image_size:
         raise ConfigError(f"patch_size: must be at most the image size {data.image_size}, got {cfg.patch_size}")
+
+
+def build_models(cfg: TrainConfig, data: ImageDataset, engine: Engine) -> tuple[nn.Module, nn.Module | None]:
+    """The classifier (input normalised by the training set's channel statistics) and the trigger."""
     mean, std = channel_stats(data.x_train)
     try:  # architecture limits (e.g. simplecnn needs a side divisible by 4) as one-line config errors
-        classifier = engine.prepare(build_classifier(cfg.model, data.channels, k, data.image_size, mean, std))
+        classifier = engine.prepare(build_classifier(cfg.model, data.channels, data.num_classes, data.image_size, mean, std))
         trigger = build_trigger(cfg, data.channels, data.image_size)
     except ValueError as e:
         raise ConfigError(f"model: {e} ({data.name} images are {data.image_size}x{data.image_size})") from None
-    generator = engine.prepare(trigger) if trigger is not None else None
-    targets = None if needs_reference_model(cfg) else attack_targets(cfg, k)
-    # the model forward passes go through DDP wrappers when distributed (gradients averaged in backward)
-    fwd_f, fwd_g = classifier, generator
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    return classifier, engine.prepare(trigger) if trigger is not None else None
 
-        fwd_f = DDP(classifier)
-        if cfg.attack in OBJECTIVES:
-            fwd_g = DDP(generator)
-        torch.manual_seed(cfg.seed + 7919 * (d.rank + 1))  # augmentation draws differ across ranks
-    if cfg.compile:  # the wrappers share parameters with the plain modules (checkpoints, evaluation)
-        fwd_f = torch.compile(fwd_f)
-        if cfg.attack in OBJECTIVES:
-            fwd_g = torch.compile(fwd_g)
-    poison = None
-    if cfg.attack in POISON_ATTACKS:
-        poison = make_poison_plan(cfg.attack, data.y_train, k, cfg.poison_rate, cfg.target_class, gen).to(engine.device)
 
-    n = len(data.y_train)
-    steps_per_epoch = max(1, n // cfg.batch_size)  # drop the ragged last batch: constant BN statistics
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    learned = cfg.attack in OBJECTIVES  # a generator trained jointly with F (not a fixed patch)
-    warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch)) if learned else 0
+def make_optimizers(cfg: TrainConfig, classifier: nn.Module, generator: nn.Module | None, schedule: Schedule) -> tuple[Any, Any, Any]:
+    """(opt, opt_g, sched): SGD (Nesterov) or Adam for F under a one-cycle cosine lr; Adam for G."""
     params = list(classifier.parameters())
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     else:
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.15, anneal_strategy="cos",
+        opt, max_lr=cfg.lr, total_steps=schedule.total_steps, pct_start=0.15, anneal_strategy="cos",
         cycle_momentum=False, div_factor=10.0, final_div_factor=100.0,
     )
-    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.generator_lr) if learned else None
-    objective = OBJECTIVES.get(cfg.attack)
-    pad, flip = augment_policy(cfg.augment, data.name)
-    x_all = data.x_train.to(engine.device)
-    y_all = data.y_train.to(engine.device)
-    n_bd = max(1, round(cfg.backdoor_ratio * cfg.batch_size))
-    # Why two passes: one pass over cat([x, x*]) makes the first layer's backward compute an
-    # input gradient for all 2B images, though only x* (the generator's output) needs one; for
-    # SimpleCNN on MNIST that was a sixth of a CUBA step. Only where it cannot change the model:
-    # no BatchNorm (whose batch statistics would then differ) and no DDP (which allows one
-    # forward per backward).
-    split_passes = batch_independent(classifier) and not d.enabled
-    history: list[dict[str, Any]] = []
-    target_rows: torch.Tensor | None = None
-    classifier.train()
-    if learned:
-        generator.train()
-    # redraw at most every 30 s when stderr is a file or pipe (logs stay readable)
-    bar = tqdm(total=total_steps, desc=f"train {cfg.label()}", disable=not cfg.progress or not d.is_main, unit="step", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    step, epoch, start_i, order, elapsed = 0, 0, 0, None, 0.0
-    every = round(cfg.checkpoint_every * steps_per_epoch) if run_dir is not None and cfg.checkpoint_every > 0 else 0
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.generator_lr) if schedule.learned and generator is not None else None
+    return opt, opt_g, sched
+
+
+@dataclass
+class Loop:
+    """The loop's position and record: what a checkpoint stores (plus the models and optimisers)."""
+
+    step: int = 0
+    epoch: int = 0
+    in_epoch: int = 0
+    order: torch.Tensor | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    targets: torch.Tensor | None = None
+    elapsed: float = 0.0
+
+
+@dataclass
+class Training:
+    """Everything one training run is built from (:func:`build`), before the loop starts."""
+
+    cfg: TrainConfig
+    data: ImageDataset
+    engine: Engine
+    d: Dist
+    gen: torch.Generator
+    classifier: nn.Module
+    generator: nn.Module | None
+    schedule: Schedule
+    step_fn: TrainStep
+    poison: Any
+    x_all: torch.Tensor
+    y_all: torch.Tensor
+    augment: tuple[int, bool]
+
+
+def build(cfg: TrainConfig, data: ImageDataset, engine: Engine, d: Dist) -> tuple[Training, Loop]:
+    """Seed, build the models, their wrappers, optimisers and the step; in this order, which fixes
+    every random draw (a resumed or repeated run must draw the same)."""
+    gen = seed_everything(cfg.seed)
+    classifier, generator = build_models(cfg, data, engine)
+    loop = Loop(targets=None if needs_reference_model(cfg) else attack_targets(cfg, data.num_classes))
+    # the forward passes go through DDP wrappers when distributed (gradients averaged in backward)
+    fwd_f, fwd_g = classifier, generator
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd_f = DDP(classifier)
+        fwd_g = DDP(generator) if cfg.attack in OBJECTIVES else fwd_g
+        torch.manual_seed(cfg.seed + 7919 * (d.rank + 1))  # augmentation draws differ across ranks
+    if cfg.compile:  # the wrappers share parameters with the plain modules (checkpoints, evaluation)
+        fwd_f = torch.compile(fwd_f)
+        fwd_g = torch.compile(fwd_g) if cfg.attack in OBJECTIVES else fwd_g
+    poison = None
+    if cfg.attack in POISON_ATTACKS:
+        poison = make_poison_plan(cfg.attack, data.y_train, data.num_classes, cfg.poison_rate, cfg.target_class, gen).to(engine.device)
+    schedule = Schedule.of(cfg, len(data.y_train))
+    opt, opt_g, sched = make_optimizers(cfg, classifier, generator, schedule)
+    # Why two passes where allowed: one pass over cat([x, x*]) makes the first layer's backward
+    # compute an input gradient for all 2B images, though only x* needs one (a sixth of a CUBA
+    # step for SimpleCNN on MNIST). Only where it cannot change the model: no BatchNorm (whose
+    # batch statistics would then differ) and no DDP (one forward per backward).
+    step_fn = TrainStep(cfg, classifier, generator, opt, opt_g, sched, objective=OBJECTIVES.get(cfg.attack),
+                        n_bd=max(1, round(cfg.backdoor_ratio * cfg.batch_size)),
+                        split_passes=batch_independent(classifier) and not d.enabled, fwd_f=fwd_f, fwd_g=fwd_g,
+                        autocast=engine.autocast, finite=lambda loss: bool(torch.isfinite(all_mean(loss, d))))
+    t = Training(cfg, data, engine, d, gen, classifier, generator, schedule, step_fn, poison,
+                 data.x_train.to(engine.device), data.y_train.to(engine.device), augment_policy(cfg.augment, data.name))
+    return t, loop
+
+
+def _checkpoint(t: Training, loop: Loop, run_dir: Path, t0: float) -> None:
+    state = {"step": loop.step, "epoch": loop.epoch, "in_epoch": loop.in_epoch, "order": loop.order.cpu(),
+             "history": loop.history, "targets": loop.targets, "elapsed": time.perf_counter() - t0}
+    s = t.step_fn
+    save_checkpoint(run_dir, capture(t.classifier, t.generator, s.opt, s.opt_g, s.sched, t.gen, state))
+
+
+def _resume(t: Training, loop: Loop, run_dir: Path | None) -> Loop:
+    """The loop as a checkpoint in ``run_dir`` left it (models and optimisers restored in place)."""
     saved = load_checkpoint(run_dir) if run_dir is not None else None
-    if saved is not None:
-        st = restore(saved, classifier, generator, opt, opt_g, sched, gen)
-        step, epoch, start_i, elapsed, history = st["step"], st["epoch"], st["in_epoch"], st["elapsed"], st["history"]
-        order = st["order"].to(engine.device) if st["order"] is not None else None
-        targets = st["targets"] if st["targets"] is not None else targets
-        bar.update(step)
-        tqdm.write(f"resumed from {run_dir / CHECKPOINT} at step {step} (epoch {epoch})")
-    t0 = time.perf_counter() - elapsed
+    if saved is None:
+        return loop
+    s = t.step_fn
+    st = restore(saved, t.classifier, t.generator, s.opt, s.opt_g, s.sched, t.gen)
+    order = st["order"].to(t.engine.device) if st["order"] is not None else None
+    tqdm.write(f"resumed from {run_dir / CHECKPOINT} at step {st['step']} (epoch {st['epoch']})")
+    return Loop(st["step"], st["epoch"], st["in_epoch"], order, st["history"],
+                st["targets"] if st["targets"] is not None else loop.targets, st["elapsed"])
+
+
+def _one_step(t: Training, loop: Loop) -> dict[str, float]:
+    """Draw the loop's next batch, poison and augment it, and run :class:`TrainStep` on it."""
+    cfg, sch, d = t.cfg, t.schedule, t.d
+    idx = loop.order[loop.in_epoch * cfg.batch_size:(loop.in_epoch + 1) * cfg.batch_size][d.rank::d.world]
+    x, y = t.engine.batch(t.x_all[idx]), t.y_all[idx]
+    if t.poison is not None:
+        x, y = t.poison.apply(x, y, idx, t.generator)
+    x = augment_batch(x, *t.augment)
+    step = loop.step
+    if step == sch.warmup_steps and loop.targets is None and sch.learned:
+        loop.targets = attack_targets(cfg, t.data.num_classes, class_confusion(t.classifier, t.data, t.engine))
+    joint = sch.joint(step)
+    if joint:
+        t.generator.eps = sch.eps(step)
+        if t.step_fn.target_rows is None:  # the (K, K) float rows, moved to the device once
+            t.step_fn.target_rows = loop.targets.to(t.engine.device).float()
+    try:
+        jl = t.step_fn(x, y, joint, sch.gamma(step) if joint else 0.0)
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(f"{e} at step {step} (epoch {loop.epoch}); lower lr or gamma") from None
+    return jl.log(t.generator.eps if joint else None) if step % 50 == 0 else {}
+
+
+def _evaluate_epoch(t: Training, loop: Loop, t0: float) -> None:
+    """Per-epoch numbers on the validation split, never the test set: what a user (or a sweep)
+    watches to choose epochs and settings; without a split, time only."""
+    data, cfg = t.data, t.cfg
+    m: dict[str, Any] = {}
+    if data.has_val:
+        m = evaluate_models(t.classifier, t.generator, data, t.engine, loop.targets, cfg.full_range, cfg.eval_batch_size,
+                            stealth=False, dist=t.d, split="val")
+    m.update(epoch=loop.epoch, step=loop.step, seconds=round(time.perf_counter() - t0, 2), split="val" if data.has_val else None)
+    loop.history.append(m)
+    line = f"epoch {loop.epoch}: val CA {m['ca']:.4f}" if data.has_val else f"epoch {loop.epoch} (no validation split)"
+    if data.has_val and t.generator is not None and loop.targets is not None:
+        line += f"  ASR {m['asr']:.4f}  DS {m['ds']:.4f}  DS-min {m['ds_min']:.4f}"
+    if t.d.is_main:
+        tqdm.write(line + f"  ({m['seconds']:.0f} s)")
+    _train_mode(t)
+
+
+def _train_mode(t: Training, on: bool = True) -> None:
+    t.classifier.train(on)
+    if t.generator is not None and (t.schedule.learned or not on):
+        t.generator.train(on)
+
+
+def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | None = None, dist: Dist | None = None) -> TrainResult:
+    """Train a classifier (and, for an attack, its trigger generator) as ``cfg`` says.
+
+    With ``run_dir``, a checkpoint is written there every ``cfg.checkpoint_every`` epochs
+    (fractions allowed: mid-epoch), and a checkpoint found there is resumed from. Under torchrun
+    (``dist``), each rank trains on its slice of every global batch (:mod:`cuba.distributed`).
+    """
+    d = dist or Dist()
+    check_against_data(cfg, data, d)
+    t, loop = build(cfg, data, engine, d)
+    sch = t.schedule
+    every = round(cfg.checkpoint_every * sch.steps_per_epoch) if run_dir is not None and cfg.checkpoint_every > 0 else 0
+    _train_mode(t)
+    # redraw at most every 30 s when stderr is a file or pipe (logs stay readable)
+    bar = tqdm(total=sch.total_steps, desc=f"train {cfg.label()}", disable=not cfg.progress or not d.is_main, unit="step",
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    loop = _resume(t, loop, run_dir)
+    bar.update(loop.step)
+    t0 = time.perf_counter() - loop.elapsed
     here, t_warm = 0, 0.0  # steps run by this process; when its warm-up steps ended
-    while step < total_steps:
-        if order is None:
-            order = torch.randperm(n, generator=gen).to(engine.device)
-        for i in range(start_i, steps_per_epoch):
-            if step >= total_steps:
-                break
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size][d.rank::d.world]
-            x, y = engine.batch(x_all[idx]), y_all[idx]
-            if poison is not None:
-                x, y = poison.apply(x, y, idx, generator)
-            x = augment_batch(x, pad, flip)
-            if step == warmup_steps and targets is None and learned:
-                targets = attack_targets(cfg, k, class_confusion(classifier, data, engine))
-            joint = learned and step >= warmup_steps
-            with engine.autocast():
-                if not joint:
-                    logits = fwd_f(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                    parts = {"ce": loss.item()} if step % 50 == 0 else {}
-                else:
-                    progress = (step - warmup_steps) / max(1, (total_steps - warmup_steps) * cfg.eps_anneal) if cfg.eps_anneal > 0 else 1.0
-                    generator.eps = cosine(cfg.eps_start, cfg.eps, progress)
-                    if target_rows is None:  # the (K, K) float rows, moved to the device once
-                        target_rows = targets.to(engine.device).float()
-                    ramp = cfg.gamma_ramp_epochs * steps_per_epoch
-                    gamma = cfg.gamma * min(1.0, (step - warmup_steps + 1) / ramp) if ramp > 0 else cfg.gamma
-                    jl = joint_loss(fwd_f, fwd_g, x, y, target_rows, objective, cfg, gamma, n_bd, split_passes)
-                    loss, mse, ce, bd = jl.total, jl.mse, jl.ce, jl.backdoor
-                    parts = {"mse": mse.item(), "ce": ce.item(), "bd": bd.item(), "eps": generator.eps} if step % 50 == 0 else {}
-            if not torch.isfinite(all_mean(loss, d)):  # the same verdict on every rank
-                bar.close()
-                raise NonFiniteLossError(f"the loss became {loss.item()} at step {step} (epoch {epoch}); lower lr or gamma")
-            opt.zero_grad(set_to_none=True)
-            if opt_g is not None:
-                opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            # clipping keeps the joint objective from blowing up when F cannot yet tell x* from x
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if opt_g is not None:
-                torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
-            opt.step()
-            if opt_g is not None and joint:
-                opt_g.step()
-            sched.step()
-            step += 1
-            here += 1
-            if here == 2:
-                t_warm = time.perf_counter()
-            bar.update(1)
-            if parts:
-                bar.set_postfix({k_: f"{v:.3g}" for k_, v in parts.items()}, refresh=False)
-            if every and d.is_main and step % every == 0 and step < total_steps:
-                state = {"step": step, "epoch": epoch, "in_epoch": i + 1, "order": order.cpu(), "history": history,
-                         "targets": targets, "elapsed": time.perf_counter() - t0}
-                save_checkpoint(run_dir, capture(classifier, generator, opt, opt_g, sched, gen, state))
-        start_i, order = 0, None
-        epoch += 1
-        if cfg.extra.get("eval_each_epoch", True):
-            # on the validation split, never the test set: these numbers are what a user (or a
-            # sweep) watches to choose epochs and settings; without a split, time only
-            m: dict[str, Any] = {}
-            if data.has_val:
-                m = evaluate_models(classifier, generator, data, engine, targets, cfg.full_range, cfg.eval_batch_size,
-                                    stealth=False, dist=d, split="val")
-            m.update(epoch=epoch, step=step, seconds=round(time.perf_counter() - t0, 2), split="val" if data.has_val else None)
-            history.append(m)
-            line = f"epoch {epoch}: val CA {m['ca']:.4f}" if data.has_val else f"epoch {epoch} (no validation split)"
-            if data.has_val and generator is not None and targets is not None:
-                line += f"  ASR {m['asr']:.4f}  DS {m['ds']:.4f}  DS-min {m['ds_min']:.4f}"
-            if d.is_main:
-                tqdm.write(line + f"  ({m['seconds']:.0f} s)")
-            classifier.train()
-            if learned:
-                generator.train()
-    bar.close()
+    with bar:
+        while loop.step < sch.total_steps:
+            if loop.order is None:
+                loop.order = torch.randperm(len(data.y_train), generator=t.gen).to(engine.device)
+            while loop.in_epoch < sch.steps_per_epoch and loop.step < sch.total_steps:
+                parts = _one_step(t, loop)
+                loop.step, loop.in_epoch, here = loop.step + 1, loop.in_epoch + 1, here + 1
+                t_warm = time.perf_counter() if here == 2 else t_warm
+                bar.update(1)
+                if parts:
+                    bar.set_postfix({k_: f"{v:.3g}" for k_, v in parts.items()}, refresh=False)
+                if every and d.is_main and loop.step % every == 0 and loop.step < sch.total_steps:
+                    _checkpoint(t, loop, run_dir, t0)
+            loop.in_epoch, loop.order, loop.epoch = 0, None, loop.epoch + 1
+            if cfg.eval_each_epoch:
+                _evaluate_epoch(t, loop, t0)
+    return _finish(t, loop, t0, here, t_warm)
+
+
+def _finish(t: Training, loop: Loop, t0: float, here: int, t_warm: float) -> TrainResult:
+    """Both models to eval mode, the trigger at its final bound; the throughput of this process."""
     t_end = time.perf_counter()
     seconds = t_end - t0
-    classifier.eval()
-    if generator is not None:
-        generator.eval()
-    if learned:
-        generator.eps = cfg.eps
-    ips = total_steps * cfg.batch_size / max(seconds, 1e-9)  # global images/s
+    _train_mode(t, on=False)
+    if t.schedule.learned:
+        t.generator.eps = t.cfg.eps
+    batch = t.cfg.batch_size
+    ips = t.schedule.total_steps * batch / max(seconds, 1e-9)  # global images/s
     # per-epoch evaluation, when on, falls inside both windows (the bench turns it off)
-    steady = (here - 2) * cfg.batch_size / max(t_end - t_warm, 1e-9) if here > 2 else ips
-    return TrainResult(classifier, generator, targets, history, seconds, ips, steady)
+    steady = (here - 2) * batch / max(t_end - t_warm, 1e-9) if here > 2 else ips
+    return TrainResult(t.classifier, t.generator, loop.targets, loop.history, seconds, ips, steady)

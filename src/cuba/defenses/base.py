@@ -44,7 +44,8 @@ from ..config import ConfigError, TrainConfig
 from ..data import ImageDataset
 from ..engine import Engine, make_engine
 from ..metrics import at_chance, attack_success_rate  # at_chance re-exported: report.py reads it from here
-from ..runs import load_predictions, load_run_config, write_json
+from ..runs import is_finished, load_predictions, load_run_config, write_json
+from ..formatting import pct as _pct
 
 
 @dataclass
@@ -163,8 +164,9 @@ def load_attack_run(run_dir: str | Path, device: str = "auto", data: ImageDatase
     from ..pipeline import load_data, load_models
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "classifier.safetensors").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a finished run folder (needs config.yaml and classifier.safetensors)")
+    if not ((run_dir / "config.yaml").is_file() and (run_dir / "classifier.safetensors").is_file() and is_finished(run_dir)):
+        raise FileNotFoundError(f"{run_dir} is not a finished run folder (needs config.yaml, classifier.safetensors "
+                                "and metrics.json, and status.json, if any, saying finished)")
     cfg = load_run_config(run_dir)
     engine = make_engine(device, "fp32", channels_last=False)
     data = data if data is not None else load_data(cfg)
@@ -300,8 +302,8 @@ def missing_stages(run: AttackRun) -> str | None:
 
 
 def pct(v: float | None) -> str:
-    """A rate in [0, 1] as a percentage with one decimal; "–" where it is not defined (None)."""
-    return "–" if v is None else f"{100 * v:.1f}"
+    """A rate in [0, 1] as a percentage with one decimal (defense tables); "–" where undefined."""
+    return _pct(v, 1)
 
 
 ASR_NAMES = {"asr": "ASR", "asr_c": "ASR-C"}

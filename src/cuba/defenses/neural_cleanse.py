@@ -29,6 +29,7 @@ leave it idle, and runs one by one on a CPU, where one class's batch already kee
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +53,63 @@ def anomaly_indices(norms: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float
     return a, float(a[int(np.argmin(l1))]), flagged
 
 
+@dataclass
+class _Search:
+    """Per-class state of the batched mask search (every tensor has one row per target class)."""
+
+    lam: torch.Tensor  # the L1 cost weight lambda
+    cost_set: torch.Tensor  # lambda has been set (the class first reached the threshold)
+    up: torch.Tensor  # epochs in a row at / under the threshold: lambda x2 / ÷2^1.5 after ``patience``
+    down: torch.Tensor
+    best_norm: torch.Tensor
+    best_mask: torch.Tensor
+    best_pattern: torch.Tensor
+    stall: torch.Tensor  # epochs since the best norm last shrank by 1%
+    active: torch.Tensor  # classes still optimising (NC's per-class early stop)
+
+    @classmethod
+    def start(cls, c: int, ch: int, h: int, w: int, dev: torch.device) -> "_Search":
+        z = lambda: torch.zeros(c, dtype=torch.long, device=dev)  # noqa: E731
+        return cls(torch.zeros(c, device=dev), torch.zeros(c, dtype=torch.bool, device=dev), z(), z(),
+                   torch.full((c,), float("inf"), device=dev), torch.zeros(c, h, w, device=dev),
+                   torch.zeros(c, ch, h, w, device=dev), z(), torch.ones(c, dtype=torch.bool, device=dev))
+
+    @torch.no_grad()
+    def end_epoch(self, a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor, l1: torch.Tensor, threshold: float,
+                  init_cost: float, patience: int, early_stop: int) -> None:
+        """NC's end-of-epoch rules, for all classes at once: keep the smallest successful mask,
+        set lambda on first success, then double / shrink it after ``patience`` epochs above /
+        below the threshold, and stop a class after ``early_stop`` epochs without a 1% gain."""
+        m_now, p_now = (torch.tanh(a) + 1) / 2, (torch.tanh(b) + 1) / 2
+        ok = acc >= threshold
+        self.stall = torch.where(ok & (l1 < 0.99 * self.best_norm), torch.zeros_like(self.stall), self.stall + 1)
+        better = self.active & ok & (l1 < self.best_norm)
+        self.best_norm = torch.where(better, l1, self.best_norm)
+        self.best_mask[better] = m_now[better, 0]
+        self.best_pattern[better] = p_now[better]
+        first = self.active & ok & ~self.cost_set
+        self.lam[first] = init_cost
+        self.cost_set |= first
+        up = torch.where(self.cost_set & ok & ~first, self.up + 1, torch.zeros_like(self.up))
+        down = torch.where(self.cost_set & ~ok, self.down + 1, torch.zeros_like(self.down))
+        self.lam = torch.where(self.active & (up >= patience), self.lam * 2.0, self.lam)
+        self.lam = torch.where(self.active & (down >= patience), self.lam / 2.0**1.5, self.lam)
+        self.up = torch.where(up >= patience, torch.zeros_like(up), up)
+        self.down = torch.where(down >= patience, torch.zeros_like(down), down)
+        if early_stop:
+            self.active &= ~(self.cost_set & (self.stall >= early_stop))
+
+    @torch.no_grad()
+    def result(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The best masks; classes that never reached the threshold report their final mask."""
+        found = torch.isfinite(self.best_norm)
+        m_now = ((torch.tanh(a) + 1) / 2)[:, 0]
+        self.best_mask[~found] = m_now[~found]
+        self.best_pattern[~found] = ((torch.tanh(b) + 1) / 2)[~found]
+        norm = torch.where(found, self.best_norm, m_now.flatten(1).sum(1))
+        return {"mask": self.best_mask.cpu(), "pattern": self.best_pattern.cpu(), "norm": norm.cpu(), "found": found.cpu()}
+
+
 def reverse_engineer(
     run: AttackRun, classes: list[int], x_pool: torch.Tensor, epochs: int, batches_per_epoch: int, batch_size: int,
     lr: float = 0.1, init_cost: float = 1e-3, threshold: float = 0.99, patience: int = 5, seed: int = 0,
@@ -65,18 +123,10 @@ def reverse_engineer(
     a = torch.zeros(c, 1, h, w, device=dev, requires_grad=True)
     b = torch.zeros(c, ch, h, w, device=dev, requires_grad=True)
     opt = torch.optim.Adam([a, b], lr=lr, betas=(0.5, 0.9))
-    lam = torch.zeros(c, device=dev)
-    cost_set = torch.zeros(c, dtype=torch.bool, device=dev)
-    up = torch.zeros(c, dtype=torch.long, device=dev)
-    down = torch.zeros(c, dtype=torch.long, device=dev)
-    best_norm = torch.full((c,), float("inf"), device=dev)
-    best_mask = torch.zeros(c, h, w, device=dev)
-    best_pattern = torch.zeros(c, ch, h, w, device=dev)
-    stall = torch.zeros(c, dtype=torch.long, device=dev)  # epochs since the best norm last shrank by 1%
-    active = torch.ones(c, dtype=torch.bool, device=dev)  # classes still optimising (NC's per-class early stop)
+    st = _Search.start(c, ch, h, w, dev)
     g = torch.Generator().manual_seed(seed)  # the same mini-batches whichever classes run together
     for _ in range(epochs):
-        act = active.nonzero().flatten()
+        act = st.active.nonzero().flatten()
         n_act = len(act)
         acc_sum = torch.zeros(c, device=dev)
         l1_sum = torch.zeros(c, device=dev)
@@ -91,41 +141,16 @@ def reverse_engineer(
                 labels = tgt[act].repeat_interleave(batch_size)
                 ce = F.cross_entropy(logits, labels, reduction="none").view(n_act, batch_size).mean(1)
                 l1 = m.flatten(1).sum(1)
-                loss = (ce + lam[act] * l1).sum()  # classes share no parameter: the sum keeps them independent
+                loss = (ce + st.lam[act] * l1).sum()  # classes share no parameter: the sum keeps them independent
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             acc_sum[act] += (logits.argmax(1) == labels).float().view(n_act, batch_size).mean(1).detach()
             l1_sum[act] += l1.detach()
-        acc, l1_epoch = acc_sum / batches_per_epoch, l1_sum / batches_per_epoch
-        with torch.no_grad():
-            m_now, p_now = (torch.tanh(a) + 1) / 2, (torch.tanh(b) + 1) / 2
-            stall = torch.where((acc >= threshold) & (l1_epoch < 0.99 * best_norm), torch.zeros_like(stall), stall + 1)
-            better = active & (acc >= threshold) & (l1_epoch < best_norm)
-            best_norm = torch.where(better, l1_epoch, best_norm)
-            best_mask[better] = m_now[better, 0]
-            best_pattern[better] = p_now[better]
-            ok = acc >= threshold
-            first = active & ok & ~cost_set
-            lam[first] = init_cost
-            cost_set |= first
-            up = torch.where(cost_set & ok & ~first, up + 1, torch.zeros_like(up))
-            down = torch.where(cost_set & ~ok, down + 1, torch.zeros_like(down))
-            lam = torch.where(active & (up >= patience), lam * 2.0, lam)
-            lam = torch.where(active & (down >= patience), lam / 2.0**1.5, lam)
-            up = torch.where(up >= patience, torch.zeros_like(up), up)
-            down = torch.where(down >= patience, torch.zeros_like(down), down)
-            if early_stop:
-                active &= ~(cost_set & (stall >= early_stop))
-        if not bool(active.any()):
+        st.end_epoch(a, b, acc_sum / batches_per_epoch, l1_sum / batches_per_epoch, threshold, init_cost, patience, early_stop)
+        if not bool(st.active.any()):
             break
-    found = torch.isfinite(best_norm)
-    with torch.no_grad():  # classes that never reached the threshold report their final mask
-        m_now = ((torch.tanh(a) + 1) / 2)[:, 0]
-        best_mask[~found] = m_now[~found]
-        best_pattern[~found] = ((torch.tanh(b) + 1) / 2)[~found]
-        best_norm = torch.where(found, best_norm, m_now.flatten(1).sum(1))
-    return {"mask": best_mask.cpu(), "pattern": best_pattern.cpu(), "norm": best_norm.cpu(), "found": found.cpu()}
+    return st.result(a, b)
 
 
 @register

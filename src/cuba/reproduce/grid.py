@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, load_config_file, make_config
+from ..config import ConfigError, flatten_values, load_config_file, make_config
 
 KEYS = ("name", "datasets", "models", "presets", "attacks", "variants", "seeds", "per_attack", "epochs", "defenses",
         "defense_seeds", "data_dir", "fallback", "set", "overrides")
@@ -123,9 +123,8 @@ def _local_choice(ds: Any, fallback: str | None, values: dict[str, Any]) -> tupl
     return ds, why
 
 
-def expand(raw: dict[str, Any]) -> list[Cell]:
-    """Every cell of the grid, validated; raises ConfigError naming the first bad key or cell."""
-    from ..attack import FIXED_RULE
+def _check_grid(raw: dict[str, Any]) -> tuple[list[Any], list[Any], dict[str, str]]:
+    """The grid's top-level keys, checked before any cell: (datasets, defenses, fallback)."""
     from ..defenses import DEFENSES
 
     unknown = sorted(set(raw) - set(KEYS), key=str)
@@ -134,8 +133,6 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
     datasets = _as_list(raw.get("datasets"), "datasets")
     if not datasets:
         raise ConfigError("grid: datasets must name at least one data set")
-    models = raw.get("models") or {}
-    presets = raw.get("presets") or {}
     per_attack = raw.get("per_attack") or {}
     named = {a for ds in datasets for a in _as_list(_for(raw.get("attacks", ["none", "cuba"]), ds), "attacks")}
     for a, opts in (per_attack.items() if isinstance(per_attack, dict) else [(None, None)]):
@@ -145,14 +142,41 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
     bad = [d for d in defenses if d not in DEFENSES]
     if bad:
         raise ConfigError(f"grid: unknown defense(s) {', '.join(bad)}; choose from {', '.join(DEFENSES)}")
-    epochs = raw.get("epochs")
-    overrides = _as_list(raw.get("overrides"), "overrides")
+    for o in _as_list(raw.get("overrides"), "overrides"):
+        if not isinstance(o, dict) or not isinstance(o.get("match"), dict) or not isinstance(o.get("set"), dict):
+            raise ConfigError("grid: each override needs a `match` mapping and a `set` mapping")
     fallback = raw.get("fallback") or {}
     if not isinstance(fallback, dict) or not all(isinstance(v, str) and v for v in fallback.values()):
         raise ConfigError(f"grid: fallback must map data sets to another data set (a name or path), got {fallback!r}")
     stray = [k for k in fallback if k not in datasets]
     if stray:
         raise ConfigError(f"grid: fallback names data set(s) not in datasets: {', '.join(map(str, stray))}")
+    return datasets, defenses, fallback
+
+
+def _cell_values(raw: dict[str, Any], base: dict[str, Any], ds: Any, run_ds: Any, model: str, attack: str,
+                 variant: str, seed: int) -> dict[str, Any]:
+    """One cell's config values: preset, the grid's ``set``, the cell's axes, epochs, overrides."""
+    values = {**flatten_values(base), **flatten_values(raw.get("set") or {}), "dataset": run_ds, "model": model, "attack": attack,
+              "variant": variant, "seed": seed, "progress": False}
+    if raw.get("data_dir"):
+        values["data_dir"] = raw["data_dir"]
+    ep = _for(raw.get("epochs"), ds)
+    if ep is not None:
+        values["epochs"] = ep
+    for o in _as_list(raw.get("overrides"), "overrides"):
+        if all(str(values.get(k)) == str(v) for k, v in o["match"].items()):
+            values.update(o["set"])
+    return values
+
+
+def expand(raw: dict[str, Any]) -> list[Cell]:
+    """Every cell of the grid, validated; raises ConfigError naming the first bad key or cell."""
+    from ..attack import FIXED_RULE
+
+    datasets, defenses, fallback = _check_grid(raw)
+    models, presets = raw.get("models") or {}, raw.get("presets") or {}
+    per_attack = raw.get("per_attack") or {}
     cells: list[Cell] = []
     for ds in datasets:
         ds_models = _as_list(models.get(ds) if isinstance(models, dict) else models, "models") or ["simplecnn"]
@@ -171,18 +195,7 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
         for model, (attack, seed) in itertools.product(ds_models, pairs):
             own = _as_list(per_attack.get(attack, {}).get("variants", variants), "variants")
             for variant in (["fra"] if attack == "none" or attack in FIXED_RULE else own):
-                values = {**base, **(raw.get("set") or {}), "dataset": run_ds, "model": model, "attack": attack,
-                          "variant": variant, "seed": seed, "progress": False}
-                if raw.get("data_dir"):
-                    values["data_dir"] = raw["data_dir"]
-                ep = _for(epochs, ds)
-                if ep is not None:
-                    values["epochs"] = ep
-                for o in overrides:
-                    if not isinstance(o, dict) or not isinstance(o.get("match"), dict) or not isinstance(o.get("set"), dict):
-                        raise ConfigError("grid: each override needs a `match` mapping and a `set` mapping")
-                    if all(str(values.get(k)) == str(v) for k, v in o["match"].items()):
-                        values.update(o["set"])
+                values = _cell_values(raw, base, ds, run_ds, model, attack, variant, seed)
                 try:
                     cfg = make_config(values)
                 except ConfigError as e:

@@ -28,6 +28,7 @@ import yaml
 from ..defenses.base import at_chance, headline_asr_key_of
 from ..runs import read_json, write_text
 from .tables import PROTOCOL_NOTE, blocked_notes, finished_runs, table2_markdown, table2_rows
+from ..formatting import pct
 
 REMOVAL = (("fine-pruning", "prune_ratio"), ("nad", "epoch"))
 
@@ -54,10 +55,6 @@ def table3_rows(out: Path) -> list[dict]:
                                  "ca": r["ca"], "asr": r["asr"], **({"asr_c": r["asr_c"]} if "asr_c" in r else {}),
                                  "headline": headline, "num_classes": run.metrics.get("num_classes")})
     return rows
-
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.2f}"
 
 
 def _headline(r: dict) -> str:
@@ -112,7 +109,7 @@ def table3_markdown(rows: list[dict]) -> str:
                     r = by_step.get(s)
                     flag = r is not None and metric == "asr" and r["asr"] is not None and at_chance(r["ca"], r.get("num_classes"))
                     marked |= flag
-                    vals.append("" if r is None else _pct(r.get(metric)) + (" ‡" if flag else ""))
+                    vals.append("" if r is None else pct(r.get(metric)) + (" ‡" if flag else ""))
                 lines.append(f"| {run} | {label} | " + " | ".join(vals) + " |")
         if name == "nad":
             for i, metric in ((1, "CA"), (0, "ASR")):
@@ -141,8 +138,8 @@ def write_table3(out: Path) -> list[Path]:
            "Run & Defense & Ratio / epoch & CA (\\%) & ASR (\\%) & ASR-C (\\%) \\\\", "\\midrule"]
     for r in rows:
         bold = "asr_c" if _headline(r) == "asr_c" and "asr_c" in r else ("asr" if r["asr"] is not None else None)
-        cell = lambda k: f"\\textbf{{{_pct(r.get(k))}}}" if k == bold else _pct(r.get(k))  # noqa: E731
-        tex.append(f"{r['run']} & {r['defense']} & {r['step']:g} & {_pct(r['ca'])} & {cell('asr')} & {cell('asr_c')} \\\\"
+        cell = lambda k: f"\\textbf{{{pct(r.get(k))}}}" if k == bold else pct(r.get(k))  # noqa: E731
+        tex.append(f"{r['run']} & {r['defense']} & {r['step']:g} & {pct(r['ca'])} & {cell('asr')} & {cell('asr_c')} \\\\"
                    .replace("–", "--").replace("_", "\\_"))
     tex += ["\\bottomrule", "\\end{tabular}"]
     files = []

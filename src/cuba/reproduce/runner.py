@@ -16,17 +16,12 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from ..checkpoint import CHECKPOINT
-from ..runs import read_json
+from ..runs import is_finished
 from .grid import Cell
 
 
 def cell_dir(out: Path, cell: Cell) -> Path:
     return Path(out) / "runs" / cell.name
-
-
-def trained(run_dir: Path) -> bool:
-    status = run_dir / "status.json"
-    return (run_dir / "metrics.json").is_file() and (not status.is_file() or read_json(status).get("state") == "finished")
 
 
 def is_done(out: Path, cell: Cell) -> bool:
@@ -38,7 +33,7 @@ def cell_state(out: Path, cell: Cell) -> str:
     (what a re-run would still do), or 'blocked: <why>' when what is left needs a data set that
     has no local copy here (a re-run skips it)."""
     d = cell_dir(out, cell)
-    if not trained(d):
+    if not is_finished(d):
         # an interrupted training (a spent time budget, a kill) continues from its checkpoint
         state = "to run (resumes from its checkpoint)" if (d / CHECKPOINT).is_file() else "to run"
     else:
@@ -68,7 +63,7 @@ def run_cell(values: dict[str, Any], defenses: list[str], run_dir: str) -> str:
     from ..pipeline import run_training
 
     path = Path(run_dir)
-    if not trained(path):
+    if not is_finished(path):
         run_training(make_config({**values, "out": run_dir}))
     missing = [d for d in defenses if not (path / "defenses" / d / "defense.json").is_file()]
     if missing:

@@ -18,11 +18,11 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 
 from ..compare import Run, load_run
 from ..runs import write_text
-from .runner import trained
+from ..runs import is_finished
+from ..formatting import mean_pm_std, mean_std
 
 # METHOD.md §2 (the paper's Table II): (data set, label) -> (ASR, DS, CA); clean baselines separately
 PAPER_TABLE2: dict[tuple[str, str], tuple[float, float, float]] = {
@@ -92,18 +92,7 @@ def blocked_settings(cells: list) -> list[dict]:
 
 def finished_runs(out: Path) -> list[Run]:
     root = Path(out) / "runs"
-    return [load_run(d) for d in sorted(root.iterdir()) if d.is_dir() and trained(d)] if root.is_dir() else []
-
-
-def _stats(vals: list[float]) -> tuple[float, float, int]:
-    v = [x for x in vals if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not v:
-        return math.nan, math.nan, 0
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v)
-
-
-def _cell(m: float, s: float) -> str:
-    return "–" if math.isnan(m) else (f"{m:.2f}" if math.isnan(s) else f"{m:.2f} ± {s:.2f}")
+    return [load_run(d) for d in sorted(root.iterdir()) if d.is_dir() and is_finished(d)] if root.is_dir() else []
 
 
 # (metrics.json key, scale) of every Table II number: the paper's three, then DS on its own scale
@@ -144,8 +133,8 @@ def table2_rows(runs: list[Run], blocked: list[dict] = ()) -> list[dict]:
                 row[key] = (math.nan, math.nan, 0)
                 continue
             use = deg.kept if key in TABLE2_NA else rs
-            row[key] = _stats([scale * v for v in (metric_value(r.metrics, key) for r in use)])
-        row["clean_ca"] = _stats([100 * metric_value(r.metrics, "ca") for r in clean])
+            row[key] = mean_std([scale * v for v in (metric_value(r.metrics, key) for r in use)])
+        row["clean_ca"] = mean_std([100 * metric_value(r.metrics, "ca") for r in clean])
         _paper_columns(row)
         row["protocol"] = "; ".join(dict.fromkeys(protocol(ds, model, r.config) for r in rs))
         row["epochs"] = "; ".join(dict.fromkeys(_epochs(r.config.get("epochs")) for r in rs))
@@ -205,7 +194,7 @@ def _t2_cell(r: dict, key: str, digits: int = 2) -> str:
     if key in TABLE2_NA and r.get("degenerate"):
         return NA
     m, s = r[key][:2]
-    return "–" if math.isnan(m) else (f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}")
+    return mean_pm_std(m, s, digits)
 
 
 def table2_markdown(rows: list[dict]) -> str:
@@ -221,7 +210,7 @@ def table2_markdown(rows: list[dict]) -> str:
             "n/a" if k in TABLE2_NA and r.get("degenerate") else (f"{r[k][0] - p[i]:+.2f}" if not math.isnan(r[k][0]) else "–")
             for i, k in enumerate(("asr", "ds", "ca"))) if p else "–"
         lines.append(f"| {r['dataset']} / {r['model']} | {_t2_name(r)} | {r.get('protocol', '–')} | {r['n']} | {_t2_cell(r, 'asr')} | {_t2_cell(r, 'ds')} | "
-                     f"{_t2_cell(r, 'ca')} | {_cell(*r['clean_ca'][:2])} | {_t2_cell(r, 'ds_floor')} | {_t2_cell(r, 'ds_uniform')} | "
+                     f"{_t2_cell(r, 'ca')} | {mean_pm_std(*r['clean_ca'][:2])} | {_t2_cell(r, 'ds_floor')} | {_t2_cell(r, 'ds_uniform')} | "
                      f"{_t2_cell(r, 'effective_classes')} | {paper} | {diff} |")
     return "\n".join(lines)
 
@@ -250,7 +239,7 @@ def table2_latex(rows: list[dict]) -> str:
     body = []
     for r in rows:
         cells = [f"{r['dataset']} / {r['model']}", _t2_name(r), r.get("protocol", "–"),
-                 *(_t2_cell(r, k) for k in ("asr", "ds", "ca")), _cell(*r["clean_ca"][:2]),
+                 *(_t2_cell(r, k) for k in ("asr", "ds", "ca")), mean_pm_std(*r["clean_ca"][:2]),
                  *(_t2_cell(r, k) for k in ("ds_floor", "ds_uniform", "effective_classes"))]
         body.append((" & ".join(cells) + " \\\\").replace("±", "$\\pm$").replace("–", "--").replace("%", "\\%").replace("_", "\\_"))
     return "\n".join(["\\begin{tabular}{lllrrrrrrr}", "\\toprule",

@@ -8,22 +8,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from ..config import ConfigError
+from .common import parse_set
 
 def cmd_defend(args: argparse.Namespace) -> int:
-    import yaml
 
-    from .defenses import DEFENSES, load_attack_run, run_defense
+    from ..defenses import DEFENSES, load_attack_run, run_defense
 
     names = list(DEFENSES) if args.name == "all" else [args.name]
     if args.name != "all" and args.name not in DEFENSES:
         raise ConfigError(f"defense: must be one of {', '.join(DEFENSES)} or all, got {args.name!r}")
-    params: dict[str, Any] = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set expects PARAM=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        params[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+    params = parse_set(args.set, "PARAM", sections=False)
     run = load_attack_run(args.run_dir, device=args.device)
     out = Path(args.out) if args.out else None
     for name in names:
@@ -39,8 +34,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
 
 
 def cmd_defense_table(args: argparse.Namespace) -> int:
-    from .defenses.table import defense_tables
-    from .runs import write_text
+    from ..defenses.table import defense_tables
+    from ..runs import write_text
 
     names = args.names.split(",") if args.names else None
     if names and len(names) != len(args.runs):
@@ -54,7 +49,7 @@ def cmd_defense_table(args: argparse.Namespace) -> int:
 
 
 def cmd_import_model(args: argparse.Namespace) -> int:
-    from .importing import import_model
+    from ..importing import import_model
 
     parse = lambda v: [float(x) for x in v.split(",")] if v else None  # noqa: E731
     run_dir = import_model(args.weights, args.out, args.model, args.dataset, args.data_dir, args.allow_pickle,
@@ -65,8 +60,11 @@ def cmd_import_model(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
+    from ..defenses import DEFENSES
+    from ..models import CLASSIFIERS
+
     f = sub.add_parser("defend", help="run a defense (or all) on a trained run; writes defense.json + figures")
-    f.add_argument("name", help="strip | neural-cleanse | sentinet | fine-pruning | nad | scale-up | all")
+    f.add_argument("name", help=" | ".join([*DEFENSES, "all"]))
     f.add_argument("run_dir")
     f.add_argument("--out", default=None, help="folder for <defense>/defense.json (default RUN_DIR/defenses)")
     f.add_argument("--device", default="auto")
@@ -79,7 +77,7 @@ def add_parsers(sub: Any) -> None:
     dt.set_defaults(func=cmd_defense_table)
     im = sub.add_parser("import-model", help="make a run folder from someone else's classifier weights (to audit it)")
     im.add_argument("weights", help=".safetensors, or a pickle .pt/.pth with --allow-pickle")
-    im.add_argument("--model", required=True, help="simplecnn | resnet18 | preactresnet18")
+    im.add_argument("--model", required=True, help=" | ".join(CLASSIFIERS))
     im.add_argument("--dataset", required=True)
     im.add_argument("--data-dir", default=None)
     im.add_argument("--out", required=True, help="run folder to create")

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from ..config import ConfigError, flatten_values
+from .common import parse_set
 
 
 def _stop_on_term() -> Any:
@@ -30,19 +31,15 @@ def _stop_on_term() -> Any:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import signal
 
-    import yaml
 
-    from .reproduce import expand, load_grid, run_grid, write_report, write_table2
-    from .reproduce.tables import blocked_settings
+    from ..reproduce import expand, load_grid, run_grid, write_report, write_table2
+    from ..reproduce.tables import blocked_settings
 
     raw = load_grid(args.grid)
     if args.download:
         raw.setdefault("set", {})["download"] = True
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        raw.setdefault("set", {})[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    if args.set:
+        raw["set"] = {**flatten_values(raw.get("set") or {}), **parse_set(args.set)}
     if args.data_dir:
         raw["data_dir"] = args.data_dir
     cells = expand(raw)
@@ -56,7 +53,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             raise ConfigError(f"--only {' '.join(args.only)}: no cell of grid {args.grid} matches (see --dry-run)")
     out = Path(args.out)
     if args.dry_run:
-        from .reproduce import cell_state
+        from ..reproduce import cell_state
 
         states = [cell_state(out, c) for c in cells]
         for c, state in zip(cells, states):
@@ -88,7 +85,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import CASES, run_bench
+    from ..bench import CASES, run_bench
 
     if args.repeats is not None and args.repeats < 1:
         raise ConfigError(f"--repeats: must be >= 1, got {args.repeats}")

@@ -1,0 +1,49 @@
+"""``cuba evaluate`` and ``cuba figures``: a saved run's numbers and pictures, recomputed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from .common import format_metrics_table
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..pipeline import evaluate_run
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
+    m = evaluate_run(run_dir, from_predictions=args.from_predictions, device=args.device, write=args.write)
+    if args.json:
+        print(json.dumps({k: v for k, v in m.items() if k != "ds_per_class"}, indent=2, default=str))
+    else:
+        print(format_metrics_table([("recomputed", m), ("stored", m["stored"])]))
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from ..pipeline import draw_figures
+
+    for run_dir in args.run_dirs:
+        paths = draw_figures(Path(run_dir), device=args.device)
+        print(f"{run_dir}: " + (", ".join(p.name for p in paths) if paths else "a clean run has no figures"))
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    e = sub.add_parser("evaluate", help="recompute a saved run's metrics")
+    e.add_argument("run_dir")
+    e.add_argument("--from-predictions", action="store_true", help="use predictions.npz only (no data, no weights)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--write", action="store_true", help="store the recomputed metrics in metrics.json and predictions.npz")
+    e.set_defaults(func=cmd_evaluate)
+    g = sub.add_parser("figures", help="(re)draw run folders' figures (triggers, confidences, histograms) from their weights")
+    g.add_argument("run_dirs", nargs="+")
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_figures)
+
