@@ -174,7 +174,7 @@ def test_figures_command_redraws_a_runs_figures(cuba_run: Path, tmp_path: Path, 
     assert "triggers.png, confidences.png, histograms.png" in capsys.readouterr().out
     assert (cuba_run / "figures" / "confidences.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["figures", str(tmp_path)]) == 2
-    assert "is not a finished run folder (no predictions.npz)" in capsys.readouterr().err
+    assert "is not a finished run folder (no config.yaml, predictions.npz)" in capsys.readouterr().err
 
 
 def test_confidence_figure_marks_the_true_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,7 +262,7 @@ def test_run_folder_has_its_validation_split(cuba_run: Path) -> None:
 
 def test_validation_split_is_the_same_for_every_seed_and_budget() -> None:
     from cuba.config import make_config
-    from cuba.pipeline import load_data
+    from cuba.data import data_for as load_data
 
     a = load_data(make_config({"seed": 0}))
     b = load_data(make_config({"seed": 3, "n_train": 300}))

@@ -42,3 +42,35 @@ def test_every_caller_uses_the_one_rule(tmp_path: Path) -> None:
         find_runs([tmp_path])
     with pytest.raises(FileNotFoundError, match="is not a finished run folder"):
         load_attack_run(run)
+
+
+def test_run_folder_reads_what_training_writes(tmp_path: Path) -> None:
+    import torch
+
+    from cuba.config import make_config
+    from cuba.data import data_for
+    from cuba.engine import make_engine
+    from cuba.models import build_classifier
+    from cuba.runs import RunFolder, save_config, save_weights, write_json
+
+    run = RunFolder(tmp_path / "r")
+    assert not run.is_run() and run.metrics() == {} and run.status() == {} and run.targets() is None
+    with pytest.raises(FileNotFoundError, match=r"is not a run folder \(no config.yaml, classifier.safetensors\)"):
+        run.require("classifier.safetensors")
+    cfg = make_config({"dataset": "digits", "attack": "none", "out": str(run.path)})
+    data = data_for(cfg)
+    torch.manual_seed(0)
+    clf = build_classifier(cfg.model, data.channels, data.num_classes, data.image_size)
+    save_config(run.path, cfg)
+    save_weights(run.path / "classifier.safetensors", clf)
+    write_json(run.path / "status.json", {"state": "running"})
+    with pytest.raises(FileNotFoundError, match=r"is not a finished run folder \(status.json does not say finished\)"):
+        run.require("classifier.safetensors", finished=True)
+    write_json(run.path / "metrics.json", {"ca": 0.5})
+    write_json(run.path / "status.json", {"state": "finished"})
+    assert run.require("classifier.safetensors", finished=True) is run and run.metrics() == {"ca": 0.5}
+    assert run.config() == cfg
+    loaded, generator = run.models(run.config(), data, make_engine("cpu", "fp32", channels_last=False))
+    assert generator is None and not loaded.training
+    for (k, a), (_, b) in zip(clf.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k

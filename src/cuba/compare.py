@@ -38,7 +38,7 @@ import numpy as np
 
 from .config import RUN_ONLY_FIELDS, ConfigError, make_config
 from .metrics import at_chance
-from .runs import is_finished, load_run_config, read_json
+from .runs import RunFolder, is_finished
 from .formatting import fmt_value, mean_pm_std, mean_std
 
 # (metrics.json key, column title, scale): the issue's columns, DS on its own scale, stealth and time
@@ -223,7 +223,7 @@ def group_degeneracy(runs: list[Run], clean_ca: float | None = None, attacked: b
 
 
 def _is_run(p: Path) -> bool:
-    return (p / "config.yaml").is_file() and is_finished(p)
+    return RunFolder(p).is_run() and is_finished(p)
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -244,9 +244,10 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def load_run(path: Path) -> Run:
-    cfg = load_run_config(path)
+    run = RunFolder(path)
+    cfg = run.config()
     # the resolved config: a field added after a run was made reads as its default, not as a difference
-    return Run(path, cfg.to_dict(), read_json(path / "metrics.json"), cfg.label())
+    return Run(path, cfg.to_dict(), run.metrics(), cfg.label())
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
@@ -403,14 +404,13 @@ def compare(paths: list[str | Path], out: Path | None = None, name: str = "compa
 def _source_figure(groups: list[Group], source: int, path: Path) -> Path:
     """Fig. 8 for the lowest-seed run of every attacked group."""
     from .figures import plot_source_class_comparison
-    from .runs import load_predictions
 
     entries = []
     for g in groups:
         run = min(g.runs, key=lambda r: r.seed)
         if run.config.get("attack") == "none" or not (run.path / "predictions.npz").is_file():
             continue
-        pred, targets = load_predictions(run.path)
+        pred, targets = RunFolder(run.path).predictions()
         if pred.y_pred_backdoor is None or targets is None:
             continue
         if not 0 <= source < targets.shape[0]:

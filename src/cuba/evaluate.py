@@ -10,8 +10,6 @@ Python is scikit-image's SSIM, computed once at the end of a run (``stealth=True
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
@@ -21,16 +19,7 @@ from .data import ImageDataset
 from .distributed import Dist, gather_rows
 from .engine import Engine
 from .metrics import compute_metrics, linf_per_image, psnr_per_image, ssim_per_image
-
-
-@dataclass
-class Predictions:
-    y_true: np.ndarray
-    y_pred_clean: np.ndarray
-    y_pred_backdoor: np.ndarray | None
-    psnr: np.ndarray | None
-    ssim: np.ndarray | None
-    linf: np.ndarray | None
+from .runs import Predictions
 
 
 @torch.inference_mode()

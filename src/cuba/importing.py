@@ -62,12 +62,13 @@ def import_model(
     allow_pickle: bool = False, mean: list[float] | None = None, std: list[float] | None = None,
 ) -> Path:
     """Write a run folder (config, safetensors weights, status, metrics of the clean model) for foreign weights."""
-    from .pipeline import evaluate_run, load_data
+    from .data import data_for
+    from .pipeline import evaluate_run
     from .runs import save_config, save_weights, write_json
 
     cfg = make_config({"dataset": dataset, "data_dir": data_dir, "model": model, "attack": "none", "out": str(out), "progress": False})
     state = read_state_dict(weights, allow_pickle)
-    data = load_data(cfg)
+    data = data_for(cfg)
     c = data.channels
     clf = build_classifier(model, c, data.num_classes, data.image_size,
                            torch.tensor(mean or [0.0] * c), torch.tensor(std or [1.0] * c))

@@ -13,31 +13,18 @@ import torch
 from . import __version__
 from .checkpoint import CHECKPOINT
 from .config import ConfigError, TrainConfig, setting_differences
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset, data_for
 from .distributed import finish, setup
 from .engine import Engine, make_engine
 from .data.split import VAL_SEED, indices_hash
 from .metrics import at_chance
 from .evaluate import evaluate_models, metrics_from_predictions, predict
 from .figures import plot_confidences, plot_histograms, plot_triggers
-from .attack import POISON_ATTACKS, build_trigger
-from .models import build_classifier
+from .attack import POISON_ATTACKS
 from .runs import (
-    METRIC_KEYS, default_run_dir, is_finished, writer_lock, load_predictions, load_run_config, load_weights, read_json, save_config, save_predictions,
-    save_weights, write_json,
+    METRIC_KEYS, RunFolder, default_run_dir, save_config, save_predictions, save_weights, write_json, writer_lock,
 )
 from .train import train
-
-
-def load_data(cfg: TrainConfig) -> ImageDataset:
-    """The run's data: the validation split is carved from the full training set first (a fixed
-    seed of its own), then ``n_train`` / ``n_test`` subsets are drawn with the run's seed."""
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
-    if cfg.val_fraction > 0:
-        data = data.with_validation(cfg.val_fraction)
-    if cfg.n_train or cfg.n_test:
-        data = data.subset(cfg.n_train, cfg.n_test, seed=cfg.seed)
-    return data
 
 
 def degenerate_reason(ca: float | None, num_classes: int) -> str | None:
@@ -88,15 +75,13 @@ def _figures(run_dir: Path, cfg: TrainConfig, data: ImageDataset, classifier: to
 def draw_figures(run_dir: Path, device: str = "auto") -> list[Path]:
     """(Re)draw a finished run's figures from its weights and predictions.npz (e.g. for a run
     trained before a figure was added); a clean run has none."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "predictions.npz").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a finished run folder (no predictions.npz)")
-    cfg = load_run_config(run_dir)
+    run = RunFolder(run_dir).require("predictions.npz", finished=True)
+    cfg = run.config()
     engine = make_engine(device, "fp32", channels_last=False)  # figures show fp32 numbers, like evaluation
-    data = load_data(cfg)
-    classifier, generator = load_models(run_dir, cfg, data, engine)
-    pred, targets = load_predictions(run_dir)
-    return _figures(run_dir, cfg, data, classifier, generator, engine, pred, targets)
+    data = data_for(cfg)
+    classifier, generator = run.models(cfg, data, engine)
+    pred, targets = run.predictions()
+    return _figures(run.path, cfg, data, classifier, generator, engine, pred, targets)
 
 
 def run_training(cfg: TrainConfig, run_dir: Path | None = None, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
@@ -115,15 +100,16 @@ def run_training(cfg: TrainConfig, run_dir: Path | None = None, overwrite: bool 
 def _finished_run(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> dict[str, Any] | None:
     """The stored metrics when ``run_dir`` already holds this setting finished (None: train or
     resume); a folder holding another setting is a ConfigError unless ``overwrite``."""
-    if not (run_dir / "config.yaml").is_file() or overwrite:
+    run = RunFolder(run_dir)
+    if not run.is_run() or overwrite:
         return None
-    diff = setting_differences(load_run_config(run_dir), cfg)
+    diff = setting_differences(run.config(), cfg)
     if diff:
         raise ConfigError(f"{run_dir} holds a run of a different setting ({'; '.join(diff[:3])}); "
                           "choose another --out or pass --overwrite")
-    if is_finished(run_dir):
+    if run.is_finished():
         print(f"{run_dir} is already finished; its stored metrics follow (--overwrite retrains)", flush=True)
-        return read_json(run_dir / "metrics.json")
+        return run.metrics()
     return None
 
 
@@ -138,7 +124,7 @@ def _train_into(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> tuple[Path,
         torch.use_deterministic_algorithms(True)
     d, device = setup(cfg.device)  # a torchrun launch joins its process group here
     engine = make_engine(device, cfg.precision, cfg.channels_last)
-    data = load_data(cfg)
+    data = data_for(cfg)
     if d.is_main:
         save_config(run_dir, cfg)
         write_json(run_dir / "status.json", {"state": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -196,39 +182,27 @@ def _write_run(run_dir: Path, cfg: TrainConfig, data: ImageDataset, engine: Engi
                                          "degenerate": metrics["degenerate"], **({"degenerate_reason": metrics["degenerate_reason"]} if metrics["degenerate"] else {})})
 
 
-def load_models(run_dir: Path, cfg: TrainConfig, data: ImageDataset, engine: Engine) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """Rebuild a run's classifier (and generator) from its config and safetensors weights."""
-    classifier = build_classifier(cfg.model, data.channels, data.num_classes, data.image_size)
-    load_weights(run_dir / "classifier.safetensors", classifier)
-    generator = build_trigger(cfg, data.channels, data.image_size)
-    if generator is not None:
-        load_weights(run_dir / "generator.safetensors", generator)
-    return engine.prepare(classifier).eval(), (engine.prepare(generator).eval() if generator is not None else None)
-
-
 def evaluate_run(run_dir: Path, from_predictions: bool = False, device: str = "auto", write: bool = False) -> dict[str, Any]:
     """Recompute a saved run's metrics: from its weights on the test set, or only from predictions.npz.
 
     With ``write=True`` the recomputed values replace the stored ones in metrics.json (the
     previous values are kept under ``previous``) and predictions.npz is rewritten.
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = load_run_config(run_dir)
+    run = RunFolder(run_dir).require()
+    cfg = run.config()
     if from_predictions:
-        pred, targets = load_predictions(run_dir)
+        pred, targets = run.predictions()
     else:
         engine = make_engine(device, cfg.precision, cfg.channels_last)
-        data = load_data(cfg)
-        classifier, generator = load_models(run_dir, cfg, data, engine)
-        _, targets = load_predictions(run_dir) if (run_dir / "predictions.npz").exists() else (None, None)
+        data = data_for(cfg)
+        classifier, generator = run.models(cfg, data, engine)
+        targets = run.targets()
         pred = predict(classifier, generator, data, engine, cfg.eval_batch_size, stealth=True, progress=cfg.progress)
     metrics = metrics_from_predictions(pred, targets, cfg.full_range)
-    stored = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
+    stored = run.metrics()
     keys = METRIC_KEYS
     if write and not from_predictions:
-        save_predictions(run_dir, pred, targets)
-        write_json(run_dir / "metrics.json", {**stored, **metrics, "previous": {k: stored.get(k) for k in keys}})
+        save_predictions(run.path, pred, targets)
+        write_json(run.path / "metrics.json", {**stored, **metrics, "previous": {k: stored.get(k) for k in keys}})
     metrics["stored"] = {k: stored.get(k) for k in keys}
     return metrics

@@ -1,4 +1,6 @@
-"""The run folder: the one contract between training, evaluation and (later) the defenses.
+"""The run folder: the one contract between training, evaluation, the tables and the defenses.
+Every reader opens one through :class:`RunFolder`; :func:`is_finished` is the one rule for a
+finished run; :func:`writer_lock` keeps a second writer out.
 
     RUN_DIR/
       config.yaml               the resolved TrainConfig
@@ -24,6 +26,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +37,21 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError, TrainConfig, config_from_run
-from .evaluate import Predictions
 
 METRIC_KEYS = ("ca", "asr", "asr_c", "ds", "ds_min", "d_p", "psnr", "ssim", "linf")
+
+
+@dataclass
+class Predictions:
+    """Per test image: the true class, the clean and the backdoor prediction, and the trigger's
+    stealth (PSNR, SSIM, L-inf); what predictions.npz holds and every metric is computed from."""
+
+    y_true: np.ndarray
+    y_pred_clean: np.ndarray
+    y_pred_backdoor: np.ndarray | None
+    psnr: np.ndarray | None
+    ssim: np.ndarray | None
+    linf: np.ndarray | None
 
 
 def is_finished(run_dir: str | Path) -> bool:
@@ -196,3 +211,68 @@ def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
 
     name = cfg.name or f"{Path(cfg.dataset).stem}-{cfg.model}-{cfg.label()}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(root) / name
+
+
+class RunFolder:
+    """One run folder (the layout in this module's docstring), the way every reader of a run opens
+    it: training (to resume or skip), evaluate, figures, compare, the tables, the defenses and
+    import-model. Reading goes through here so that "finished", "its config" and "its models"
+    mean one thing everywhere."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    def is_run(self) -> bool:
+        """A run folder at all: it has its config.yaml."""
+        return self.has("config.yaml")
+
+    def is_finished(self) -> bool:
+        return is_finished(self.path)
+
+    def require(self, *names: str, finished: bool = False) -> "RunFolder":
+        """Itself, or FileNotFoundError naming what is missing (for commands given a path)."""
+        missing = [n for n in ("config.yaml", *names) if not self.has(n)]
+        if missing or (finished and not self.is_finished()):
+            why = f"no {', '.join(missing)}" if missing else "status.json does not say finished"
+            raise FileNotFoundError(f"{self.path} is not a {'finished ' if finished else ''}run folder ({why})")
+        return self
+
+    def config(self) -> TrainConfig:
+        return load_run_config(self.path)
+
+    def metrics(self) -> dict[str, Any]:
+        """metrics.json, or {} before the run has written it."""
+        return read_json(self.path / "metrics.json") if self.has("metrics.json") else {}
+
+    def status(self) -> dict[str, Any]:
+        return read_json(self.path / "status.json") if self.has("status.json") else {}
+
+    def predictions(self) -> tuple[Predictions, torch.Tensor | None]:
+        return load_predictions(self.path)
+
+    def targets(self) -> torch.Tensor | None:
+        """The (K, K) target sets the run trained with (stored in predictions.npz), or None."""
+        return load_predictions(self.path)[1] if self.has("predictions.npz") else None
+
+    def models(self, cfg: TrainConfig, data: Any, engine: Any) -> tuple[nn.Module, nn.Module | None]:
+        """The classifier (and trigger generator) rebuilt from the config and the safetensors
+        weights, on the engine's device, in eval mode."""
+        from .attack import build_trigger
+        from .models import build_classifier
+
+        classifier = build_classifier(cfg.model, data.channels, data.num_classes, data.image_size)
+        load_weights(self.path / "classifier.safetensors", classifier)
+        generator = build_trigger(cfg, data.channels, data.image_size)
+        if generator is not None:
+            load_weights(self.path / "generator.safetensors", generator)
+        return engine.prepare(classifier).eval(), (engine.prepare(generator).eval() if generator is not None else None)
+
+    def lock(self) -> Any:
+        """:func:`writer_lock` on this folder (a context manager)."""
+        return writer_lock(self.path)

@@ -41,10 +41,10 @@ from torch import nn
 from ..attack import PatchTrigger, attack_targets
 from ..attack.registry import ALL_TO_ONE
 from ..config import ConfigError, TrainConfig
-from ..data import ImageDataset
+from ..data import ImageDataset, data_for
 from ..engine import Engine, make_engine
 from ..metrics import at_chance, attack_success_rate  # at_chance re-exported: report.py reads it from here
-from ..runs import is_finished, load_predictions, load_run_config, write_json
+from ..runs import RunFolder, write_json
 from ..formatting import pct as _pct
 
 
@@ -160,23 +160,19 @@ class AttackRun:
 
 
 def load_attack_run(run_dir: str | Path, device: str = "auto", data: ImageDataset | None = None) -> AttackRun:
-    """Rebuild a run's models and data from its folder (config.yaml + safetensors + targets)."""
-    from ..pipeline import load_data, load_models
-
-    run_dir = Path(run_dir)
-    if not ((run_dir / "config.yaml").is_file() and (run_dir / "classifier.safetensors").is_file() and is_finished(run_dir)):
-        raise FileNotFoundError(f"{run_dir} is not a finished run folder (needs config.yaml, classifier.safetensors "
-                                "and metrics.json, and status.json, if any, saying finished)")
-    cfg = load_run_config(run_dir)
+    """Rebuild a finished run's models and data from its folder (config.yaml + safetensors + targets)."""
+    run = RunFolder(run_dir).require("classifier.safetensors", finished=True)
+    run_dir = run.path
+    cfg = run.config()
     engine = make_engine(device, "fp32", channels_last=False)
-    data = data if data is not None else load_data(cfg)
-    classifier, trigger = load_models(run_dir, cfg, data, engine)
+    data = data if data is not None else data_for(cfg)
+    classifier, trigger = run.models(cfg, data, engine)
     for m in (classifier, trigger):
         if m is not None:
             m.requires_grad_(False)
     targets = None
     if cfg.is_attack:
-        targets = load_predictions(run_dir)[1] if (run_dir / "predictions.npz").is_file() else None
+        targets = run.targets()
         targets = targets if targets is not None else attack_targets(cfg, data.num_classes)
     return AttackRun(run_dir, cfg, data, classifier, trigger, targets, engine)
 

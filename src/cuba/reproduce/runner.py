@@ -16,7 +16,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from ..checkpoint import CHECKPOINT
-from ..runs import is_finished
+from ..runs import RunFolder, is_finished
 from .grid import Cell
 
 
@@ -45,12 +45,11 @@ def cell_state(out: Path, cell: Cell) -> str:
 def check_settings(out: Path, cells: list[Cell]) -> None:
     """Raise ConfigError if a cell's folder holds a run of another setting than the cell's."""
     from ..config import ConfigError, make_config, setting_differences
-    from ..runs import load_run_config
 
     for cell in cells:
         d = cell_dir(out, cell)
         if (d / "config.yaml").is_file():
-            diff = setting_differences(load_run_config(d), make_config({**cell.values, "out": str(d)}))
+            diff = setting_differences(RunFolder(d).config(), make_config({**cell.values, "out": str(d)}))
             if diff:
                 raise ConfigError(f"cell {cell.name}: {d} holds a run of a different setting ({'; '.join(diff[:3])}); "
                                   "move it away or choose another --out")
