@@ -1,8 +1,8 @@
 """Device, precision and memory-format choices, made once per run.
 
 bf16 autocast is used on CUDA GPUs that support it and on CPUs with native bf16 units
-(AVX512-BF16 / AMX): measured here it triples SimpleCNN training throughput on CPU. Older
-CPUs emulate bf16 slowly, so they fall back to fp32.
+(AVX512-BF16 / AMX), where it is several times faster than fp32 (BENCHMARKS.md gives the
+measurements, with the CPU of each). Older CPUs emulate bf16 slowly, so they fall back to fp32.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ element-wise and every class sees the same mini-batches, so each class follows t
 would follow alone (``batched=False`` runs them one by one; only floating-point summation
 order differs). ``batched=None`` (the default) batches on a GPU, where K small batches would
 leave it idle, and runs one by one on a CPU, where one class's batch already keeps the cores busy
-(measured on MNIST, 2-core CPU: batched 33.0 s vs 30.0 s one by one, identical norms).
+(BENCHMARKS.md, "Neural Cleanse": batching bought nothing on a 2-core CPU, with identical norms).
 ``precision`` "auto" runs the classifier under bf16 autocast where the hardware has native bf16
 (the engine's rule); the loss, masks and Adam stay fp32.
 """
@@ -180,7 +180,7 @@ class NeuralCleanse(Defense):
         args = (x_pool, self.epochs, self.batches_per_epoch, self.batch_size, self.lr, self.init_cost)
         amp = make_engine(str(run.engine.device), self.precision)
         # channels_last weights and inputs (the engine's layout): CPU max-pooling of an NCHW map
-        # is 7x (fp32) to 17x (bf16) slower, measured; the layout does not change the numbers
+        # is several times slower (BENCHMARKS.md, "Neural Cleanse"); the layout does not change the numbers
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         run.classifier.to(memory_format=layout)
         kw = {"seed": self.seed, "early_stop": self.early_stop, "autocast": amp.autocast, "layout": layout}
