@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
@@ -182,14 +183,21 @@ def _write_run(run_dir: Path, cfg: TrainConfig, data: ImageDataset, engine: Engi
                                          "degenerate": metrics["degenerate"], **({"degenerate_reason": metrics["degenerate_reason"]} if metrics["degenerate"] else {})})
 
 
-def evaluate_run(run_dir: Path, from_predictions: bool = False, device: str = "auto", write: bool = False) -> dict[str, Any]:
+def evaluate_run(run_dir: Path, from_predictions: bool = False, device: str = "auto", write: bool = False,
+                 data_dir: str | None = None) -> dict[str, Any]:
     """Recompute a saved run's metrics: from its weights on the test set, or only from predictions.npz.
 
     With ``write=True`` the recomputed values replace the stored ones in metrics.json (the
     previous values are kept under ``previous``) and predictions.npz is rewritten.
     """
-    run = RunFolder(run_dir).require()
+    from .pack import is_pack, open_run
+
+    if write and is_pack(run_dir):
+        raise ConfigError(f"{run_dir} is a pack (read-only): --write needs a run folder")
+    run = open_run(run_dir).require()
     cfg = run.config()
+    if data_dir is not None:  # where this reader keeps the data set (a pack made elsewhere)
+        cfg = dataclasses.replace(cfg, data_dir=data_dir)
     if from_predictions:
         pred, targets = run.predictions()
     else:

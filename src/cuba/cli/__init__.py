@@ -3,6 +3,7 @@
     train.py      train, demo
     evaluate.py   evaluate, figures
     audit.py      defend, defense-table, import-model
+    pack.py       pack
     reproduce.py  reproduce, bench
     compare.py    compare, sweep
     common.py     the training flags, the one --set parser, presets, the metrics table
@@ -24,11 +25,11 @@ __all__ = ["DATASET_PRESETS", "build_parser", "ds_scale_line", "format_metrics_t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import audit, compare, evaluate, reproduce, train
+    from . import audit, compare, evaluate, pack, reproduce, train
 
     p = argparse.ArgumentParser(prog="cuba", description="Controlled untargeted backdoor attacks (CUBA) and their evaluation.")
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (train, evaluate, audit, reproduce, compare):
+    for module in (train, evaluate, audit, pack, reproduce, compare):
         module.add_parsers(sub)
     return p
 

@@ -19,7 +19,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
     if args.name != "all" and args.name not in DEFENSES:
         raise ConfigError(f"defense: must be one of {', '.join(DEFENSES)} or all, got {args.name!r}")
     params = parse_set(args.set, "PARAM", sections=False)
-    run = load_attack_run(args.run_dir, device=args.device)
+    run = load_attack_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     out = Path(args.out) if args.out else None
     for name in names:
         # the constructor's parameters (co_varnames would also list its local variables)
@@ -29,7 +29,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
             raise ConfigError(f"--set: {name} has no parameter {', '.join(unknown)}")
         res = run_defense(name, run, out, **{k: v for k, v in params.items() if k in accepted})
         print(f"{name:<15} {DEFENSES[name].headline(res.fields)}  ({res.seconds:.0f} s)", flush=True)
-    print(f"defense.json and figures in {(out or Path(args.run_dir) / 'defenses')}/<defense>/")
+    print(f"defense.json and figures in {(out or run.run_dir / 'defenses')}/<defense>/")
     return 0
 
 
@@ -65,7 +65,8 @@ def add_parsers(sub: Any) -> None:
 
     f = sub.add_parser("defend", help="run a defense (or all) on a trained run; writes defense.json + figures")
     f.add_argument("name", help=" | ".join([*DEFENSES, "all"]))
-    f.add_argument("run_dir")
+    f.add_argument("run_dir", help="a run folder, or a pack made by cuba pack (then --out is required)")
+    f.add_argument("--data-dir", default=None, help="folder holding the run's data set (for a run or pack made elsewhere)")
     f.add_argument("--out", default=None, help="folder for <defense>/defense.json (default RUN_DIR/defenses)")
     f.add_argument("--device", default="auto")
     f.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", help="a defense parameter, e.g. --set n_eval=500")

@@ -7,17 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
 from .common import format_metrics_table
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..pipeline import evaluate_run
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
-    m = evaluate_run(run_dir, from_predictions=args.from_predictions, device=args.device, write=args.write)
+    m = evaluate_run(Path(args.run_dir), from_predictions=args.from_predictions, device=args.device, write=args.write,
+                     data_dir=args.data_dir)
     if args.json:
         print(json.dumps({k: v for k, v in m.items() if k != "ds_per_class"}, indent=2, default=str))
     else:
@@ -36,7 +33,8 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     e = sub.add_parser("evaluate", help="recompute a saved run's metrics")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", help="a run folder, or a pack made by cuba pack")
+    e.add_argument("--data-dir", default=None, help="folder holding the run's data set (for a run or pack made elsewhere)")
     e.add_argument("--from-predictions", action="store_true", help="use predictions.npz only (no data, no weights)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON")

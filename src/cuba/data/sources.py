@@ -64,16 +64,22 @@ def load_dataset(spec: str | Path, data_dir: str | Path | None = None, download:
 
 
 def find_path(spec: str | Path, data_dir: str | Path | None = None) -> Path | None:
-    """A data set path as given, else the same relative path under ``data_dir``; None if neither exists.
+    """A data set path as given, else the same relative path under ``data_dir``, else its file name
+    under ``data_dir``; None if none exists.
 
-    Why the fallback: grids and presets name files by where they live among the user's data
-    (``cifar10-jpeg.zip`` with ``--data-dir ../shared/data``), not by the working directory.
+    Why the fallbacks: grids and presets name files by where they live among the user's data
+    (``cifar10-jpeg.zip`` with ``--data-dir ../shared/data``), not by the working directory; and a
+    run made elsewhere (a pack from a colleague) names ``../their/data/mnist.npz``, which the
+    reader finds as ``mnist.npz`` in their own ``--data-dir``.
     """
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    if data_dir is not None and not path.is_absolute() and (Path(data_dir).expanduser() / path).exists():
-        return Path(data_dir).expanduser() / path
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        for candidate in ([root / path] if not path.is_absolute() else []) + [root / path.name]:
+            if candidate.exists():
+                return candidate
     return None
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,7 +45,7 @@ from ..config import ConfigError, TrainConfig
 from ..data import ImageDataset, data_for
 from ..engine import Engine, make_engine
 from ..metrics import at_chance, attack_success_rate  # at_chance re-exported: report.py reads it from here
-from ..runs import RunFolder, write_json
+from ..runs import write_json
 from ..formatting import pct as _pct
 
 
@@ -59,6 +60,7 @@ class AttackRun:
     trigger: nn.Module | None  # None for a clean model
     targets: torch.Tensor | None  # (K, K) bool target sets; None for a clean model
     engine: Engine
+    origin: str | None = None  # the pack the run was read from (run_dir is then its unpacked copy)
     _bd_cache: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -159,11 +161,18 @@ class AttackRun:
         return self.images(self.data.x_train[idx]), self.data.y_train[idx].to(self.engine.device)
 
 
-def load_attack_run(run_dir: str | Path, device: str = "auto", data: ImageDataset | None = None) -> AttackRun:
-    """Rebuild a finished run's models and data from its folder (config.yaml + safetensors + targets)."""
-    run = RunFolder(run_dir).require("classifier.safetensors", finished=True)
+def load_attack_run(run_dir: str | Path, device: str = "auto", data: ImageDataset | None = None,
+                    data_dir: str | None = None) -> AttackRun:
+    """Rebuild a finished run's models and data from its folder or pack (config.yaml + safetensors +
+    targets); ``data_dir`` replaces the folder the run found its data set in."""
+    from ..pack import is_pack, open_run
+
+    origin = str(run_dir) if is_pack(run_dir) else None
+    run = open_run(run_dir).require("classifier.safetensors", finished=True)
     run_dir = run.path
     cfg = run.config()
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=data_dir)
     engine = make_engine(device, "fp32", channels_last=False)
     data = data if data is not None else data_for(cfg)
     classifier, trigger = run.models(cfg, data, engine)
@@ -174,7 +183,7 @@ def load_attack_run(run_dir: str | Path, device: str = "auto", data: ImageDatase
     if cfg.is_attack:
         targets = run.targets()
         targets = targets if targets is not None else attack_targets(cfg, data.num_classes)
-    return AttackRun(run_dir, cfg, data, classifier, trigger, targets, engine)
+    return AttackRun(run_dir, cfg, data, classifier, trigger, targets, engine, origin)
 
 
 @dataclass
@@ -370,11 +379,13 @@ def run_defense(name: str, run: AttackRun, out: Path | None = None, **params: An
     """Run one registered defense on ``run``; write OUT/NAME/defense.json (default RUN_DIR/defenses/NAME)."""
     if name not in DEFENSES:
         raise ConfigError(f"defense: must be one of {', '.join(DEFENSES)} or all, got {name!r}")
+    if out is None and run.origin is not None:
+        raise ConfigError(f"{run.origin} is a pack (read-only): give --out FOLDER for the defense results")
     folder = (out or run.run_dir / "defenses") / name
     folder.mkdir(parents=True, exist_ok=True)
     defense = DEFENSES[name](**params)
     t0 = time.perf_counter()
     result = defense.run(run, folder)
     result.seconds = time.perf_counter() - t0
-    write_json(folder / "defense.json", {"run": str(run.run_dir), "setting": run.cfg.label(), **result.to_json()})
+    write_json(folder / "defense.json", {"run": run.origin or str(run.run_dir), "setting": run.cfg.label(), **result.to_json()})
     return result
