@@ -269,7 +269,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     """Check types and ranges; raise ConfigError naming the first bad field."""
     from .data import DATASET_NAMES  # local: avoid import cycles
     from .data.sources import find_path
-    from .models import CLASSIFIERS, GENERATOR_MODES
+    from .models import CLASSIFIERS, GENERATOR_MODES, check_name, is_external
     from .attack import ATTACKS, FIXED_RULE, VICINITIES
 
     numeric = {
@@ -297,13 +297,18 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         if v is not None and (not _type_ok(v, int) or v < 1):
             raise ConfigError(f"{name}: must be a positive integer or unset, got {v!r}")
     choices = {
-        "attack": ATTACKS, "model": tuple(CLASSIFIERS), "vicinity": VICINITIES, "generator_mode": GENERATOR_MODES,
+        "attack": ATTACKS, "vicinity": VICINITIES, "generator_mode": GENERATOR_MODES,
         "mse_reduction": MSE_REDUCTIONS, "target_reduction": TARGET_REDUCTIONS, "precision": PRECISIONS, "optimizer": ("sgd", "adam"),
         "augment": ("auto", "none", "crop", "crop+flip"), "variant": ("fra", "nra"),
     }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name}: must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    if not isinstance(cfg.model, str) or (cfg.model not in CLASSIFIERS and not is_external(cfg.model)):
+        raise ConfigError(f"model: must be one of {', '.join(CLASSIFIERS)}, torchvision:NAME, timm:NAME or "
+                          f"package.module:factory, got {cfg.model!r}")
+    if is_external(cfg.model) and check_name(cfg.model):
+        raise ConfigError(f"model: {check_name(cfg.model)}")
     if not isinstance(cfg.dataset, str) or not cfg.dataset:
         raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} or a path to a .npz/.zip/folder, got {cfg.dataset!r}")
     if check_paths and cfg.dataset not in DATASET_NAMES and find_path(cfg.dataset, cfg.data_dir) is None:

@@ -209,8 +209,16 @@ def writer_lock(run_dir: Path) -> Iterator[None]:
 def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
     import time
 
-    name = cfg.name or f"{Path(cfg.dataset).stem}-{cfg.model}-{cfg.label()}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.name or f"{Path(cfg.dataset).stem}-{safe_name(cfg.model)}-{cfg.label()}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(root) / name
+
+
+def safe_name(text: str) -> str:
+    """``text`` usable in a file name on every file system: ``torchvision:resnet18`` ->
+    ``torchvision-resnet18`` (':' is illegal on Windows, '/' everywhere)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "run"
 
 
 class RunFolder:

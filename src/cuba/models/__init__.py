@@ -1,7 +1,9 @@
 """Model registry: classifiers by name, and the trigger generator.
 
 Add a classifier by writing a module with an ``nn.Module`` taking
-``(in_channels, num_classes, image_size)`` and registering it in :data:`CLASSIFIERS`.
+``(in_channels, num_classes, image_size)`` and registering it in :data:`CLASSIFIERS` -- or name it
+without registering: ``torchvision:NAME``, ``timm:NAME``, ``package.module:factory``
+(:mod:`cuba.models.external`).
 Every classifier built here takes images in [0, 1] and normalises them itself (a
 :class:`Normalize` layer with the training set's per-channel mean/std), so attacks and
 defenses all work in pixel space.
@@ -14,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .external import build_external, check_name, is_external
 from .resnet import PreActResNet18, ResNet18
 from .simplecnn import SimpleCNN
 from .trigger import GENERATOR_MODES, TriggerGenerator
@@ -65,9 +68,13 @@ def build_classifier(
     name: str, in_channels: int, num_classes: int, image_size: int,
     mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
 ) -> Classifier:
-    if name not in CLASSIFIERS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(CLASSIFIERS)}")
-    backbone = CLASSIFIERS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    if is_external(name):  # torchvision:NAME, timm:NAME, package.module:factory (models/external.py)
+        backbone = build_external(name, in_channels, num_classes, image_size)
+    elif name not in CLASSIFIERS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(CLASSIFIERS)}, torchvision:NAME, "
+                         "timm:NAME or package.module:factory")
+    else:
+        backbone = CLASSIFIERS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     mean = torch.full((in_channels,), 0.5) if mean is None else mean
     std = torch.full((in_channels,), 0.5) if std is None else std
     return Classifier(backbone, mean, std)
@@ -75,5 +82,5 @@ def build_classifier(
 
 __all__ = [
     "CLASSIFIERS", "GENERATOR_MODES", "Classifier", "Normalize", "TriggerGenerator", "UNet",
-    "build_classifier", "unet_depth",
+    "build_classifier", "build_external", "check_name", "is_external", "unet_depth",
 ]

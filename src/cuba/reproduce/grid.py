@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, flatten_values, load_config_file, make_config
+from ..runs import safe_name
 
 KEYS = ("name", "datasets", "models", "presets", "attacks", "variants", "seeds", "per_attack", "epochs", "defenses",
         "defense_seeds", "data_dir", "fallback", "set", "overrides")
@@ -200,7 +201,7 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
                     cfg = make_config(values)
                 except ConfigError as e:
                     raise ConfigError(f"grid cell {ds}/{model}/{attack}/{variant}/seed {seed}: {e}") from None
-                name = f"{Path(str(run_ds)).stem}-{model}-{cfg.label()}-s{seed}"
+                name = f"{Path(str(run_ds)).stem}-{safe_name(model)}-{cfg.label()}-s{seed}"
                 cells.append(Cell(name, values, defenses if seed in defense_seeds else [], blocked))
     names = [c.name for c in cells]
     dup = sorted({n for n in names if names.count(n) > 1})
