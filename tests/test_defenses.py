@@ -25,8 +25,8 @@ from cuba.defenses.strip import Strip, calibration_collapse, far_frr, normal_thr
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_registry_has_the_paper_defenses_then_scale_up() -> None:
-    assert list(DEFENSES) == ["strip", "neural-cleanse", "sentinet", "fine-pruning", "nad", "scale-up"]
+def test_registry_has_the_paper_defenses_then_the_newer_detectors() -> None:
+    assert list(DEFENSES) == ["strip", "neural-cleanse", "sentinet", "fine-pruning", "nad", "scale-up", "entropy", "mm-bd"]
 
 
 def test_anomaly_index_by_hand() -> None:

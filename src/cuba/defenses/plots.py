@@ -1,6 +1,7 @@
 """The defenses' figures: STRIP histograms (paper Fig. 6), Neural Cleanse norms (Fig. 7a),
 SentiNet scatter and Grad-CAM maps (Fig. 7b), Fine-pruning / NAD curves (Table III as a plot),
-and the score histograms of other input-level detectors (SCALE-UP)."""
+the score histograms of other input-level detectors (SCALE-UP, entropy) and MM-BD's
+per-class maximum margins."""
 
 from __future__ import annotations
 
@@ -113,4 +114,23 @@ def plot_removal(rows: Sequence[dict], x_key: str, path: Path, xlabel: str, titl
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_mm_bd(stats: Sequence[float], detected: int, flagged: bool, critical: float | None, path: Path,
+               title: str = "") -> Path:
+    """MM-BD's maximum-margin statistic per class: the largest bar is red when the model is
+    flagged, and the dashed line is the largest value the fitted null would still accept."""
+    k = len(stats)
+    fig, ax = plt.subplots(figsize=(min(12, max(5, 0.4 * k)), 3.2))
+    colors = ["tab:red" if (c == detected and flagged) else "tab:blue" for c in range(k)]
+    ax.bar(np.arange(k), stats, color=colors)
+    if critical is not None:
+        ax.axhline(critical, color="k", ls="--", lw=1, label="critical value of the largest (Gamma null)")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("class")
+    ax.set_ylabel("maximum logit margin")
+    if k <= 50:  # beyond that the labels overlap
+        ax.set_xticks(np.arange(k))
+    ax.set_title(title or "MM-BD maximum-margin statistics (red = flagged)", fontsize=9)
     return _save(fig, path)
