@@ -43,7 +43,7 @@ def registry_help() -> dict[str, str]:
     from ..data import DATASET_NAMES
     from ..models import CLASSIFIERS, GENERATOR_MODES
 
-    return {"dataset": " | ".join(DATASET_NAMES) + " | path to .npz/.zip/folder", "model": " | ".join(CLASSIFIERS),
+    return {"dataset": " | ".join(DATASET_NAMES) + " | path to .npz/.zip/folder", "model": " | ".join(CLASSIFIERS) + " | torchvision:NAME | timm:NAME | package.module:factory",
             "attack": " | ".join(ATTACKS) + " (none: the clean baseline)", "vicinity": "NRA target sets: " + " | ".join(VICINITIES),
             "generator_mode": " | ".join(GENERATOR_MODES), "precision": " | ".join(PRECISIONS)}
 
