@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cuba.config import ConfigError, make_config
 from cuba.attack import (
     OBJECTIVES, TargetSetError, build_targets, explicit_targets, fra_targets, index_targets, lnf_loss,
     push_away_loss, similar_targets, soft_target_ce, validate_targets,
@@ -206,7 +207,7 @@ def test_objectives_finite_gradients_at_zero_logits(name: str) -> None:
     z = torch.zeros(4, 10, requires_grad=True)
     y = torch.tensor([0, 1, 2, 3])
     t = flipped_rows(y, fra_targets(10))
-    loss = OBJECTIVES[name](z, y, t, 0.1, 1e-7)
+    loss = OBJECTIVES[name](z, y, t, make_config({}))
     loss.backward()
     assert torch.isfinite(loss)
     assert z.grad is not None and torch.isfinite(z.grad).all()
@@ -262,7 +263,7 @@ def test_ce_reads_clean_logits_and_the_objective_backdoor_logits() -> None:
     cfg, classifier, x, y, rows = _step_inputs()
     seen = {}
 
-    def spy(z, y_, t, tau, eps):  # noqa: ANN001
+    def spy(z, y_, t, cfg_):  # noqa: ANN001
         seen["z"], seen["t"] = z.detach().clone(), t.clone()
         return z.sum() * 0
 
@@ -337,3 +338,21 @@ def test_evaluation_runs_without_autocast_even_on_a_bf16_engine() -> None:
     assert dtypes.pop() == torch.bfloat16
     predict(Probe(), None, data, Engine(torch.device("cpu"), bf16=True, channels_last=False), stealth=False)
     assert dtypes and all(d == torch.float32 for d in dtypes)
+
+
+def test_cuba_adaptive_adds_the_weighted_prediction_entropy_to_lnf() -> None:
+    # mutations caught: adaptive_weight ignored, entropy of the wrong distribution, sign flipped
+    from cuba.attack.losses import prediction_entropy
+
+    z = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # softmax (1/2, 1/2) and (3/4, 1/4)
+    h = (math.log(2.0) + -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))) / 2
+    assert float(prediction_entropy(z)) == pytest.approx(h, rel=1e-6)
+    logits, y = torch.randn(6, 5), torch.arange(6) % 5
+    t = flipped_rows(y, fra_targets(5))
+    for w in (0.0, 2.5):
+        cfg = make_config({"attack": "cuba-adaptive", "adaptive_weight": w})
+        want = lnf_loss(logits, t, cfg.tau) + w * prediction_entropy(logits)
+        assert float(OBJECTIVES["cuba-adaptive"](logits, y, t, cfg)) == pytest.approx(float(want), rel=1e-6)
+    assert make_config({"attack": "cuba-adaptive"}).label() == "cuba-adaptive-fra"
+    with pytest.raises(ConfigError, match="adaptive_weight: must be a number >= 0"):
+        make_config({"adaptive_weight": -1})

@@ -92,7 +92,7 @@ def test_failed_run_records_its_error(tmp_path: Path, monkeypatch: pytest.Monkey
     from cuba.pipeline import run_training
     from cuba.train import NonFiniteLossError
 
-    monkeypatch.setitem(losses.OBJECTIVES, "cuba", lambda z, y, t, tau, eps: z.sum() * float("nan"))
+    monkeypatch.setitem(losses.OBJECTIVES, "cuba", lambda z, y, t, cfg: z.sum() * float("nan"))
     cfg = make_config({"dataset": "digits", "epochs": 1, "progress": False, "out": str(tmp_path / "nan")})
     with pytest.raises(NonFiniteLossError):
         run_training(cfg)
@@ -120,7 +120,7 @@ def test_nan_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.
 
     calls = {"n": 0}
 
-    def lnf_then_nan(z, y, t, tau, eps):
+    def lnf_then_nan(z, y, t, cfg):
         calls["n"] += 1
         return z.sum() * (float("nan") if calls["n"] > 12 else 0.0)
 

@@ -98,7 +98,7 @@ def test_train_is_seeded() -> None:
 
 
 def test_unknown_attack_lists_the_choices() -> None:
-    with pytest.raises(ConfigError, match=r"^attack: must be one of none, cuba, untargeted-ce, targeted, push-away, badnets, ubw-p, got 'lira'"):
+    with pytest.raises(ConfigError, match=r"^attack: must be one of none, cuba, untargeted-ce, targeted, push-away, cuba-adaptive, badnets, ubw-p, got 'lira'"):
         tiny_cfg(attack="lira")
 
 
@@ -119,7 +119,7 @@ def test_nan_loss_stops_with_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
     from cuba.attack import losses
     from cuba.train import NonFiniteLossError
 
-    monkeypatch.setitem(losses.OBJECTIVES, "cuba", lambda z, y, t, tau, eps: z.sum() * float("nan"))
+    monkeypatch.setitem(losses.OBJECTIVES, "cuba", lambda z, y, t, cfg: z.sum() * float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"became nan at step 2 "):
         train(tiny_cfg(warmup_epochs=0.5), tiny_data(), ENGINE)  # 3 steps/epoch: steps 0-1 warm up
 

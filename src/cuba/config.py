@@ -73,6 +73,7 @@ class TrainConfig:
     # sum (METHOD.md) or mean over T(y): with sum, NRA-2's backdoor term weighs |T(y)| = 2 terms
     # against FRA's K-1, so at equal gamma the two variants are not pushed equally hard
     target_reduction: str = "sum"
+    adaptive_weight: float = 1.0  # cuba-adaptive: weight of its confident-prediction (low-entropy) term
     backdoor_ratio: float = 1.0
     warmup_epochs: float = 0.0  # clean-only classifier epochs before the joint training
     gamma_ramp_epochs: float = 0.0  # linear ramp of gamma from 0 after the warm-up
@@ -141,7 +142,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "model": ("model", "generator_mode", "generator_width", "generator_scale"),
     "attack": ("attack", "variant", "k", "vicinity", "targets", "target_class", "poison_rate", "patch_size", "eps",
                "eps_start", "eps_anneal", "tau", "lnf_eps", "alpha", "beta", "gamma", "mse_reduction",
-               "target_reduction", "backdoor_ratio", "warmup_epochs", "gamma_ramp_epochs"),
+               "target_reduction", "adaptive_weight", "backdoor_ratio", "warmup_epochs", "gamma_ramp_epochs"),
     "optimisation": ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "generator_lr",
                      "grad_clip", "seed"),
     "runtime": ("checkpoint_every", "deterministic", "device", "precision", "channels_last", "compile",
@@ -278,7 +279,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         "momentum": (float, lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": (float, lambda v: v >= 0, ">= 0"),
         "tau": (float, lambda v: v > 0, "> 0"), "lnf_eps": (float, lambda v: v > 0, "> 0"),
         "alpha": (float, lambda v: v >= 0, ">= 0"), "beta": (float, lambda v: v >= 0, ">= 0"),
-        "gamma": (float, lambda v: v >= 0, ">= 0"), "eps": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+        "gamma": (float, lambda v: v >= 0, ">= 0"), "adaptive_weight": (float, lambda v: v >= 0, ">= 0"), "eps": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
         "eps_start": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "eps_anneal": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
         "backdoor_ratio": (float, lambda v: 0 < v <= 1, "in (0, 1]"), "warmup_epochs": (float, lambda v: v >= 0, ">= 0"), "gamma_ramp_epochs": (float, lambda v: v >= 0, ">= 0"),
         "k": (int, lambda v: v >= 1, ">= 1"), "seed": (int, lambda v: v >= 0, ">= 0"),

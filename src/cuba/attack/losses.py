@@ -12,12 +12,19 @@ METHOD.md are the same function with one knob changed:
 
 * ``untargeted-ce``: the flipped one-hot CE without normalisation (the paper's ablation);
 * ``targeted``: the one-hot CE to one target class;
-* ``push-away``: -log(1 - q_y), which only lowers the true class.
+* ``push-away``: -log(1 - q_y), which only lowers the true class;
+* ``cuba-adaptive``: LNF plus ``adaptive_weight`` x the entropy (nats) of the backdoor input's own
+  softmax: an attacker who knows detectors look for CUBA's spread-out, near-tie predictions (the
+  ``entropy`` detector, STRIP's high-entropy tail) asks each backdoor input for one *confident*
+  wrong class, while LNF keeps the population spread over T(y) (issue 18's adaptive attacker).
+
+Each objective takes (backdoor logits, true labels, per-sample target rows (B, K), the config);
+the config supplies tau, the LogitNorm epsilon and the adaptive weight.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +58,19 @@ def push_away_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.expm1(log_qy.clamp(max=-1e-6))).mean()
 
 
-BackdoorObjective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of softmax(logits): low when each input gets one confident class."""
+    logq = F.log_softmax(logits.float(), dim=1)
+    return -(logq.exp() * logq).sum(dim=1).mean()
 
-# Each objective takes (backdoor logits, true labels, per-sample target rows (B, K), tau, eps).
+
+BackdoorObjective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+# Each objective takes (backdoor logits, true labels, per-sample target rows (B, K), the config).
 OBJECTIVES: dict[str, BackdoorObjective] = {
-    "cuba": lambda z, y, t, tau, eps: lnf_loss(z, t, tau, eps),
-    "untargeted-ce": lambda z, y, t, tau, eps: soft_target_ce(z, t),
-    "targeted": lambda z, y, t, tau, eps: soft_target_ce(z, t),
-    "push-away": lambda z, y, t, tau, eps: push_away_loss(z, y),
+    "cuba": lambda z, y, t, c: lnf_loss(z, t, c.tau, c.lnf_eps),
+    "untargeted-ce": lambda z, y, t, c: soft_target_ce(z, t),
+    "targeted": lambda z, y, t, c: soft_target_ce(z, t),
+    "push-away": lambda z, y, t, c: push_away_loss(z, y),
+    "cuba-adaptive": lambda z, y, t, c: lnf_loss(z, t, c.tau, c.lnf_eps) + c.adaptive_weight * prediction_entropy(z),
 }

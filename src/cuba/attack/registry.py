@@ -14,6 +14,7 @@ attack is one entry here plus its loss or poisoning rule.
 | targeted        | generator | {target_class} (all-to-one)      | CE to the target class            |
 | badnets         | patch     | {target_class} (all-to-one)      | poison_rate of images relabelled  |
 | ubw-p           | patch     | every class but y (FRA)          | poison_rate, uniformly random labels |
+| cuba-adaptive   | generator | FRA or NRA-k                     | LNF + adaptive_weight x entropy   |
 """
 
 from __future__ import annotations

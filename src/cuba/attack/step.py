@@ -80,7 +80,7 @@ def joint_loss(
     rows = target_rows[y[:n_bd]]
     if cfg.target_reduction == "mean":
         rows = rows / rows.sum(dim=1, keepdim=True).clamp(min=1)
-    bd = objective(zb, y[:n_bd], rows, cfg.tau, cfg.lnf_eps)
+    bd = objective(zb, y[:n_bd], rows, cfg)
     return JointLoss(cfg.alpha * mse + cfg.beta * ce + gamma * bd, mse, ce, bd, xb)
 
 

@@ -270,6 +270,17 @@ def constant_scores(*scores: np.ndarray) -> bool:
     return len(allv) > 0 and bool(np.ptp(allv) == 0)
 
 
+def model_verdict(score: float | None, suspicious: str, flagged: bool | None, assumes_target_class: bool) -> dict[str, Any]:
+    """The fields every model-level detector writes, so that ``cuba defense-table`` can rank models
+    by one number: ``level`` "model"; ``score``; ``score_suspicious`` ("high" or "low": which end of
+    the score is the backdoored one); ``flagged`` (the detector's own decision rule; None when it
+    cannot decide, e.g. no reference); ``assumes_target_class`` (an untargeted backdoor has none)."""
+    if suspicious not in ("high", "low"):
+        raise ValueError(f"score_suspicious: 'high' or 'low', got {suspicious!r}")
+    return {"level": "model", "score": None if score is None else float(score), "score_suspicious": suspicious,
+            "flagged": flagged, "assumes_target_class": assumes_target_class}
+
+
 def not_applicable(fields: dict[str, Any]) -> str | None:
     """ "n/a (reason)" for a defense.json that says ``"applicable": false``, else None. Headlines and
     tables print this instead of the raw numbers, which stay in defense.json for inspection."""

@@ -62,7 +62,7 @@ import torch
 from scipy.stats import gamma
 
 from ..attack.registry import ALL_TO_ONE
-from .base import AttackRun, Defense, DefenseResult, check_param, not_applicable, register
+from .base import AttackRun, Defense, DefenseResult, check_param, model_verdict, not_applicable, register
 from .plots import plot_mm_bd
 
 
@@ -184,8 +184,8 @@ class MMBD(Defense):
                             self.n_starts, self.steps, self.lr, self.seed, self.batch_size)
         test = order_statistic_test(stats, self.alpha)
         cfg = run.cfg
-        fields = {**test, "statistics": [round(float(v), 5) for v in stats], "alpha": self.alpha,
-                  "assumes_target_class": True,
+        fields = {**test, **model_verdict(test["score"], "high", test["flagged"] if test["applicable"] else None, True),
+                  "statistics": [round(float(v), 5) for v in stats], "alpha": self.alpha,
                   "attack_target_class": cfg.target_class if cfg.is_attack and cfg.attack in ALL_TO_ONE else None}
         verdict = "n/a" if not test["applicable"] else (
             f"flagged class {test['detected_class']}" if test["flagged"] else "not flagged")

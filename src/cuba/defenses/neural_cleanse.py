@@ -13,7 +13,10 @@ unconverged masks; at 100 it was 1.91.)
 
 Anomaly index (MAD outlier test): with the K norms' median M and MAD = median |l_c - M|,
 a_c = |l_c - M| / (1.4826 * MAD); ``anomaly_index`` is a_c of the smallest norm; a class is
-flagged when its norm is below M and a_c > 2.
+flagged when its norm is below M and a_c > 2. As a model-level detector (the harness contract of
+:func:`cuba.defenses.base.model_verdict`) NC writes ``score`` = the anomaly index (higher is more
+suspicious) and ``flagged`` = whether any class is flagged; it assumes a target class (its paper's
+threat model) and says so.
 
 Batched: all K optimisations run in one pass per step (a K*B batch), each class with its own
 parameters, lambda, counters and early stop; a stopped class leaves the batch. Adam is
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 
 from ..config import PRECISIONS
 from ..engine import make_engine
-from .base import AttackRun, Defense, DefenseResult, check_param, register
+from .base import AttackRun, Defense, DefenseResult, check_param, model_verdict, register
 from .plots import plot_neural_cleanse
 
 
@@ -199,6 +202,7 @@ class NeuralCleanse(Defense):
             "l1_norms": [round(v, 4) for v in norms], "anomaly_index": index, "flagged_classes": flagged,
             "class_anomaly": [round(float(v), 4) for v in a], "reached_99pct": res["found"].tolist(),
             "smallest_norm_class": int(np.argmin(norms)),
+            **model_verdict(index, "high", bool(flagged), assumes_target_class=True),
         }
         fig = plot_neural_cleanse(norms, flagged, index, res["mask"].numpy(), out / "neural_cleanse.png",
                                   title=f"Neural Cleanse on {run.cfg.label()}: anomaly index {index:.2f}, flagged {flagged or 'none'}")

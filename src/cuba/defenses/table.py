@@ -7,6 +7,12 @@ epoch, CA and the *headline* ASR per run: ASR-C for untargeted attacks (a repair
 mistakes count as successes there, so plain ASR >= 1 - CA says nothing about the backdoor), plain
 ASR for the targeted controls. Each run's column title says which it shows; a defense.json
 written before ASR-C was recorded shows plain ASR, marked † and explained under the table.
+(3) For the model-level detectors (defense.json ``level: model``, see
+:func:`cuba.defenses.base.model_verdict`): over the runs given, the AUROC of the detector's
+``score`` separating CUBA models (settings ``cuba-*``) from clean ones, and any backdoored model
+from clean ones, in the direction the detector declares (``score_suspicious``), with how many of
+each its own rule flagged. An AUROC needs at least one model of each kind; a detector that was
+not applicable to a model leaves that model out.
 """
 
 from __future__ import annotations
@@ -61,6 +67,47 @@ def removal_table(name: str, key: str, cols: list[str], per_run: list[dict[str, 
     return lines + (["", FALLBACK_NOTE] if fallback else [])
 
 
+def _kind(setting: str) -> str:
+    return "clean" if setting == "clean" else "cuba" if setting.startswith("cuba") else "other"
+
+
+def model_auroc(entries: list[tuple[str, dict[str, Any]]], positive: tuple[str, ...]) -> tuple[float | None, int, int]:
+    """(AUROC of score, n positive, n clean) over (setting, defense.json) pairs; positives are the
+    runs whose kind (clean / cuba / other) is in ``positive``. None without both kinds."""
+    from sklearn.metrics import roc_auc_score
+
+    pairs = [(_kind(s), f) for s, f in entries if f.get("score") is not None and not not_applicable(f)]
+    pos = [f["score"] for k, f in pairs if k in positive]
+    neg = [f["score"] for k, f in pairs if k == "clean"]
+    if not pos or not neg:
+        return None, len(pos), len(neg)
+    sign = -1.0 if entries[0][1].get("score_suspicious") == "low" else 1.0
+    y = [1] * len(pos) + [0] * len(neg)
+    return float(roc_auc_score(y, [sign * v for v in pos + neg])), len(pos), len(neg)
+
+
+def model_level_table(res: list[tuple[Path, dict[str, dict[str, Any]]]]) -> list[str]:
+    """Markdown lines of table (3); [] when no model-level detector ran."""
+    names = sorted({n for _, d in res for n, f in d.items() if f.get("level") == "model"})
+    if not names:
+        return []
+    lines = ["", "Model-level detectors over these runs: AUROC of the score (direction as the detector declares), "
+             "and how many models its own rule flagged", "",
+             "| detector | suspicious score | AUROC CUBA vs clean (n) | AUROC any backdoor vs clean (n) | flagged: CUBA | "
+             "flagged: other backdoors | flagged: clean |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        entries = [(str(d[name].get("setting", r.name)), d[name]) for r, d in res if name in d]
+        cells = []
+        for positive in (("cuba",), ("cuba", "other")):
+            auc, n_pos, n_neg = model_auroc(entries, positive)
+            cells.append(f"{'–' if auc is None else f'{auc:.3f}'} ({n_pos} vs {n_neg})")
+        for kind in ("cuba", "other", "clean"):
+            mine = [f for s, f in entries if _kind(s) == kind and f.get("flagged") is not None]
+            cells.append(f"{sum(bool(f['flagged']) for f in mine)}/{len(mine)}" if mine else "–")
+        lines.append(f"| {name} | {entries[0][1].get('score_suspicious', '?')} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def defense_tables(run_dirs: list[Path], names: list[str] | None = None) -> str:
     from . import DEFENSES  # here: the package imports this module's siblings
 
@@ -81,4 +128,4 @@ def defense_tables(run_dirs: list[Path], names: list[str] | None = None) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, key in (("fine-pruning", "prune_ratio"), ("nad", "epoch")):
         lines += removal_table(name, key, cols, [d.get(name) for _, d in res])
-    return "\n".join(lines)
+    return "\n".join(lines + model_level_table(res))

@@ -1,0 +1,56 @@
+"""The untargeted-aware harness (issue 18, point 1): model-level detectors write one verdict shape,
+and `cuba defense-table` ranks models by it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cuba.defenses.base import model_verdict
+from cuba.defenses.table import defense_tables, model_auroc
+
+
+def test_model_verdict_shape_and_direction() -> None:
+    v = model_verdict(3.2, "high", True, assumes_target_class=True)
+    assert v == {"level": "model", "score": 3.2, "score_suspicious": "high", "flagged": True, "assumes_target_class": True}
+    assert model_verdict(None, "low", None, False)["score"] is None
+    with pytest.raises(ValueError, match="score_suspicious: 'high' or 'low', got 'up'"):
+        model_verdict(1.0, "up", False, False)
+
+
+def _f(score: float | None, flagged: bool | None, suspicious: str = "high", **extra: object) -> dict:
+    return {**model_verdict(score, suspicious, flagged, False), **extra}
+
+
+def test_model_auroc_by_hand() -> None:
+    # CUBA scores 3, 1; clean 2, 0: pairs (3>2, 3>0, 1<2, 1>0) -> 3 of 4 ordered right = 0.75
+    entries = [("cuba-fra", _f(3, True)), ("cuba-nra2", _f(1, False)), ("clean", _f(2, True)), ("clean", _f(0, False)),
+               ("badnets-t0", _f(5, True))]
+    assert model_auroc(entries, ("cuba",)) == (0.75, 2, 2)
+    # with BadNets among the positives: 5 beats both clean -> (3 + 2) / 6
+    assert model_auroc(entries, ("cuba", "other"))[0] == pytest.approx(5 / 6)
+    # the same numbers from a detector whose LOW scores are suspicious: the ranking flips
+    low = [(s, {**f, "score_suspicious": "low"}) for s, f in entries]
+    assert model_auroc(low, ("cuba",))[0] == pytest.approx(0.25)
+    # not applicable to a model, or no clean model: left out / no AUROC
+    na = entries + [("clean", {**_f(9, True), "applicable": False, "reason": "no BN"})]
+    assert model_auroc(na, ("cuba",)) == (0.75, 2, 2)
+    assert model_auroc(entries[:2], ("cuba",)) == (None, 2, 0)
+
+
+def test_defense_table_adds_the_model_level_rows(tmp_path: Path) -> None:
+    runs = []
+    for name, setting, score, flagged in (("a", "cuba-fra", 0.8, False), ("b", "clean", 1.9, False),
+                                          ("c", "badnets-t0", 4.0, True), ("d", "clean", 1.1, False)):
+        folder = tmp_path / name / "defenses" / "neural-cleanse"
+        folder.mkdir(parents=True)
+        f = {"setting": setting, "seconds": 1.0, "anomaly_index": score, "flagged_classes": [0] if flagged else [],
+             **model_verdict(score, "high", flagged, True)}
+        (folder / "defense.json").write_text(json.dumps(f))
+        runs.append(tmp_path / name)
+    md = defense_tables(runs)
+    row = next(line for line in md.splitlines() if line.startswith("| neural-cleanse | high |"))
+    # CUBA 0.8 below both clean (1.9, 1.1): AUROC 0; BadNets above both: any-backdoor AUROC (0 + 2) / 4
+    assert row == "| neural-cleanse | high | 0.000 (1 vs 2) | 0.500 (2 vs 2) | 0/1 | 1/1 | 0/2 |"
