@@ -468,3 +468,20 @@ def load_grid_gpu(data_dir: Path) -> dict:
     for name in ("gtsrb.npz", "cifar10-jpeg.zip"):
         (data_dir / name).touch()
     return load_grid("gpu") | {"data_dir": str(data_dir)}
+
+
+def test_named_settings_of_one_attack_become_cells_of_their_own() -> None:
+    from cuba.reproduce import expand, load_grid
+
+    cells = {c.name: c for c in expand(load_grid("detectors"))}
+    w1, w5 = cells["mnist-simplecnn-cuba-adaptive-fra-w1-s0"], cells["mnist-simplecnn-cuba-adaptive-fra-w5-s0"]
+    assert (w1.values["adaptive_weight"], w5.values["adaptive_weight"]) == (1, 5)
+    assert "entropy" in w1.defenses and len(cells) == 33
+    raw = {"datasets": ["digits"], "attacks": ["cuba"], "per_attack": {"cuba": {"settings": {"bad name!": {"tau": 1}}}}}
+    with pytest.raises(ConfigError, match="settings must map short names"):
+        expand(raw)
+    raw["per_attack"]["cuba"]["settings"] = {"t": {"nope": 1}}
+    with pytest.raises(ConfigError, match="grid cell digits/simplecnn/cuba/fra/seed 0: unknown config field"):
+        expand(raw)
+    digits = expand(load_grid("detectors-digits"))
+    assert sum(c.values["attack"] == "none" for c in digits) >= 10 and sum(c.values["attack"] == "cuba" for c in digits) >= 10

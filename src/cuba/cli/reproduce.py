@@ -105,7 +105,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     r = sub.add_parser("reproduce", help="run a grid (data sets x models x attacks x seeds + defenses); write table2")
-    r.add_argument("grid", help="a grid YAML file, or a shipped grid: paper, cpu, gpu")
+    from ..reproduce.grid import shipped_grids
+
+    r.add_argument("grid", help=f"a grid YAML file, or a shipped grid: {', '.join(shipped_grids())}")
     r.add_argument("--out", required=True, help="folder for runs/<cell>/ and the tables")
     r.add_argument("--data-dir", default=None, help="folder of the named data sets")
     r.add_argument("--download", action="store_true",

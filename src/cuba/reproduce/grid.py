@@ -12,6 +12,7 @@ each a complete, validated training config -- every cell is checked before the f
     seeds: [0, 1, 2]                     # or {data set: [seeds]}
     per_attack:                          # other seeds / variants for some attacks (e.g. a control)
       push-away: {seeds: [0], variants: [fra]}
+      cuba-adaptive: {settings: {w1: {adaptive_weight: 1}, w5: {adaptive_weight: 5}}}  # a cell per setting
     epochs: null                         # a number, {data set: number}, or null (the preset's)
     defenses: [strip, neural-cleanse, sentinet, fine-pruning, nad]
     defense_seeds: [0]                   # which seeds' models the defenses inspect (or per data set)
@@ -35,6 +36,7 @@ a typo or a file the user has, not one a download could bring.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -137,8 +139,14 @@ def _check_grid(raw: dict[str, Any]) -> tuple[list[Any], list[Any], dict[str, st
     per_attack = raw.get("per_attack") or {}
     named = {a for ds in datasets for a in _as_list(_for(raw.get("attacks", ["none", "cuba"]), ds), "attacks")}
     for a, opts in (per_attack.items() if isinstance(per_attack, dict) else [(None, None)]):
-        if a not in named or not isinstance(opts, dict) or set(opts) - {"seeds", "variants"}:
-            raise ConfigError(f"grid: per_attack must map attacks of the grid to {{seeds: [...], variants: [...]}}, got {a!r}: {opts!r}")
+        if a not in named or not isinstance(opts, dict) or set(opts) - {"seeds", "variants", "settings"}:
+            raise ConfigError(f"grid: per_attack must map attacks of the grid to {{seeds: [...], variants: [...], "
+                              f"settings: {{name: {{field: value}}}}}}, got {a!r}: {opts!r}")
+        settings = opts.get("settings", {})
+        if not isinstance(settings, dict) or not all(
+                isinstance(k, str) and re.fullmatch(r"[A-Za-z0-9_.]+", k) and isinstance(v, dict) for k, v in settings.items()):
+            raise ConfigError(f"grid: per_attack {a!r} settings must map short names (letters, digits, _ .) to "
+                              f"{{field: value}}, got {settings!r}")
     defenses = _as_list(raw.get("defenses"), "defenses")
     bad = [d for d in defenses if d not in DEFENSES]
     if bad:
@@ -195,13 +203,17 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
         pairs = [(a, s) for a in attacks for s in _as_list(per_attack.get(a, {}).get("seeds", seeds), "seeds")]
         for model, (attack, seed) in itertools.product(ds_models, pairs):
             own = _as_list(per_attack.get(attack, {}).get("variants", variants), "variants")
-            for variant in (["fra"] if attack == "none" or attack in FIXED_RULE else own):
-                values = _cell_values(raw, base, ds, run_ds, model, attack, variant, seed)
+            # named settings of one attack (e.g. two adaptive_weight values) become cells of their own
+            settings = per_attack.get(attack, {}).get("settings") or {"": {}}
+            for variant, (tag, extra) in itertools.product(["fra"] if attack == "none" or attack in FIXED_RULE else own,
+                                                           settings.items()):
+                values = {**_cell_values(raw, base, ds, run_ds, model, attack, variant, seed), **flatten_values(extra)}
                 try:
                     cfg = make_config(values)
                 except ConfigError as e:
                     raise ConfigError(f"grid cell {ds}/{model}/{attack}/{variant}/seed {seed}: {e}") from None
-                name = f"{Path(str(run_ds)).stem}-{safe_name(model)}-{cfg.label()}-s{seed}"
+                label = f"{cfg.label()}-{tag}" if tag else cfg.label()
+                name = f"{Path(str(run_ds)).stem}-{safe_name(model)}-{label}-s{seed}"
                 cells.append(Cell(name, values, defenses if seed in defense_seeds else [], blocked))
     names = [c.name for c in cells]
     dup = sorted({n for n in names if names.count(n) > 1})
