@@ -134,3 +134,56 @@ def plot_mm_bd(stats: Sequence[float], detected: int, flagged: bool, critical: f
         ax.set_xticks(np.arange(k))
     ax.set_title(title or "MM-BD maximum-margin statistics (red = flagged)", fontsize=9)
     return _save(fig, path)
+
+
+def plot_distilled_masks(clean: np.ndarray, m_clean: np.ndarray, bd: np.ndarray, m_bd: np.ndarray, path: Path,
+                         title: str = "") -> Path:
+    """Cognitive Distillation: rows are clean inputs, their masks, backdoor twins, their masks (each
+    mask's L1 norm under it), so a reader sees *what* part of an input the model keeps."""
+    n = len(clean)
+    fig, axes = plt.subplots(4, max(n, 1), figsize=(1.3 * max(n, 1), 5.6), squeeze=False)
+    rows = ((clean, "clean"), (m_clean, "mask"), (bd, "backdoor"), (m_bd, "mask"))
+    for r, (imgs, label) in enumerate(rows):
+        for i in range(n):
+            img, ax = imgs[i], axes[r, i]
+            ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None,
+                      vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if label == "mask":
+                ax.set_xlabel(f"L1 {float(np.abs(img).sum()):.1f}", fontsize=7)
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    fig.suptitle(title or "Cognitive Distillation masks", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_trigger_inversion(budgets: Sequence[float], rate_fit: Sequence[float | None], rate_holdout: Sequence[float | None],
+                           target: float, score: float | None, delta: np.ndarray | None, path: Path,
+                           title: str = "") -> Path:
+    """Untargeted trigger inversion: the flip rate of the best universal perturbation per L-inf
+    budget (log axis, in 1/255), with the target line; beside it the perturbation found at the
+    score budget (grey = 0), when one reached the target."""
+    fig, (ax, ax_img) = plt.subplots(1, 2, figsize=(7.5, 3.2), gridspec_kw={"width_ratios": [2.2, 1]})
+    nan = lambda v: [np.nan if r is None else r for r in v]  # noqa: E731  (budgets not run: stopped at the target)
+    ax.plot(budgets, nan(rate_fit), "o-", label="fit inputs")
+    ax.plot(budgets, nan(rate_holdout), "s-", label="held-out inputs")
+    ax.axhline(target, color="k", ls="--", lw=1, label=f"target {100 * target:g}%")
+    if score is not None:
+        ax.axvline(score, color="tab:red", ls=":", lw=1, label=f"score {score:g}/255")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("L-inf budget (1/255)")
+    ax.set_ylabel("flip rate (prediction leaves its class)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax_img.set_xticks([])
+    ax_img.set_yticks([])
+    if delta is not None:
+        lim = max(float(np.abs(delta).max()), 1e-12)
+        shown = delta.mean(0) if delta.shape[0] > 1 else delta[0]
+        ax_img.imshow(shown, cmap="gray", vmin=-lim, vmax=lim)
+        ax_img.set_title("perturbation at the score budget" + (" (channel mean)" if delta.shape[0] > 1 else ""), fontsize=7)
+    else:
+        ax_img.set_title("target not reached", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
