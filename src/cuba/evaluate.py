@@ -4,7 +4,7 @@ Runs under ``inference_mode`` in large batches, always in fp32 even when trainin
 autocast: a CUBA model's backdoor logits are near-ties by design (LNF pushes them to be
 equal over the target set), and bf16's 8-bit mantissa turns near-ties into exact ties that
 ``argmax`` breaks toward the lowest class index -- a systematic artefact that lowers DS
-(BENCHMARKS.md and README's table of choices give the measurement). The only per-image
+(BENCHMARKS.md and the table of choices in docs/reference/training.md give the measurement). The only per-image
 Python is scikit-image's SSIM, computed once at the end of a run (``stealth=True``).
 """
 

@@ -87,7 +87,7 @@ def model_card(run: RunFolder) -> str:
         lines.append(f"| {name} | {value} |" + (f" {number(v) if keys[name] == 'psnr' else pct(v)} |" if val else ""))
     if m.get("degenerate"):
         lines += ["", f"**Degenerate run**: {m.get('degenerate_reason')} -- its ASR/DS are not a result."]
-    lines += ["", "Definitions: see cuba's README, section Metrics. The pack's manifest.json lists a sha256 per file."]
+    lines += ["", "Definitions: see cuba's manual, Reference: metrics (docs/reference/runs.md). The pack's manifest.json lists a sha256 per file."]
     return "\n".join(lines) + "\n"
 
 

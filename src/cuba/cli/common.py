@@ -134,7 +134,7 @@ def format_metrics_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
 
 
 def ds_scale_line(name: str, m: dict[str, Any]) -> str | None:
-    """Where a run's DS sits between collapse and a uniformly random attacker (README, Metrics);
+    """Where a run's DS sits between collapse and a uniformly random attacker (docs/reference/runs.md, Metrics);
     None for a clean run or an older metrics.json without the keys."""
     if not isinstance(m.get("ds_uniform"), float) or math.isnan(m["ds_uniform"]):
         return None

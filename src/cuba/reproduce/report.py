@@ -225,7 +225,7 @@ def write_report(out: Path, title: str = "cuba reproduction report", blocked: li
              *(_md_table_to_html(block) if block.lstrip().startswith("|") else f"<p>{html.escape(block)}</p>"
                for block in t3.strip().split("\n\n")),
              "<h2>Defenses: each one's headline numbers per defended run</h2>",
-             "<p>Definitions: README, section Defenses. CA/ASR in %; times are wall seconds.</p>" + _md_table_to_html(detection),
+             "<p>Definitions: the manual, docs/reference/defenses.md. CA/ASR in %; times are wall seconds.</p>" + _md_table_to_html(detection),
              "<h2>Figures</h2>"]
     for caption, path in collect_figures(out):
         data = base64.b64encode(path.read_bytes()).decode()
