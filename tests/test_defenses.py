@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_has_the_paper_defenses_then_the_newer_detectors() -> None:
-    assert list(DEFENSES) == ["strip", "neural-cleanse", "sentinet", "fine-pruning", "nad", "scale-up", "entropy", "mm-bd"]
+    assert list(DEFENSES) == ["strip", "neural-cleanse", "sentinet", "fine-pruning", "nad", "scale-up", "entropy", "mm-bd",
+                              "cognitive-distillation", "trigger-inversion"]
 
 
 def test_anomaly_index_by_hand() -> None:

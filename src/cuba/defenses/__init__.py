@@ -6,5 +6,7 @@ Add one by writing a module with a ``@register``-ed :class:`Defense` subclass an
 from .base import DEFENSES, AttackRun, Defense, DefenseResult, load_attack_run, register, run_defense
 # the import order is the registry's order: `cuba defend all` runs them, and tables list them, in it
 from . import strip, neural_cleanse, sentinet, fine_pruning, nad, scale_up, entropy, mm_bd  # noqa: F401,I001  (registers them)
+from . import cognitive_distillation  # noqa: F401,I001  (registers it)
+from . import trigger_inversion  # noqa: F401,I001  (registers it)
 
 __all__ = ["DEFENSES", "AttackRun", "Defense", "DefenseResult", "load_attack_run", "register", "run_defense"]

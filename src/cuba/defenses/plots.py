@@ -171,6 +171,8 @@ def plot_trigger_inversion(budgets: Sequence[float], rate_fit: Sequence[float | 
     if score is not None:
         ax.axvline(score, color="tab:red", ls=":", lw=1, label=f"score {score:g}/255")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(list(budgets), [f"{b:g}" for b in budgets])
+    ax.minorticks_off()
     ax.set_xlabel("L-inf budget (1/255)")
     ax.set_ylabel("flip rate (prediction leaves its class)")
     ax.set_ylim(-0.02, 1.02)
