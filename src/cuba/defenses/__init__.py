@@ -8,5 +8,7 @@ from .base import DEFENSES, AttackRun, Defense, DefenseResult, load_attack_run, 
 from . import strip, neural_cleanse, sentinet, fine_pruning, nad, scale_up, entropy, mm_bd  # noqa: F401,I001  (registers them)
 from . import cognitive_distillation  # noqa: F401,I001  (registers it)
 from . import trigger_inversion  # noqa: F401,I001  (registers it)
+from . import ibd_psc  # noqa: F401,I001  (registers it)
+from . import dispersion_inversion  # noqa: F401,I001  (registers it)
 
 __all__ = ["DEFENSES", "AttackRun", "Defense", "DefenseResult", "load_attack_run", "register", "run_defense"]
