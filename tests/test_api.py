@@ -73,6 +73,21 @@ def test_external_model_names_are_checked() -> None:
         build_classifier(f"{__name__}:three_classes", 1, 10, 8)
 
 
+def test_timm_names_need_timm_or_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_timm(name: str, *args: object, **kwargs: object):  # noqa: ANN202 -- a stand-in for import
+        if name == "timm":
+            raise ImportError("no timm here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_timm)
+    with pytest.raises(ValueError, match=r"timm:NAME needs timm \(pip install -e '.\[timm\]'\); it is optional"):
+        build_classifier("timm:resnet18", 3, 10, 32)
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "vgg11", "mobilenet_v2", "efficientnet_b0"])
 def test_torchvision_families_adapt_to_the_data(arch: str) -> None:
     clf = build_classifier(f"torchvision:{arch}", 1, 7, 32)

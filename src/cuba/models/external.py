@@ -117,7 +117,7 @@ def _timm(arch: str, in_channels: int, num_classes: int) -> nn.Module:
     try:
         import timm
     except ImportError:
-        raise ValueError("timm:NAME needs timm (pip install timm); it is optional") from None
+        raise ValueError("timm:NAME needs timm (pip install -e '.[timm]'); it is optional") from None
     try:
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
     except RuntimeError as e:  # timm's "Unknown model"
