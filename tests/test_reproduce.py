@@ -1,9 +1,10 @@
 """cuba reproduce on a tiny digits grid: expansion and its errors, skipping finished cells, submitit's
-local executor, table2, and a kill-and-rerun that finishes the grid without redoing cells."""
+local executor, table2, and a kill-and-rerun that finishes the grid without redoing cells; the gpu
+grid's expansion, blocked data sets and a CPU run of it. Table II / Table III / report.html built
+from hand-made run folders are in test_reproduce_tables.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -158,20 +159,6 @@ def test_per_dataset_seeds_and_paths_under_data_dir(tmp_path: Path) -> None:
         expand({**grid, "seeds": {"digits": [0]}})
 
 
-def test_paper_values_only_beside_the_papers_model() -> None:
-    from cuba.reproduce.tables import table2_rows
-
-    class R:  # the fields of cuba.compare.Run that table2_rows reads
-        def __init__(self, model: str, label: str) -> None:
-            self.config, self.label = {"dataset": "mnist", "model": model}, label
-            self.metrics = {"dataset": "mnist", "asr": 1.0, "ds": 0.9, "ca": 0.99}
-
-    same = table2_rows([R("simplecnn", "cuba-fra"), R("simplecnn", "clean")])
-    assert same[0]["paper"] == (99.99, 90.74, 99.45) and same[0]["paper_clean"] == 99.58
-    other = table2_rows([R("resnet18", "cuba-fra")])
-    assert other[0]["paper"] is None and other[0]["paper_clean"] is None
-
-
 def test_only_and_dry_run_status(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """--only runs one part of a grid; --dry-run marks each cell done or to run."""
     from cuba.cli import main
@@ -188,115 +175,7 @@ def test_only_and_dry_run_status(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "--only nothing*: no cell of grid" in capsys.readouterr().err
 
 
-def test_table3_marks_asr_of_models_left_at_chance() -> None:
-    """A repair that destroys the model (CA 10% of 10 classes) must not read as a surviving backdoor."""
-    from cuba.defenses.base import at_chance
-    from cuba.reproduce.report import AT_CHANCE_NOTE, table3_markdown
-
-    rows = [{"run": "r", "setting": "cuba-fra", "defense": "nad", "step": 0, "ca": 0.72, "asr": 0.996, "asr_c": 0.995, "num_classes": 10},
-            {"run": "r", "setting": "cuba-fra", "defense": "nad", "step": 2, "ca": 0.10, "asr": 0.90, "asr_c": 0.0, "num_classes": 10}]
-    md = table3_markdown(rows)
-    assert "| r | ASR | 99.60 | 90.00 ‡ |" in md and md.endswith(AT_CHANCE_NOTE)
-    assert "| r | ASR-C (headline) | 99.50 | 0.00 |" in md  # ASR-C does not count the broken model's mistakes
-    assert "| r | CA | 72.00 | 10.00 |" in md
-    assert at_chance(0.19, 10) and not at_chance(0.21, 10) and not at_chance(0.1, None)
-    rows[1]["ca"] = 0.5  # a working model: no mark, no note
-    assert "‡" not in table3_markdown(rows)
-
-
-def test_removal_headline_says_when_the_last_model_is_at_chance() -> None:
-    from cuba.defenses.base import removal_headline
-
-    rows = [{"epoch": 0, "ca": 0.72, "asr": 0.996}, {"epoch": 10, "ca": 0.10, "asr": 0.90}]
-    assert removal_headline(rows, "epoch", 10).endswith("CA at chance level (K=10): ASR not meaningful")
-    assert "chance" not in removal_headline(rows, "epoch")  # defense.json files from before the field
-    rows[1]["ca"] = 0.6
-    assert "chance" not in removal_headline(rows, "epoch", 10)
-
-
-def test_table2_ds_scale_and_degenerate_flags(tmp_path: Path) -> None:
-    """Table II carries DS floor / DS uniform / effective classes, "–" for runs made before those
-    keys, and "n/a (degenerate)" for a setting at chance or far below its clean CA (md, csv, tex, html)."""
-    import csv
-    import io
-
-    from cuba.config import make_config
-    from cuba.reproduce.tables import finished_runs, table2_csv, table2_latex, table2_markdown, table2_rows
-    from cuba.runs import save_config, write_json
-
-    def run(name: str, metrics: dict, **cfg) -> None:
-        c = make_config({"dataset": "digits", "model": "simplecnn", **cfg})
-        save_config(tmp_path / "runs" / name, c)
-        write_json(tmp_path / "runs" / name / "metrics.json", {"dataset": "digits", "num_classes": 10, **metrics})
-
-    scale = {"ds_floor": 0.7, "ds_uniform": 0.941, "effective_classes": 8.5}
-    run("fra-s0", {"ca": 0.97, "asr": 1.0, "ds": 0.93, **scale}, seed=0)
-    run("fra-s1", {"ca": 0.95, "asr": 1.0, "ds": 0.95, **scale}, seed=1)
-    run("nra2-s0", {"ca": 0.96, "asr": 0.99, "ds": 0.9}, variant="nra", k=2)  # an old run: no scale keys
-    run("nra5-s0", {"ca": 0.12, "asr": 0.95, "ds": 0.9, **scale, "degenerate": True,
-                    "degenerate_reason": "CA 12.00% is at chance level (< 2/K = 20.0%): the classifier did not learn"},
-        variant="nra", k=5)
-    run("bn-s0", {"ca": 0.80, "asr": 1.0, "ds": 0.75, **scale}, attack="badnets")  # 16 points under clean
-    run("clean-s0", {"ca": 0.96}, attack="none")
-    rows = {r["setting"]: r for r in table2_rows(finished_runs(tmp_path))}
-    assert rows["cuba-fra"]["ds_uniform"][:2] == pytest.approx((94.1, 0.0)) and rows["cuba-fra"]["degenerate"] is None
-    assert rows["cuba-nra5"]["degenerate"].startswith("CA 12.00%") and rows["badnets-t0"]["degenerate"] == "CA far below clean reference"
-    md = table2_markdown(list(rows.values()))
-    assert "| DS floor | DS uniform | eff. classes |" in md.splitlines()[0]
-    assert "| cuba-fra | not a paper data set | 2 | 100.00 ± 0.00 | 94.00 ± 1.41 | 96.00 ± 1.41 | 96.00 | 70.00 ± 0.00 | 94.10 ± 0.00 | 8.50 ± 0.00 |" in md
-    assert "| cuba-nra2 | not a paper data set | 1 | 99.00 | 90.00 | 96.00 | 96.00 | – | – | – |" in md
-    na = "n/a (degenerate)"
-    assert f"| cuba-nra5 (degenerate: CA at chance) | not a paper data set | 1 | {na} | {na} | 12.00 | 96.00 | {na} | {na} | {na} |" in md
-    assert f"| badnets-t0 (degenerate: CA far below clean reference) | not a paper data set | 1 | {na} | {na} | 80.00 |" in md
-    table = {r["setting"]: r for r in csv.DictReader(io.StringIO(table2_csv(list(rows.values()))))}
-    assert table["cuba-fra"]["ds_uniform_mean"] == "94.1000" and table["cuba-fra"]["effective_classes_mean"] == "8.5000"
-    assert table["cuba-nra5"]["asr_mean"] == "" and table["cuba-nra5"]["ca_mean"] == "12.0000"
-    assert table["cuba-nra5"]["degenerate"].startswith("CA 12.00%") and table["cuba-nra2"]["ds_floor_mean"] == ""
-    tex = table2_latex(list(rows.values()))
-    assert "DS floor (\\%) & DS uniform (\\%) & Eff.\\ classes" in tex and "n/a (degenerate)" in tex
-    page = write_report(tmp_path).read_text()
-    assert "cuba-nra5 (degenerate: CA at chance)" in page and "DS uniform" in page and "DS floor: the DS of total collapse" in page
-
-
-def test_table3_headline_is_asr_c_for_untargeted_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Table III: untargeted runs get an ASR-C row marked as the headline (and a note saying so); the
-    targeted controls keep ASR; a defense.json from before ASR-C falls back to ASR, marked †; the CSV
-    and TeX carry ASR-C and which one is the headline."""
-    import csv
-    import io
-
-    from cuba.reproduce.report import FALLBACK_NOTE, HEADLINE_NOTE, table3_markdown
-
-    def row(run: str, setting: str, step: float, ca: float, asr: float, asr_c: float | None = None, **kw: object) -> dict:
-        r = {"run": run, "setting": setting, "defense": "fine-pruning", "step": step, "ca": ca, "asr": asr, "num_classes": 10, **kw}
-        return r if asr_c is None else {**r, "asr_c": asr_c}
-
-    rows = [row("u", "cuba-fra", 0.0, 0.98, 0.99, 0.99, headline="asr_c"), row("u", "cuba-fra", 0.9, 0.6, 0.41, 0.02, headline="asr_c"),
-            row("t", "badnets-t0", 0.0, 0.98, 1.0, 1.0, headline="asr"), row("o", "push-away-fra", 0.0, 0.9, 0.5)]
-    md = table3_markdown(rows)
-    assert "| u | ASR | 99.00 | 41.00 |" in md and "| u | ASR-C (headline) | 99.00 | 2.00 |" in md
-    assert "| t | ASR | 100.00 |  |" in md and "| t | ASR-C" not in md
-    assert "| o | ASR † (headline) | 50.00 |  |" in md and HEADLINE_NOTE in md and FALLBACK_NOTE in md
-
-    # write_table3 reads the defense.json files: old ones (no asr_c, no asr_headline_key) still tabulate
-    from cuba.reproduce import report
-
-    runs = []
-    for name, label, rs, extra in (("u", "cuba-fra", [{"prune_ratio": 0.0, "ca": 0.6, "asr": 0.41, "asr_c": 0.02}], {"asr_headline_key": "asr_c"}),
-                                   ("o", "cuba-fra", [{"prune_ratio": 0.0, "ca": 0.6, "asr": 0.41}], {})):
-        d = tmp_path / "runs" / name / "defenses" / "fine-pruning"
-        d.mkdir(parents=True)
-        (d / "defense.json").write_text(json.dumps({"rows": rs, **extra}))
-        runs.append(type("R", (), {"path": tmp_path / "runs" / name, "label": label, "metrics": {"num_classes": 10}})())
-    monkeypatch.setattr(report, "finished_runs", lambda out: runs)
-    report.write_table3(tmp_path)
-    got = list(csv.DictReader(io.StringIO((tmp_path / "table3.csv").read_text())))
-    assert [(r["run"], r["asr_c"], r["headline_asr"]) for r in got] == [("u", "0.02", "asr_c"), ("o", "", "asr (asr_c not recorded)")]
-    tex = (tmp_path / "table3.tex").read_text()
-    assert "u & fine-pruning & 0 & 60.00 & 41.00 & \\textbf{2.00}" in tex and "o & fine-pruning & 0 & 60.00 & \\textbf{41.00} & --" in tex
-
-
-# --- the gpu grid: Table II's RGB rows, blocked data sets, the protocol column --------------------
+# --- the gpu grid: Table II's RGB rows, blocked data sets (its protocol column: test_reproduce_tables.py)
 
 BLOCKED_C100 = ("no local copy of cifar100 (pass --download on a machine with a network, "
                 "or put cifar100.npz in --data-dir)")
@@ -407,67 +286,6 @@ def test_interrupted_grid_writes_its_tables_and_restores_sigterm(tmp_path: Path,
     assert signal.getsignal(signal.SIGTERM) is before
     assert "| cifar100 / resnet18 | cuba-fra | blocked (no local data) |" in (tmp_path / "o" / "table2.md").read_text()
     assert (tmp_path / "o" / "report.html").is_file()
-
-
-def test_protocol_says_paper_model_and_schedule_or_stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each Table II row says whether it ran with the paper's model and schedule, a reduced one, a
-    stand-in model or a stand-in copy of the data (md, csv, tex, html); paper values stand only
-    beside the paper's model, the JPEG copy of CIFAR-10 included (its protocol names the copy)."""
-    import csv
-    import io
-
-    from cuba.config import make_config
-    from cuba.reproduce.tables import BLOCKED, blocked_settings, finished_runs, protocol, table2_csv, table2_latex, table2_rows
-    from cuba.runs import save_config, write_json
-
-    def run(name: str, dataset: str, **cfg) -> None:  # metrics' dataset is what a run is grouped by
-        save_config(tmp_path / "runs" / name, make_config({"dataset": "digits", **cfg}))
-        write_json(tmp_path / "runs" / name / "metrics.json", {"dataset": dataset, "num_classes": 10, "ca": 0.9, "asr": 1.0, "ds": 0.9})
-
-    run("g-paper", "gtsrb", model="preactresnet18", epochs=50)
-    run("g-cpu", "gtsrb", model="preactresnet18", epochs=6, variant="nra-5")
-    run("c10-jpeg", "cifar10-jpeg", model="simplecnn", epochs=6)
-    run("c10-jpeg-r18", "cifar10-jpeg", model="resnet18", epochs=8, variant="nra-2")
-    run("m", "mnist", model="simplecnn", epochs=10, n_train=1000)
-    run("d", "digits", model="simplecnn", epochs=3)
-    cells = expand(load_grid_gpu(tmp_path))
-    rows = {(r["dataset"], r["setting"]): r for r in table2_rows(finished_runs(tmp_path), blocked_settings(cells))}
-    jpeg = "data: cifar10-jpeg, a lossy JPEG copy, not CIFAR-10"
-    assert {k: r["protocol"] for k, r in rows.items()} == {
-        ("gtsrb", "cuba-fra"): "paper model, paper schedule",
-        ("gtsrb", "cuba-nra5"): "paper model, reduced schedule (6 of 50 epochs)",
-        ("cifar10-jpeg", "cuba-fra"): f"stand-in model (simplecnn for resnet18), reduced schedule (6 of 100 epochs), {jpeg}",
-        ("cifar10-jpeg", "cuba-nra2"): f"paper model, reduced schedule (8 of 100 epochs), {jpeg}",
-        ("mnist", "cuba-fra"): "paper model, paper schedule on 1000 training images",
-        ("digits", "cuba-fra"): "not a paper data set",
-        **{("cifar100", s): BLOCKED for s in ("cuba-fra", "cuba-nra5", "cuba-nra2")},
-    }  # gtsrb and cifar10 cells of the grid are not blocked: their files are in its data_dir
-    assert rows[("cifar10-jpeg", "cuba-nra2")]["paper"] == (99.71, 98.39, 93.87)  # the paper's model on a copy
-    assert rows[("cifar10-jpeg", "cuba-fra")]["paper"] is None  # a stand-in model: nothing beside it
-    assert rows[("cifar100", "cuba-fra")]["paper"] == (98.84, 97.06, 74.60) and rows[("cifar100", "cuba-fra")]["n"] == 0
-    assert protocol("gtsrb", "preactresnet18", {}) == "paper model, schedule not recorded"
-    table = list(csv.DictReader(io.StringIO(table2_csv(list(rows.values())))))
-    assert {r["protocol"] for r in table} >= {"paper model, paper schedule", BLOCKED}
-    assert "Setting & Protocol & ASR" in table2_latex(list(rows.values()))
-    # a blocked setting that has runs after all (trained elsewhere, copied in) is shown by its runs
-    copied = [{"dataset": "gtsrb", "model": "preactresnet18", "setting": "cuba-fra", "epochs": 50, "reason": "x"}]
-    assert [r["protocol"] for r in table2_rows(finished_runs(tmp_path), copied) if r["dataset"] == "gtsrb"] == [
-        "paper model, paper schedule", "paper model, reduced schedule (6 of 50 epochs)"]
-    from cuba.reproduce import report
-
-    monkeypatch.setattr(report, "collect_figures", lambda out: [])  # fake runs have no predictions to draw
-    page = write_report(tmp_path, blocked=blocked_settings(cells)).read_text()
-    assert f"<td>stand-in model (simplecnn for resnet18), reduced schedule (6 of 100 epochs), {jpeg}</td>" in page
-    assert f"blocked: {BLOCKED_C100}" in page and "protocol: whether a row ran with the paper" in page
-
-
-def load_grid_gpu(data_dir: Path) -> dict:
-    """The shipped gpu grid with GTSRB and the CIFAR-10 JPEG copy present in ``data_dir`` (empty files)."""
-    from cuba.reproduce import load_grid
-
-    for name in ("gtsrb.npz", "cifar10-jpeg.zip"):
-        (data_dir / name).touch()
-    return load_grid("gpu") | {"data_dir": str(data_dir)}
 
 
 def test_named_settings_of_one_attack_become_cells_of_their_own() -> None:

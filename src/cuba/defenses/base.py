@@ -36,7 +36,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from ..attack import PatchTrigger, attack_targets
@@ -47,6 +46,16 @@ from ..engine import Engine, make_engine
 from ..metrics import at_chance, attack_success_rate  # at_chance re-exported: report.py reads it from here
 from ..runs import write_json
 from ..formatting import pct as _pct
+# the score statistics live in .rules; re-exported here, where detectors and the add-a-defense tutorial import them
+from .rules import constant_scores, rate_tag, roc_summary, val_threshold
+
+# What this module offers, its re-exports from .rules included: listed so that the API reference
+# (mkdocstrings renders an imported name only when __all__ exports it) keeps documenting them here,
+# where docs/ links to them. at_chance, re-exported for report.py, is documented under cuba.metrics.
+__all__ = ["AttackRun", "load_attack_run", "DefenseResult", "Defense", "rate_tag", "val_threshold", "roc_summary",
+           "constant_scores", "model_verdict", "not_applicable", "rule_headline", "missing_stages", "pct", "ASR_NAMES",
+           "headline_asr_key", "headline_asr_key_of", "headline_value", "removal_headline", "DEFENSES", "register",
+           "check_param", "run_defense"]
 
 
 @dataclass
@@ -230,44 +239,6 @@ class Defense(ABC):
         if na:
             return na
         return f"AUROC {fields['auroc']:.3f}" if "auroc" in fields else "(see defense.json)"
-
-
-def rate_tag(rate: float) -> str:
-    """0.01 -> "1pct", 0.05 -> "5pct", 0.025 -> "2.5pct": the suffix of the defense.json keys of a rate."""
-    return f"{100 * rate:g}pct"
-
-
-def val_threshold(s_val: np.ndarray, fpr: float) -> float:
-    """The threshold that flags (score > it) at most a share ``fpr`` of the clean validation scores:
-    their empirical (1 - fpr) quantile, taken at an observed value (``method="higher"``) so that
-    ties -- discrete scores such as SCALE-UP's SPC -- never push the validation FPR above ``fpr``."""
-    return float(np.quantile(np.asarray(s_val, dtype=float), 1.0 - fpr, method="higher"))
-
-
-def roc_summary(s_clean: np.ndarray, s_bd: np.ndarray, s_val: np.ndarray, fpr_at: float = 0.05) -> dict[str, float]:
-    """AUROC of a detector score (higher = more suspicious), backdoor vs clean *test* inputs, and the
-    TPR of a threshold fitted on clean *validation* scores ``s_val`` (:func:`val_threshold` at
-    ``fpr_at``), with the FPR that threshold realises on the clean test inputs beside it.
-
-    Why not read the TPR off the test ROC (sklearn's largest threshold with FPR <= 5%, as this did
-    before): that picks the threshold on the very inputs it is then scored on, which a defender
-    cannot do; a threshold fixed on held-out clean data is what a deployed detector would use, and
-    its realised test FPR says how well that calibration carried over.
-    """
-    s_clean, s_bd = np.asarray(s_clean, dtype=float), np.asarray(s_bd, dtype=float)
-    labels = np.r_[np.zeros(len(s_clean)), np.ones(len(s_bd))]
-    thr = val_threshold(s_val, fpr_at)
-    tag = rate_tag(fpr_at)
-    return {"auroc": float(roc_auc_score(labels, np.r_[s_clean, s_bd])),
-            f"tpr_at_fpr_{tag}": float((s_bd > thr).mean()), f"test_fpr_at_fpr_{tag}": float((s_clean > thr).mean()),
-            f"threshold_at_fpr_{tag}": thr}
-
-
-def constant_scores(*scores: np.ndarray) -> bool:
-    """True when every score of every array is the same value: such a detector ranks nothing, so
-    its AUROC is exactly 0.5 and its flags are all-or-nothing by construction, not by measurement."""
-    allv = np.concatenate([np.asarray(s, dtype=float).ravel() for s in scores])
-    return len(allv) > 0 and bool(np.ptp(allv) == 0)
 
 
 def model_verdict(score: float | None, suspicious: str, flagged: bool | None, assumes_target_class: bool) -> dict[str, Any]:

@@ -36,7 +36,7 @@ images (:meth:`AttackRun.clean_val`; ``calibration`` says which split):
   share frr of the validation images lie strictly below it. (The authors' analysis script flags
   z-scores against the clean mean and std instead; an empirical quantile needs no normality);
 * a two-sided rule at FRR 1% and 5%, the FRR split evenly between the tails
-  (:func:`~cuba.defenses.scale_up.empirical_two_sided`), as the entropy detector does: CUBA's
+  (:func:`~cuba.defenses.rules.empirical_two_sided`), as the entropy detector does: CUBA's
   trigger is an image-wide residual, not a patch, so its inputs need not have small masks.
 
 Each FAR (share of backdoor test inputs *not* flagged) comes with the FRR the same threshold
@@ -71,13 +71,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from .base import AttackRun, Defense, DefenseResult, check_param, constant_scores, rate_tag, register, rule_headline
+from .base import AttackRun, Defense, DefenseResult, check_param, register, rule_headline
 from .entropy import rank_distance
 from .plots import plot_distilled_masks, plot_scores
-from .scale_up import empirical_two_sided
-from .strip import far_frr
-
-REPORTED_FRR = (0.01, 0.05)
+# one_sided_lower (CD's rule) lives in .rules with the other rules; still importable from here, where it was defined
+from .rules import REPORTED_FRR, one_sided_lower, rule_table, score_inapplicable_reason  # noqa: F401
 
 
 def mask_l1(m: torch.Tensor) -> torch.Tensor:
@@ -135,12 +133,6 @@ def distil_masks(model: nn.Module, x: torch.Tensor, steps: int = 100, lr: float 
     return torch.cat(out) if out else torch.empty(0, 1, *x.shape[2:])
 
 
-def one_sided_lower(s_val: np.ndarray, frr: float) -> float:
-    """The paper's rule "flag s < lower", fitted on clean validation scores: their empirical frr
-    quantile at an observed value on the low side, so at most a share frr of them lie below it."""
-    return float(np.quantile(np.asarray(s_val, dtype=float), frr, method="lower"))
-
-
 def cd_summary(s_val: np.ndarray, s_clean: np.ndarray, s_bd: np.ndarray) -> dict:
     """AUROCs and the one- and two-sided rules at FRR 1% and 5% (FAR on backdoor test inputs, FRR
     realised on clean test inputs, thresholds) of the mask norms; low norm = backdoor."""
@@ -148,28 +140,13 @@ def cd_summary(s_val: np.ndarray, s_clean: np.ndarray, s_bd: np.ndarray) -> dict
     out: dict = {"auroc": float(roc_auc_score(labels, -np.r_[s_clean, s_bd])),
                  "auroc_two_sided": float(roc_auc_score(labels, np.r_[rank_distance(s_val, s_clean),
                                                                       rank_distance(s_val, s_bd)]))}
-    thresholds: dict = {}
-    for rate in REPORTED_FRR:
-        for suffix, (lo, hi) in (("", (one_sided_lower(s_val, rate), math.inf)),
-                                 ("_two_sided", empirical_two_sided(s_val, rate))):
-            tag = rate_tag(rate) + suffix
-            out[f"far_at_frr_{tag}"], out[f"frr_at_frr_{tag}"] = far_frr(s_clean, s_bd, lo, hi)
-            thresholds[tag] = [lo, None if math.isinf(hi) else hi]
-    out["thresholds"] = thresholds
-    return out
+    return {**out, **rule_table(s_val, s_clean, s_bd, one_sided="lower", rates=REPORTED_FRR)}
 
 
 def inapplicable_reason(run: AttackRun, s_val: np.ndarray, s_clean: np.ndarray, s_bd: np.ndarray) -> str | None:
-    """Why CD's numbers measure nothing on this run (None when they do)."""
-    if run.trigger is None:
-        return ("clean model: no trigger to detect (the backdoor masks are of a 3x3 probe patch it never learned, "
-                "kept as a negative control)")
-    if constant_scores(s_val):
-        return (f"every clean validation image has the same mask norm ({float(s_val[0]):.4g}): "
-                "the thresholds coincide and the rank score is a step")
-    if constant_scores(s_clean, s_bd):
-        return "every test input has the same mask norm: the score ranks nothing"
-    return None
+    """Why CD's numbers measure nothing on this run (None when they do): the shared checks of
+    :func:`~.rules.score_inapplicable_reason`, worded for mask norms."""
+    return score_inapplicable_reason(run, "mask norm", s_val, s_clean, s_bd, scored="masks")
 
 
 @register

@@ -65,19 +65,14 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
+import torch
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from ..attack.losses import lnf_loss  # noqa: E402
-from ..figures import save_figure  # noqa: E402
-from ..models.trigger import TriggerGenerator  # noqa: E402
-from .base import (AttackRun, Defense, DefenseResult, check_param, model_verdict, not_applicable,  # noqa: E402
-                   register)
+from ..attack.losses import lnf_loss
+from ..models.trigger import TriggerGenerator
+from .base import AttackRun, Defense, DefenseResult, check_param, model_verdict, not_applicable, register
+from .plots import plot_budget_curve
 
 DEFAULT_BUDGETS = tuple(v / 255 for v in (1, 2, 4, 8, 16, 32, 64))
 
@@ -205,30 +200,6 @@ def split_sizes(n_avail: int, n_fit: int, n_measure: int) -> tuple[int, int]:
         return n_fit, n_measure
     fit = min(max(1, round(n_avail * n_fit / (n_fit + n_measure))), n_avail - 1)
     return fit, n_avail - fit
-
-
-def plot_budget_curve(rows: list[dict[str, Any]], target_rate: float, target_dispersion: float, score: float | None,
-                      cutoff: float | None, path: Path, title: str = "") -> Path:
-    """Flip rate and dispersion against the budget (in /255, log scale), with the two targets, the
-    score (solid) and the reference cutoff (dashed) when there is one."""
-    eps = [r["eps_255"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(eps, [r["flip_rate"] for r in rows], "o-", label="flip rate")
-    ax.plot(eps, [r["dispersion"] for r in rows], "s-", label="dispersion")
-    ax.axhline(target_rate, color="tab:blue", ls=":", lw=1, label=f"target flip rate ({target_rate:g})")
-    ax.axhline(target_dispersion, color="tab:orange", ls=":", lw=1, label=f"target dispersion ({target_dispersion:g})")
-    if score is not None:
-        ax.axvline(score * 255, color="k", lw=1, label=f"score ({score * 255:.3g}/255)")
-    if cutoff is not None:
-        ax.axvline(cutoff * 255, color="tab:red", ls="--", lw=1, label=f"reference cutoff ({cutoff * 255:.3g}/255)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(eps, [f"{e:g}" for e in eps])
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("budget eps of the universal perturbation (x/255, L-inf)")
-    ax.set_ylabel("share / normalised entropy")
-    ax.legend(fontsize=6)
-    ax.set_title(title, fontsize=9)
-    return save_figure(fig, path)
 
 
 def run_budget(run: AttackRun) -> float | None:

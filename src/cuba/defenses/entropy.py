@@ -17,7 +17,7 @@ Calibration, fixed before any backdoor input is seen: the entropies of clean *va
 * the two-sided rule at FRR 1% and 5%, the FRR split evenly between the tails: flag entropy below
   the empirical frr/2 quantile or above the empirical 1 - frr/2 quantile, each taken at an
   observed validation value on the side that flags at most frr/2 of the validation images
-  (:func:`~cuba.defenses.scale_up.empirical_two_sided`). No normal is fitted: clean entropies of a
+  (:func:`~cuba.defenses.rules.empirical_two_sided`). No normal is fitted: clean entropies of a
   confident model pile up near 0 and are far from normal. With few validation images the 1% rule
   sits on the extreme validation values (142 digits images: the minimum and the maximum);
 * a ranking score for the AUROC that also commits to no tail: s(x) = |F_val(x) - 0.5|, the
@@ -52,12 +52,9 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from .base import AttackRun, Defense, DefenseResult, check_param, constant_scores, rate_tag, register, rule_headline
+from .base import AttackRun, Defense, DefenseResult, check_param, register, rule_headline
 from .plots import plot_scores
-from .scale_up import empirical_two_sided
-from .strip import far_frr
-
-REPORTED_FRR = (0.01, 0.05)
+from .rules import REPORTED_FRR, rule_table, score_inapplicable_reason
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -97,28 +94,13 @@ def two_sided_summary(e_val: np.ndarray, e_clean: np.ndarray, e_bd: np.ndarray) 
     s_clean, s_bd = rank_distance(e_val, e_clean), rank_distance(e_val, e_bd)
     labels = np.r_[np.zeros(len(s_clean)), np.ones(len(s_bd))]
     auroc = float(roc_auc_score(labels, np.r_[s_clean, s_bd]))
-    out: dict = {"auroc": auroc, "auroc_two_sided": auroc}
-    thresholds = {}
-    for rate in REPORTED_FRR:
-        lo, hi = empirical_two_sided(e_val, rate)
-        tag = rate_tag(rate) + "_two_sided"
-        out[f"far_at_frr_{tag}"], out[f"frr_at_frr_{tag}"] = far_frr(e_clean, e_bd, lo, hi)
-        thresholds[tag] = [lo, hi]
-    out["thresholds"] = thresholds
-    return out
+    return {"auroc": auroc, "auroc_two_sided": auroc, **rule_table(e_val, e_clean, e_bd, one_sided=None, rates=REPORTED_FRR)}
 
 
 def inapplicable_reason(run: AttackRun, e_val: np.ndarray, e_clean: np.ndarray, e_bd: np.ndarray) -> str | None:
-    """Why the entropy detector's numbers measure nothing on this run (None when they do)."""
-    if run.trigger is None:
-        return ("clean model: no trigger to detect (the backdoor scores are of a 3x3 probe patch it never learned, "
-                "kept as a negative control)")
-    if constant_scores(e_val):
-        return (f"every clean validation image has the same entropy ({float(e_val[0]):.4g} bits): "
-                "the two-sided thresholds coincide and the rank score is a step")
-    if constant_scores(e_clean, e_bd):
-        return "every test input has the same entropy: the score ranks nothing"
-    return None
+    """Why the entropy detector's numbers measure nothing on this run (None when they do): the shared
+    checks of :func:`~.rules.score_inapplicable_reason`, worded for entropies in bits."""
+    return score_inapplicable_reason(run, "entropy", e_val, e_clean, e_bd, unit=" bits", rules="the two-sided thresholds")
 
 
 @register

@@ -28,8 +28,8 @@ is representable and keeps ranking beyond. PSC itself is kept for the paper's fi
 Calibration, fixed before any backdoor input is seen, on the scores of clean validation images:
 
 * one-sided (the paper's direction): flag s > the empirical 1 - frr quantile of the validation
-  scores, taken at an observed value (:func:`~.base.val_threshold`), at FRR 1% and 5%;
-* two-sided, the FRR split evenly between the tails (:func:`~.scale_up.empirical_two_sided`): a
+  scores, taken at an observed value (:func:`~.rules.val_threshold`), at FRR 1% and 5%;
+* two-sided, the FRR split evenly between the tails (:func:`~.rules.empirical_two_sided`): a
   CUBA backdoor input sits on a near-tie between wrong classes and may *lose* its prediction faster
   than a clean one, i.e. land in the low tail;
 * the paper's fixed rule, PSC >= ``threshold`` (0.9), reported beside them uncalibrated.
@@ -76,14 +76,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from .base import (AttackRun, Defense, DefenseResult, check_param, constant_scores, rate_tag, register, rule_headline,
-                   val_threshold)
+from .base import AttackRun, Defense, DefenseResult, check_param, register, rule_headline
 from .entropy import rank_distance
 from .plots import plot_scores
-from .scale_up import empirical_two_sided
-from .strip import far_frr
+from .rules import REPORTED_FRR, clean_model_reason, constant_scores, rule_table
 
-REPORTED_FRR = (0.01, 0.05)
 NO_BN_REASON = "no BatchNorm layer to amplify (IBD-PSC scales BN parameters)"
 
 
@@ -168,16 +165,7 @@ def psc_summary(s_val: np.ndarray, s_clean: np.ndarray, s_bd: np.ndarray) -> dic
     out: dict = {"auroc": float(roc_auc_score(labels, np.r_[s_clean, s_bd])),
                  "auroc_two_sided": float(roc_auc_score(labels, np.r_[rank_distance(s_val, s_clean),
                                                                      rank_distance(s_val, s_bd)]))}
-    thresholds: dict = {}
-    for rate in REPORTED_FRR:
-        tag = rate_tag(rate)
-        thr = val_threshold(s_val, rate)
-        out[f"far_at_frr_{tag}"], out[f"frr_at_frr_{tag}"] = far_frr(s_clean, s_bd, -math.inf, thr)
-        lo, hi = empirical_two_sided(s_val, rate)
-        out[f"far_at_frr_{tag}_two_sided"], out[f"frr_at_frr_{tag}_two_sided"] = far_frr(s_clean, s_bd, lo, hi)
-        thresholds[tag], thresholds[f"{tag}_two_sided"] = thr, [lo, hi]
-    out["thresholds"] = thresholds
-    return out
+    return {**out, **rule_table(s_val, s_clean, s_bd, one_sided="upper", rates=REPORTED_FRR)}
 
 
 def paper_rule(psc_clean: np.ndarray, psc_bd: np.ndarray, threshold: float) -> dict[str, float]:
@@ -187,10 +175,12 @@ def paper_rule(psc_clean: np.ndarray, psc_bd: np.ndarray, threshold: float) -> d
 
 
 def inapplicable_reason(run: AttackRun, s_clean: np.ndarray, s_bd: np.ndarray) -> str | None:
-    """Why IBD-PSC's numbers on a model with BatchNorm layers measure nothing (None when they do)."""
+    """Why IBD-PSC's numbers on a model with BatchNorm layers measure nothing (None when they do).
+    It shares :func:`~.rules.clean_model_reason` but not the rest of
+    :func:`~.rules.score_inapplicable_reason`: it has never checked its validation scores for ties,
+    and its test-score reason is worded differently (with the value) -- kept as it was."""
     if run.trigger is None:
-        return ("clean model: no trigger to detect (the backdoor scores are of a 3x3 probe patch it never learned, "
-                "kept as a negative control)")
+        return clean_model_reason()
     if constant_scores(s_clean, s_bd):
         return f"every test input, clean and backdoor, has the same score ({float(s_clean[0]):.4g}): it ranks nothing"
     return None

@@ -1,12 +1,14 @@
 """The defenses' figures: STRIP histograms (paper Fig. 6), Neural Cleanse norms (Fig. 7a),
 SentiNet scatter and Grad-CAM maps (Fig. 7b), Fine-pruning / NAD curves (Table III as a plot),
-the score histograms of other input-level detectors (SCALE-UP, entropy) and MM-BD's
-per-class maximum margins."""
+the score histograms of other input-level detectors (SCALE-UP, entropy, Cognitive Distillation,
+IBD-PSC), MM-BD's per-class maximum margins, Cognitive Distillation's masks and the budget curves
+of trigger inversion and dispersion inversion. Kept here, away from the detectors, so that a
+detector's module holds its method and numbers and matplotlib is set up in one place."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -188,4 +190,28 @@ def plot_trigger_inversion(budgets: Sequence[float], rate_fit: Sequence[float | 
     else:
         ax_img.set_title("target not reached", fontsize=7)
     fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_budget_curve(rows: list[dict[str, Any]], target_rate: float, target_dispersion: float, score: float | None,
+                      cutoff: float | None, path: Path, title: str = "") -> Path:
+    """Dispersion inversion's figure: flip rate and dispersion against the budget (in /255, log
+    scale), with the two targets, the score (solid) and the reference cutoff (dashed) when there is one."""
+    eps = [r["eps_255"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(eps, [r["flip_rate"] for r in rows], "o-", label="flip rate")
+    ax.plot(eps, [r["dispersion"] for r in rows], "s-", label="dispersion")
+    ax.axhline(target_rate, color="tab:blue", ls=":", lw=1, label=f"target flip rate ({target_rate:g})")
+    ax.axhline(target_dispersion, color="tab:orange", ls=":", lw=1, label=f"target dispersion ({target_dispersion:g})")
+    if score is not None:
+        ax.axvline(score * 255, color="k", lw=1, label=f"score ({score * 255:.3g}/255)")
+    if cutoff is not None:
+        ax.axvline(cutoff * 255, color="tab:red", ls="--", lw=1, label=f"reference cutoff ({cutoff * 255:.3g}/255)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(eps, [f"{e:g}" for e in eps])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("budget eps of the universal perturbation (x/255, L-inf)")
+    ax.set_ylabel("share / normalised entropy")
+    ax.legend(fontsize=6)
+    ax.set_title(title, fontsize=9)
     return _save(fig, path)

@@ -48,9 +48,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import (AttackRun, Defense, DefenseResult, check_param, constant_scores, rate_tag, register, roc_summary,
-                   rule_headline)
+from .base import AttackRun, Defense, DefenseResult, check_param, register, rule_headline
 from .plots import plot_scores
+# empirical_two_sided lives in .rules with the other rules; still importable from here, where it was defined
+from .rules import constant_scores, empirical_two_sided, rate_tag, roc_summary  # noqa: F401
 
 
 @torch.inference_mode()
@@ -74,14 +75,6 @@ def standardize_by_class(spc: torch.Tensor, pred: torch.Tensor, ref_spc: torch.T
         if len(sel) >= 2:
             mean[c], std[c] = sel.mean(), sel.std().clamp_min(1e-6)
     return (spc - mean[pred]) / std[pred]
-
-
-def empirical_two_sided(s_val: np.ndarray, fpr: float) -> tuple[float, float]:
-    """(lower, upper) of the two-sided rule "flag score < lower or > upper", fitted on clean
-    validation scores: their empirical fpr/2 and 1 - fpr/2 quantiles, each taken at an observed
-    value on the side that keeps the validation share flagged in each tail at most fpr/2."""
-    s_val = np.asarray(s_val, dtype=float)
-    return (float(np.quantile(s_val, fpr / 2, method="lower")), float(np.quantile(s_val, 1 - fpr / 2, method="higher")))
 
 
 def two_sided_rates(s_clean: np.ndarray, s_bd: np.ndarray, lower: float, upper: float) -> tuple[float, float]:

@@ -13,7 +13,7 @@ its training images, so their points sit higher and would bend the boundary to i
 memorised): split the confidence axis into ``bins`` bins, take the largest fooled rate per bin
 and fit a quadratic through those maxima; an input is flagged above it. Its height above the
 curve is the score. ``tpr_at_fpr_5pct`` uses a second threshold on that score, the empirical 95%
-quantile of the same validation inputs' scores (:func:`~cuba.defenses.base.roc_summary`), with
+quantile of the same validation inputs' scores (:func:`~cuba.defenses.rules.roc_summary`), with
 the FPR it realises on the clean test inputs beside it.
 
 Not applicable (``"applicable": false``) when the model declares no feature stage for Grad-CAM,

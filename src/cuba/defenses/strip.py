@@ -45,10 +45,11 @@ import torch
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from .base import AttackRun, Defense, DefenseResult, check_param, constant_scores, rate_tag, register, rule_headline
+from .base import AttackRun, Defense, DefenseResult, check_param, register, rule_headline
 from .plots import plot_strip
+# far_frr lives in .rules with the other rules; still importable from here, where it was defined (interop.art reads it)
+from .rules import REPORTED_FRR, constant_scores, far_frr, rate_tag  # noqa: F401
 
-REPORTED_FRR = (0.01, 0.05)
 # a calibration whose entropies spread less than this (bits) cannot place a quantile
 MIN_CALIB_STD = 1e-3
 
@@ -80,13 +81,6 @@ def normal_thresholds(calib: np.ndarray, frr: float, two_sided: bool) -> tuple[f
     if two_sided:
         return float(norm.ppf(frr / 2, mu, sigma)), float(norm.ppf(1 - frr / 2, mu, sigma))
     return float(norm.ppf(frr, mu, sigma)), math.inf
-
-
-def far_frr(e_clean: np.ndarray, e_bd: np.ndarray, lower: float, upper: float = math.inf) -> tuple[float, float]:
-    """(FAR, FRR) of the rule "flag entropy < lower or > upper": FAR = share of backdoor inputs
-    *not* flagged (accepted as clean), FRR = share of clean inputs flagged (rejected)."""
-    flagged = lambda e: (np.asarray(e) < lower) | (np.asarray(e) > upper)  # noqa: E731
-    return float(1.0 - flagged(e_bd).mean()), float(flagged(e_clean).mean())
 
 
 def calibration_collapse(calib_mean: float, calib_std: float, num_classes: int) -> str | None:
