@@ -232,8 +232,9 @@ def test_defense_table_headline_asr_and_not_applicable(tmp_path: Path) -> None:
     put("old", "scale-up", {"setting": "cuba-fra", "auroc": 0.4, "tpr_at_fpr_5pct": 0.01, "auroc_low_spc": 0.6})
     put("bn", "fine-pruning", {"setting": "badnets-t0", "asr_headline_key": "asr", "rows": rows})
     md = defense_tables([tmp_path / "new", tmp_path / "old", tmp_path / "bn"], ["new", "old", "bn"])
-    assert "| strip | n/a (calibration collapsed) (1 s) | AUROC 0.100, FAR@FRR1% 0.980 (1 s) | – |" in md
-    assert "| scale-up | – | AUROC 0.400, TPR@FPR5% 0.010 (1 s) | – |" in md
+    # a backdoored run: each detector's own rule judged (cuba.defenses.verdict); n/a has no verdict
+    assert "| strip | n/a (calibration collapsed) (1 s) | missed — AUROC 0.100, FAR@FRR1% 0.980 (1 s) | – |" in md
+    assert "| scale-up | – | missed — AUROC 0.400, TPR@FPR5% 0.010 (1 s) | – |" in md
     assert "| fine-pruning | prune_ratio 0: 98.0/99.0 → 0.9: 60.0/2.0 (CA/ASR-C) (1 s) | " in md
     assert "→ 0.9: 60.0/41.0 (CA/ASR (ASR-C not recorded)) (1 s) | prune_ratio 0: 98.0/99.0 → 0.9: 60.0/41.0 (CA/ASR) (1 s) |" in md
     assert "| prune_ratio | new (CA / ASR-C) | old (CA / ASR†) | bn (CA / ASR) |" in md

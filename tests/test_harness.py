@@ -54,3 +54,40 @@ def test_defense_table_adds_the_model_level_rows(tmp_path: Path) -> None:
     row = next(line for line in md.splitlines() if line.startswith("| neural-cleanse | high |"))
     # CUBA 0.8 below both clean (1.9, 1.1): AUROC 0; BadNets above both: any-backdoor AUROC (0 + 2) / 4
     assert row == "| neural-cleanse | high | 0.000 (1 vs 2) | 0.500 (2 vs 2) | 0/1 | 1/1 | 0/2 |"
+
+
+def test_verdict_by_each_detectors_own_rule() -> None:
+    """caught / missed on backdoored models, clear / false alarm on clean ones; the input-level bar is
+    at most 5% of backdoor inputs let through (FAR <= 0.05, or TPR >= 0.95), inclusive."""
+    from cuba.defenses import DEFENSES
+    from cuba.defenses.verdict import verdict
+
+    strip, scale_up, nc = DEFENSES["strip"], DEFENSES["scale-up"], DEFENSES["neural-cleanse"]
+    assert verdict(strip, {"setting": "cuba-fra", "far_at_frr_1pct": 0.05}) == "caught"
+    assert verdict(strip, {"setting": "cuba-fra", "far_at_frr_1pct": 0.0501}) == "missed"
+    assert verdict(scale_up, {"setting": "badnets-t0", "tpr_at_fpr_5pct": 0.95}) == "caught"
+    assert verdict(scale_up, {"setting": "badnets-t0", "tpr_at_fpr_5pct": 0.94}) == "missed"
+    assert verdict(DEFENSES["entropy"], {"setting": "cuba-nra2", "far_at_frr_1pct": 0.0,
+                                         "far_at_frr_1pct_two_sided": 0.9}) == "missed"  # its rule is the two-sided one
+    assert verdict(strip, {"setting": "cuba-fra", "far_at_frr_1pct": 0.0, "applicable": False, "reason": "x"}) is None
+    assert verdict(strip, {"setting": "clean", "far_at_frr_1pct": 0.0}) is None  # nothing to catch on a clean model
+    assert verdict(DEFENSES["fine-pruning"], {"setting": "cuba-fra", "rows": []}) is None  # no yes/no rule
+    assert verdict(strip, {"far_at_frr_1pct": 0.0}) is None  # unknown model kind
+    for setting, flagged, word in (("cuba-fra", True, "caught"), ("cuba-fra", False, "missed"),
+                                   ("clean", True, "false alarm"), ("clean", False, "clear"), ("clean", None, None)):
+        assert verdict(nc, {"setting": setting, **model_verdict(1.0, "high", flagged, True)}) == word
+
+    class Odd:
+        name, rule = "odd", ("x", "auc")
+
+    with pytest.raises(ValueError, match="odd.rule: kind must be 'far' or 'tpr', got 'auc'"):
+        verdict(Odd, {"setting": "cuba-fra", "x": 0.5})
+
+
+def test_report_colours_the_detector_cells() -> None:
+    from cuba.reproduce.report import _md_table_to_html
+
+    page = _md_table_to_html("| defense | a | b | c | d |\n|---|---|---|---|---|\n"
+                             "| strip | caught — AUROC 1 (1 s) | missed — AUROC 0.5 (1 s) | n/a (clean) (1 s) | 3 |")
+    assert "<td class='win'>caught — AUROC 1 (1 s)</td>" in page and "<td class='lose'>missed — AUROC 0.5 (1 s)</td>" in page
+    assert "<td class='na'>n/a (clean) (1 s)</td>" in page and "<td>3</td>" in page and "<td>strip</td>" in page

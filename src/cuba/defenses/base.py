@@ -218,6 +218,9 @@ class Defense(ABC):
     """
 
     name: ClassVar[str]
+    # input-level detectors: (defense.json key, "far" | "tpr") of their decision rule's operating
+    # point, which cuba.defenses.verdict judges; None for model-level and removal defenses
+    rule: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = int(seed)

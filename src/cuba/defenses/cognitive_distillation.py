@@ -152,6 +152,7 @@ def inapplicable_reason(run: AttackRun, s_val: np.ndarray, s_clean: np.ndarray, 
 @register
 class CognitiveDistillation(Defense):
     name = "cognitive-distillation"
+    rule = ("far_at_frr_1pct", "far")  # the operating point cuba.defenses.verdict judges
 
     @classmethod
     def headline(cls, f: dict) -> str:

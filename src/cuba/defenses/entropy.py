@@ -106,6 +106,7 @@ def inapplicable_reason(run: AttackRun, e_val: np.ndarray, e_clean: np.ndarray, 
 @register
 class PredictionEntropy(Defense):
     name = "entropy"
+    rule = ("far_at_frr_1pct_two_sided", "far")  # the operating point cuba.defenses.verdict judges
 
     @classmethod
     def headline(cls, f: dict) -> str:

@@ -189,6 +189,7 @@ def inapplicable_reason(run: AttackRun, s_clean: np.ndarray, s_bd: np.ndarray) -
 @register
 class IBDPSC(Defense):
     name = "ibd-psc"
+    rule = ("far_at_frr_1pct", "far")  # the operating point cuba.defenses.verdict judges
 
     @classmethod
     def headline(cls, f: dict) -> str:

@@ -89,6 +89,7 @@ REPORTED_FPR = (0.01, 0.05)
 @register
 class ScaleUp(Defense):
     name = "scale-up"
+    rule = ("tpr_at_fpr_5pct", "tpr")  # the operating point cuba.defenses.verdict judges
 
     @classmethod
     def headline(cls, f: dict) -> str:

@@ -108,6 +108,7 @@ def fit_boundary(points: np.ndarray, bins: int = 10) -> np.ndarray:
 @register
 class SentiNet(Defense):
     name = "sentinet"
+    rule = ("tpr_at_fpr_5pct", "tpr")  # the operating point cuba.defenses.verdict judges
 
     @classmethod
     def headline(cls, f: dict) -> str:

@@ -97,6 +97,7 @@ def calibration_collapse(calib_mean: float, calib_std: float, num_classes: int) 
 @register
 class Strip(Defense):
     name = "strip"
+    rule = ("far_at_frr_1pct", "far")  # the operating point cuba.defenses.verdict judges
 
     @classmethod
     def headline(cls, f: dict) -> str:

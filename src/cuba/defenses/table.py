@@ -1,7 +1,8 @@
 """``cuba defense-table``: the defenses' verdicts on several runs, read back from their defense.json.
 
-Two Markdown tables: (1) defenses as rows, runs as columns, each cell the headline numbers (or
-"n/a (reason)" for a defense.json that says ``"applicable": false``) and the defense's wall time;
+Two Markdown tables: (1) defenses as rows, runs as columns, each cell the detector's verdict by its
+own rule (caught / missed / false alarm / clear, :mod:`cuba.defenses.verdict`), the headline
+numbers (or "n/a (reason)" for a defense.json that says ``"applicable": false``) and the wall time;
 (2) the removal curves of Fine-pruning and NAD (paper Table III), one row per prune ratio /
 epoch, CA and the *headline* ASR per run: ASR-C for untargeted attacks (a repaired model's clean
 mistakes count as successes there, so plain ASR >= 1 - CA says nothing about the backdoor), plain
@@ -22,6 +23,7 @@ from typing import Any
 
 from ..runs import read_json
 from .base import ASR_NAMES, headline_asr_key_of, headline_value, not_applicable, pct
+from .verdict import VERDICT_SEP, verdict
 
 FALLBACK_NOTE = ("† ASR-C not recorded (defense.json written before it): plain ASR shown, which for an "
                  "untargeted attack also counts the repaired model's clean mistakes as successes.")
@@ -124,7 +126,8 @@ def defense_tables(run_dirs: list[Path], names: list[str] | None = None) -> str:
                 cells.append("–")
                 continue
             line = not_applicable(f) or (DEFENSES[name].headline(f) if name in DEFENSES else "see defense.json")
-            cells.append(f"{line} ({f['seconds']:.0f} s)")
+            v = verdict(DEFENSES.get(name), f)
+            cells.append(f"{'' if v is None else v + VERDICT_SEP}{line} ({f['seconds']:.0f} s)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, key in (("fine-pruning", "prune_ratio"), ("nad", "epoch")):
         lines += removal_table(name, key, cols, [d.get(name) for _, d in res])

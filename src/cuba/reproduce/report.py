@@ -182,13 +182,24 @@ def collect_figures(out: Path) -> list[tuple[str, Path]]:
     return figs
 
 
+def _verdict_class(cell: str) -> str:
+    """A detector-matrix cell's colour class: green when the defender wins (caught / clear), red
+    when the attacker does (missed / false alarm), grey for n/a; none for any other cell."""
+    from ..defenses.verdict import DEFENDER_WINS, VERDICT_SEP, VERDICTS
+
+    word = html.unescape(cell).split(VERDICT_SEP)[0]
+    if word in VERDICTS:
+        return " class='win'" if word in DEFENDER_WINS else " class='lose'"
+    return " class='na'" if cell.startswith("n/a") else ""
+
+
 def _md_table_to_html(md: str) -> str:
     lines = [ln for ln in md.strip().splitlines() if ln.startswith("|")]
     if len(lines) < 2:
         return "<p>(no rows yet)</p>"
     cells = lambda ln: [html.escape(c.strip()) for c in ln.strip().strip("|").split("|")]  # noqa: E731
     head = "".join(f"<th>{c}</th>" for c in cells(lines[0]))
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in cells(ln)) + "</tr>" for ln in lines[2:])
+    body = "".join("<tr>" + "".join(f"<td{_verdict_class(c)}>{c}</td>" for c in cells(ln)) + "</tr>" for ln in lines[2:])
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -225,7 +236,9 @@ def write_report(out: Path, title: str = "cuba reproduction report", blocked: li
              *(_md_table_to_html(block) if block.lstrip().startswith("|") else f"<p>{html.escape(block)}</p>"
                for block in t3.strip().split("\n\n")),
              "<h2>Defenses: each one's headline numbers per defended run</h2>",
-             "<p>Definitions: the manual, docs/reference/defenses.md. CA/ASR in %; times are wall seconds.</p>" + _md_table_to_html(detection),
+             "<p>Definitions: the manual, docs/reference/defenses.md. CA/ASR in %; times are wall seconds. Green: the "
+             "detector's own rule caught the backdoor (input-level: it lets at most 5% of backdoor inputs through) or "
+             "cleared a clean model; red: it missed the backdoor or flagged a clean model; grey: not applicable.</p>" + _md_table_to_html(detection),
              "<h2>Figures</h2>"]
     for caption, path in collect_figures(out):
         data = base64.b64encode(path.read_bytes()).decode()
@@ -237,7 +250,7 @@ def write_report(out: Path, title: str = "cuba reproduction report", blocked: li
         parts.append(f"<details><summary>{html.escape(run.path.name)}</summary><pre>{cfg}</pre></details>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
-             "th{background:#f2f2f2}.blocked{color:#a40000;font-weight:bold}img{max-width:min(100%,900px)}figure{margin:1.5em 0}figcaption{color:#555;font-size:13px}")
+             "th{background:#f2f2f2}.win{background:#dff0d8}.lose{background:#f2dede}.na{color:#777}.blocked{color:#a40000;font-weight:bold}img{max-width:min(100%,900px)}figure{margin:1.5em 0}figcaption{color:#555;font-size:13px}")
     page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     write_text(out / "report.html", page)
     return out / "report.html"
