@@ -18,3 +18,9 @@ cuba sweep gamma 1 5 10 "${COMMON[@]}" --out "$OUT/gamma"
 # within 1 DS point of the best wins (the eps=0.05 cells are the gamma=5 cells: same config; link
 # them with `ln -s ../gamma/gamma=5-sS "$OUT/eps/eps=0.05-sS"` to skip retraining them)
 cuba sweep eps 0.02 0.03 0.05 0.1 "${COMMON[@]}" --within 1 --out "$OUT/eps"
+# backdoor_ratio (issue 16, point 1: a cheaper joint step, the share of each batch that gets a
+# backdoor twin). Rule written before any result: the cheapest ratio (listed first) within 1 val-DS
+# point of the best, and only if its val ASR stays >= 99.5% and its val CA within 0.2 points of
+# ratio 1.0's (checked by hand from the sweep table). The 1.0 cells are the eps=0.02 cells (same
+# config now that mnist.yaml says eps 0.02): link them as for eps above.
+cuba sweep backdoor_ratio 0.5 1.0 "${COMMON[@]}" --within 1 --out "$OUT/backdoor_ratio"
