@@ -99,3 +99,12 @@ def test_gpu_table2_script_resumes_across_calls_on_cpu(tmp_path: Path) -> None:
     assert "blocked: no local copy of cifar100 (pass --download on a machine with a network, or put cifar100.npz in --data-dir)" in md
     assert "blocked (no local data)" in (tmp_path / "out" / "report.html").read_text()
     assert "[done]" in (tmp_path / "out" / "cells.txt").read_text()
+
+
+def test_memory_format_times_both_layouts(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _run_script("memory_format.py", ["--model", "simplecnn", "--steps", "1", "--repeats", "1", "--batch", "8", "--json"],
+                      capsys, monkeypatch)
+    assert set(out["img_s"]) == {"none_cl", "none_nchw", "cuba_cl", "cuba_nchw"} and min(out["img_s"].values()) > 0
+    for att in ("none", "cuba"):  # the ratio is of the two medians it prints
+        assert out["nchw_over_channels_last"][att] == pytest.approx(out["img_s"][f"{att}_nchw"] / out["img_s"][f"{att}_cl"], rel=1e-2)
+    assert set(out["cpu"]) == {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}

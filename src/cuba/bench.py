@@ -51,13 +51,14 @@ def synthetic(channels: int, size: int, n: int, k: int = 10, seed: int = 0) -> I
 
 
 def engine_throughput(model: str, data: ImageDataset, attack: str, augment: str, steps: int, batch: int, device: str,
-                      **fields: Any) -> float:
+                      channels_last: bool = True, **fields: Any) -> float:
     """Images/s of the training loop itself (no evaluation, no setup), over ``steps`` steps.
 
     The first two steps are left out, as in :func:`reference_throughput`: they pay for the
     allocator and kernel warm-up, which a short measurement would otherwise charge to the loop.
 
-    ``fields`` are extra config fields (e.g. ``generator_scale=2``) for the variants the bench compares.
+    ``fields`` are extra config fields (e.g. ``generator_scale=2``) for the variants the bench compares;
+    ``channels_last`` is the engine's memory format (benchmarks/memory_format.py compares both).
     """
     cfg = make_config({
         **fields,
@@ -65,7 +66,7 @@ def engine_throughput(model: str, data: ImageDataset, attack: str, augment: str,
         "epochs": steps * batch / len(data.y_train), "warmup_epochs": 0.0, "progress": False, "device": device,
         "eval_each_epoch": False, "checkpoint_every": 0.0,
     })
-    return train(cfg, data, make_engine(device, "auto", True)).steady_images_per_second
+    return train(cfg, data, make_engine(device, "auto", channels_last)).steady_images_per_second
 
 
 def reference_throughput(model: str, data: ImageDataset, augment: str, steps: int, batch: int, device: str) -> float:
