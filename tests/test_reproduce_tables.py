@@ -198,3 +198,28 @@ def load_grid_gpu(data_dir: Path) -> dict:
     for name in ("gtsrb.npz", "cifar10-jpeg.zip"):
         (data_dir / name).touch()
     return load_grid("gpu") | {"data_dir": str(data_dir)}
+
+
+def test_table2_keeps_settings_that_share_a_label_apart(tmp_path: Path) -> None:
+    """The adaptive attacker at two weights shares the label cuba-adaptive-fra: two rows, named by the
+    field that differs, not one row averaging them as seeds; seeds of one setting still fold."""
+    from cuba.config import make_config
+    from cuba.reproduce.tables import finished_runs, table2_rows
+    from cuba.runs import save_config, write_json
+
+    def run(name: str, ds: float, **cfg) -> None:
+        c = make_config({"dataset": "digits", "model": "simplecnn", **cfg})
+        save_config(tmp_path / "runs" / name, c)
+        write_json(tmp_path / "runs" / name / "metrics.json", {"dataset": "digits", "num_classes": 10, "ca": 0.97,
+                                                                "asr": 1.0, "ds": ds})
+
+    run("w1-s0", 0.72, attack="cuba-adaptive", adaptive_weight=1.0, seed=0)
+    run("w1-s1", 0.74, attack="cuba-adaptive", adaptive_weight=1.0, seed=1)
+    run("w5-s0", 0.70, attack="cuba-adaptive", adaptive_weight=5.0, seed=0)
+    run("clean-s0", None, attack="none")
+    rows = {r["setting"]: r for r in table2_rows(finished_runs(tmp_path))}
+    assert set(rows) == {"cuba-adaptive-fra (adaptive_weight=1)", "cuba-adaptive-fra (adaptive_weight=5)"}
+    assert rows["cuba-adaptive-fra (adaptive_weight=1)"]["n"] == 2
+    assert rows["cuba-adaptive-fra (adaptive_weight=1)"]["ds"][:2] == pytest.approx((73.0, 1.41421356))
+    assert rows["cuba-adaptive-fra (adaptive_weight=5)"]["ds"][0] == pytest.approx(70.0)
+    assert rows["cuba-adaptive-fra (adaptive_weight=5)"]["clean_ca"][0] == pytest.approx(97.0)

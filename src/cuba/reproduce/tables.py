@@ -103,6 +103,29 @@ TABLE2_KEYS = (("asr", 100.0), ("ds", 100.0), ("ca", 100.0), ("ds_floor", 100.0)
 TABLE2_NA = {"asr", "ds", "ds_floor", "ds_uniform", "effective_classes"}  # n/a on a degenerate model
 
 
+def split_settings(groups: dict[tuple[str, str, str], list[Run]]) -> dict[tuple[str, str, str], list[Run]]:
+    """Runs that share a label but not a setting (a grid's ``per_attack`` settings, e.g. the adaptive
+    attacker at two weights) become separate rows, the label extended by the fields that tell them
+    apart, e.g. ``cuba-adaptive-fra (adaptive_weight=1)``: folding them would average two attacks as
+    if they were seeds of one."""
+    from ..compare import NOT_A_SETTING
+    from ..formatting import fmt_value
+
+    out: dict[tuple[str, str, str], list[Run]] = {}
+    for (ds, model, label), rs in groups.items():
+        # only fields every run records: a run folder from before a field existed is not another setting
+        shared = set.intersection(*(set(r.config) for r in rs)) - NOT_A_SETTING
+        keys = [tuple(sorted((k, repr(r.config[k])) for k in shared)) for r in rs]
+        if label == "clean" or len(set(keys)) == 1:  # the clean reference stays one group
+            out[(ds, model, label)] = rs
+            continue
+        varying = sorted({k for key in keys for k, _ in key if len({dict(kk).get(k) for kk in keys}) > 1})
+        for r in rs:
+            extra = ", ".join(f"{k}={fmt_value(r.config.get(k))}" for k in varying)
+            out.setdefault((ds, model, f"{label} ({extra})"), []).append(r)
+    return out
+
+
 def table2_rows(runs: list[Run], blocked: list[dict] = ()) -> list[dict]:
     """One row per (data set, model, attacked setting): mean ± std over seeds, and its protocol
     (:func:`protocol`; the distinct ones joined by "; " if the seeds differ). ``blocked``
@@ -119,6 +142,7 @@ def table2_rows(runs: list[Run], blocked: list[dict] = ()) -> list[dict]:
     groups: dict[tuple[str, str, str], list[Run]] = defaultdict(list)
     for r in runs:
         groups[(str(r.metrics.get("dataset") or r.config["dataset"]), r.config["model"], r.label)].append(r)
+    groups = split_settings(groups)
     rows = []
     for (ds, model, label), rs in sorted(groups.items()):
         if label == "clean":
