@@ -113,7 +113,8 @@ def test_rule_table_keys_order_and_thresholds_by_hand() -> None:
     low = rule_table(s_val, s_clean, s_bd, one_sided="lower")
     assert list(low) == ["far_at_frr_1pct", "frr_at_frr_1pct", "far_at_frr_1pct_two_sided", "frr_at_frr_1pct_two_sided",
                          "far_at_frr_5pct", "frr_at_frr_5pct", "far_at_frr_5pct_two_sided", "frr_at_frr_5pct_two_sided",
-                         "thresholds"]
+                         "thresholds", "unresolved_rules"]
+    assert low["unresolved_rules"] == ["1pct_two_sided"]  # 100 scores: 0.5 per tail, so its bounds are the extremes
     # 1%: lower quantile 0.0 (nothing of s_val below it); two-sided 0.5% / 99.5% at observed values: 0.0 and 0.99;
     # 5%: 0.04, two-sided 2.5% / 97.5%: 0.02 and 0.97
     assert low["thresholds"] == {"1pct": [0.0, None], "1pct_two_sided": [0.0, 0.99],
@@ -125,7 +126,7 @@ def test_rule_table_keys_order_and_thresholds_by_hand() -> None:
     assert (up["far_at_frr_5pct"], up["frr_at_frr_5pct"]) == pytest.approx((2 / 3, 0.25))
     two = rule_table(s_val, s_clean, s_bd, one_sided=None)
     assert list(two) == ["far_at_frr_1pct_two_sided", "frr_at_frr_1pct_two_sided", "far_at_frr_5pct_two_sided",
-                         "frr_at_frr_5pct_two_sided", "thresholds"]
+                         "frr_at_frr_5pct_two_sided", "thresholds", "unresolved_rules"]
     assert two["thresholds"] == {"1pct_two_sided": [0.0, 0.99], "5pct_two_sided": [0.02, 0.97]}
     assert REPORTED_FRR == (0.01, 0.05) and list(rule_table(s_val, s_clean, s_bd, rates=(0.1,))["thresholds"]) == ["10pct_two_sided"]
 
@@ -143,3 +144,26 @@ def test_score_inapplicable_reason_in_order() -> None:
     assert score_inapplicable_reason(attacked, "mask norm", varied, flat, flat) == (
         "every test input has the same mask norm: the score ranks nothing")
     assert score_inapplicable_reason(attacked, "mask norm", varied, varied, flat) is None
+
+
+def test_a_rule_finer_than_its_calibration_set_is_marked_unresolved() -> None:
+    """142 validation scores resolve a one-sided 1% rule (1.42 per tail) but not a two-sided one
+    (0.71 per tail); 200 resolve both. An unresolved rule is named in defense.json, its headline
+    says so, and the verdict abstains rather than call the detector's miss a measurement."""
+    from cuba.defenses import DEFENSES
+    from cuba.defenses.base import rule_headline
+    from cuba.defenses.rules import resolved, rule_table
+    from cuba.defenses.verdict import verdict
+
+    assert resolved(142, 0.01, two_sided=False) and not resolved(142, 0.01, two_sided=True)
+    assert resolved(200, 0.01, two_sided=True) and not resolved(99, 0.01, two_sided=False)
+    rng = np.random.default_rng(0)
+    small = rule_table(rng.normal(size=142), rng.normal(size=50), rng.normal(size=50), one_sided="lower")
+    assert small["unresolved_rules"] == ["1pct_two_sided"]
+    assert "unresolved_rules" not in rule_table(rng.normal(size=200), rng.normal(size=50), rng.normal(size=50))
+    f = {"setting": "cuba-nra2", "auroc": 0.985, "far_at_frr_1pct_two_sided": 0.997, "frr_at_frr_1pct_two_sided": 0.0,
+         "n_calib_used": 142, "unresolved_rules": ["1pct_two_sided"]}
+    assert rule_headline(f, "FAR@FRR1%", "far_at_frr_1pct_two_sided", "frr_at_frr_1pct_two_sided", "FRR") == (
+        "AUROC 0.985, FAR@FRR1% 0.997 (test FRR 0.000) [unresolved: 142 validation inputs]")
+    assert verdict(DEFENSES["entropy"], f) is None
+    assert verdict(DEFENSES["entropy"], {**f, "unresolved_rules": []}) == "missed"

@@ -53,7 +53,7 @@ from .rules import constant_scores, rate_tag, roc_summary, val_threshold
 # (mkdocstrings renders an imported name only when __all__ exports it) keeps documenting them here,
 # where docs/ links to them. at_chance, re-exported for report.py, is documented under cuba.metrics.
 __all__ = ["AttackRun", "load_attack_run", "DefenseResult", "Defense", "rate_tag", "val_threshold", "roc_summary",
-           "constant_scores", "model_verdict", "not_applicable", "rule_headline", "missing_stages", "pct", "ASR_NAMES",
+           "constant_scores", "model_verdict", "not_applicable", "rule_tag", "rule_headline", "missing_stages", "pct", "ASR_NAMES",
            "headline_asr_key", "headline_asr_key_of", "headline_value", "removal_headline", "DEFENSES", "register",
            "check_param", "run_defense"]
 
@@ -263,6 +263,11 @@ def not_applicable(fields: dict[str, Any]) -> str | None:
     return None
 
 
+def rule_tag(key: str) -> str:
+    """The tag of a rule's defense.json key: "far_at_frr_1pct_two_sided" -> "1pct_two_sided"."""
+    return key.split("_at_", 1)[-1].split("_", 1)[-1]
+
+
 def rule_headline(fields: dict[str, Any], label: str, key: str, realised_key: str, realised_name: str) -> str:
     """An input detector's headline: AUROC, then its rule at a fixed error rate (``key``) with the
     rate that rule realised on clean test inputs (``realised_key``), then the same for the
@@ -273,7 +278,10 @@ def rule_headline(fields: dict[str, Any], label: str, key: str, realised_key: st
         return na
 
     def one(k: str, rk: str) -> str:
-        return f"{label} {fields[k]:.3f}" + (f" (test {realised_name} {fields[rk]:.3f})" if rk in fields else "")
+        text = f"{label} {fields[k]:.3f}" + (f" (test {realised_name} {fields[rk]:.3f})" if rk in fields else "")
+        if rule_tag(k) in fields.get("unresolved_rules", ()):
+            text += f" [unresolved: {fields.get('n_calib_used', '?')} validation inputs]"
+        return text
 
     text = f"AUROC {fields['auroc']:.3f}, " + one(key, realised_key)
     if f"{key}_two_sided" in fields:

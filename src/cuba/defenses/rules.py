@@ -103,12 +103,22 @@ def _rules_at(s_val: np.ndarray, rate: float, one_sided: Literal["lower", "upper
     return rules
 
 
+def resolved(n_val: int, rate: float, two_sided: bool) -> bool:
+    """Whether ``n_val`` validation scores can place a rule at FRR ``rate`` inside the sample: each
+    tail (``rate``, or ``rate / 2`` per tail for a two-sided rule) must hold at least one score. Why
+    it matters: with fewer, the threshold is the sample's minimum or maximum, so one odd clean
+    image sets it and the rule's FRR is not the nominal one (142 digits validation images cannot
+    resolve a two-sided 1% rule: 0.71 images per tail)."""
+    return n_val * (rate / 2 if two_sided else rate) >= 1
+
+
 def rule_table(s_val: np.ndarray, s_clean: np.ndarray, s_bd: np.ndarray,
                one_sided: Literal["lower", "upper"] | None = None, two_sided: bool = True,
                rates: Sequence[float] = REPORTED_FRR) -> dict[str, Any]:
     """The rules of a detector fitted on clean validation scores ``s_val`` at each FRR of ``rates``,
     and what they do on the test inputs: ``far_at_frr_{tag}`` (backdoor inputs not flagged) and
-    ``frr_at_frr_{tag}`` (clean inputs flagged), then ``thresholds`` keyed by tag.
+    ``frr_at_frr_{tag}`` (clean inputs flagged), then ``thresholds`` keyed by tag, and
+    ``unresolved_rules`` (the tags :func:`resolved` rejects) when there are any.
 
     ``one_sided``: "lower" flags s < the empirical frr quantile (:func:`one_sided_lower`, low =
     backdoor), "upper" flags s > the empirical 1 - frr quantile (:func:`val_threshold`, high =
@@ -124,6 +134,10 @@ def rule_table(s_val: np.ndarray, s_clean: np.ndarray, s_bd: np.ndarray,
             out[f"far_at_frr_{tag}{suffix}"], out[f"frr_at_frr_{tag}{suffix}"] = far_frr(s_clean, s_bd, lo, hi)
             thresholds[tag + suffix] = recorded
     out["thresholds"] = thresholds
+    unresolved = [rate_tag(rate) + suffix for rate in rates for suffix, *_ in _rules_at(s_val, rate, one_sided, two_sided)
+                  if not resolved(len(s_val), rate, suffix == "_two_sided")]
+    if unresolved:  # only then: files of well-calibrated runs keep their keys
+        out["unresolved_rules"] = unresolved
     return out
 
 
