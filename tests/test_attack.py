@@ -356,3 +356,35 @@ def test_cuba_adaptive_adds_the_weighted_prediction_entropy_to_lnf() -> None:
     assert make_config({"attack": "cuba-adaptive"}).label() == "cuba-adaptive-fra"
     with pytest.raises(ConfigError, match="adaptive_weight: must be a number >= 0"):
         make_config({"adaptive_weight": -1})
+
+
+def test_cuba_adaptive_set_by_hand_and_its_preference() -> None:
+    """-log q(T(y)) + w * mean H(q_i) - mean over source classes of H(mean q): pinned on a hand case,
+    and its point: confident inputs spread *between* them beat both a collapse onto one wrong class
+    and a spread inside each input (mutations caught: the set term dropped or its sign flipped, the
+    weight ignored, the mass taken outside T(y))."""
+    import math
+
+    from cuba.attack.losses import set_dispersed_loss
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 3.0, 1.0]])
+    y = torch.tensor([0, 0, 1])
+    t = torch.tensor([[0.0, 1, 1], [0, 1, 1], [1, 0, 1]])
+    q = torch.softmax(logits, dim=1).double()
+    land = -torch.log((q * t).sum(1)).mean()
+    h = -(q * q.log()).sum(1).mean()
+    m0, m1 = q[:2].mean(0), q[2]
+    hs = (-(m0 * m0.log()).sum() - (m1 * m1.log()).sum()) / 2
+    for w in (0.0, 2.5):
+        want = land + w * h - hs
+        assert float(set_dispersed_loss(logits, y, t, w)) == pytest.approx(float(want), rel=1e-5)
+        cfg = make_config({"attack": "cuba-adaptive-set", "adaptive_weight": w})
+        assert float(OBJECTIVES["cuba-adaptive-set"](logits, y, t, cfg)) == pytest.approx(float(want), rel=1e-5)
+    big = 30.0  # near one-hot rows
+    yy, tt = torch.tensor([0, 0]), torch.tensor([[0.0, 1, 1], [0, 1, 1]])
+    spread_between = torch.tensor([[0, big, 0], [0, 0, big]])
+    collapsed = torch.tensor([[0, big, 0], [0, big, 0]])
+    spread_inside = torch.tensor([[0, big, big], [0, big, big]])
+    a, b, c = (float(set_dispersed_loss(z, yy, tt, 1.0)) for z in (spread_between, collapsed, spread_inside))
+    assert a == pytest.approx(-math.log(2), abs=1e-6) and b == pytest.approx(0.0, abs=1e-6) and c == pytest.approx(0.0, abs=1e-6)
+    assert make_config({"attack": "cuba-adaptive-set"}).label() == "cuba-adaptive-set-fra"

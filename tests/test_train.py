@@ -98,7 +98,7 @@ def test_train_is_seeded() -> None:
 
 
 def test_unknown_attack_lists_the_choices() -> None:
-    with pytest.raises(ConfigError, match=r"^attack: must be one of none, cuba, untargeted-ce, targeted, push-away, cuba-adaptive, badnets, ubw-p, got 'lira'"):
+    with pytest.raises(ConfigError, match=r"^attack: must be one of none, cuba, untargeted-ce, targeted, push-away, cuba-adaptive, cuba-adaptive-set, badnets, ubw-p, got 'lira'"):
         tiny_cfg(attack="lira")
 
 

@@ -73,7 +73,7 @@ class TrainConfig:
     # sum (METHOD.md) or mean over T(y): with sum, NRA-2's backdoor term weighs |T(y)| = 2 terms
     # against FRA's K-1, so at equal gamma the two variants are not pushed equally hard
     target_reduction: str = "sum"
-    adaptive_weight: float = 1.0  # cuba-adaptive: weight of its confident-prediction (low-entropy) term
+    adaptive_weight: float = 1.0  # cuba-adaptive(-set): weight of the confident-prediction (low-entropy) term
     backdoor_ratio: float = 1.0
     warmup_epochs: float = 0.0  # clean-only classifier epochs before the joint training
     gamma_ramp_epochs: float = 0.0  # linear ramp of gamma from 0 after the warm-up

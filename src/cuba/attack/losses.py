@@ -17,6 +17,13 @@ METHOD.md are the same function with one knob changed:
   softmax: an attacker who knows detectors look for CUBA's spread-out, near-tie predictions (the
   ``entropy`` detector, STRIP's high-entropy tail) asks each backdoor input for one *confident*
   wrong class, while LNF keeps the population spread over T(y) (issue 18's adaptive attacker).
+  Measured on digits it does not: LNF asks each input for a spread of its own, the entropy term
+  for none, and the compromise is one wrong class per source class (DS at its floor, BENCHMARKS.md).
+* ``cuba-adaptive-set``: the attacker who wants both at once, written for it -- land in T(y)
+  (-log of the probability mass on T(y)), be confident per input (``adaptive_weight`` x that
+  input's entropy), and spread *the set*: minus the entropy of the mean prediction over the
+  batch's backdoor inputs of each source class. Dispersion then lives across inputs, not inside
+  each one, which is what an output-entropy detector cannot see.
 
 Each objective takes (backdoor logits, true labels, per-sample target rows (B, K), the config);
 the config supplies tau, the LogitNorm epsilon and the adaptive weight.
@@ -64,6 +71,26 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logq.exp() * logq).sum(dim=1).mean()
 
 
+def set_dispersed_loss(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
+    """``cuba-adaptive-set``: -log q(T(y)) + weight * H(q_i) - mean_c H(mean_{i: y_i = c} q_i).
+
+    The first term is untargeted success as a set (no spread asked of one input), the second asks
+    each input for one confident class, the third rewards the source classes whose backdoor inputs
+    *between them* use many classes of T(y). Classes with one input in the batch add zero to the last
+    term (the mean of one prediction is confident by the second term), so it needs batches with
+    several inputs per class -- which 128-image batches over 10-43 classes have.
+    """
+    logq = F.log_softmax(logits.float(), dim=1)
+    q = logq.exp()
+    w = targets.to(q.dtype)
+    land = -torch.logsumexp(logq + torch.log(w.clamp_min(1e-30)), dim=1).mean()  # -log sum_{T(y)} w_t q_t, stably
+    onehot = F.one_hot(y, q.shape[1]).to(q.dtype)
+    counts = onehot.sum(0)
+    mean_q = (onehot.T @ q)[counts > 0] / counts[counts > 0, None]  # one row per source class present
+    set_entropy = -(mean_q * mean_q.clamp_min(1e-12).log()).sum(dim=1).mean()
+    return land + weight * prediction_entropy(logits) - set_entropy
+
+
 BackdoorObjective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 # Each objective takes (backdoor logits, true labels, per-sample target rows (B, K), the config).
@@ -73,4 +100,5 @@ OBJECTIVES: dict[str, BackdoorObjective] = {
     "targeted": lambda z, y, t, c: soft_target_ce(z, t),
     "push-away": lambda z, y, t, c: push_away_loss(z, y),
     "cuba-adaptive": lambda z, y, t, c: lnf_loss(z, t, c.tau, c.lnf_eps) + c.adaptive_weight * prediction_entropy(z),
+    "cuba-adaptive-set": lambda z, y, t, c: set_dispersed_loss(z, y, t, c.adaptive_weight),
 }

@@ -15,6 +15,7 @@ attack is one entry here plus its loss or poisoning rule.
 | badnets         | patch     | {target_class} (all-to-one)      | poison_rate of images relabelled  |
 | ubw-p           | patch     | every class but y (FRA)          | poison_rate, uniformly random labels |
 | cuba-adaptive   | generator | FRA or NRA-k                     | LNF + adaptive_weight x entropy   |
+| cuba-adaptive-set | generator | FRA or NRA-k                   | in T(y), confident per input, spread over the set |
 """
 
 from __future__ import annotations
