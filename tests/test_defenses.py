@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_registry_has_the_paper_defenses_then_the_newer_detectors() -> None:
     assert list(DEFENSES) == ["strip", "neural-cleanse", "sentinet", "fine-pruning", "nad", "scale-up", "entropy", "mm-bd",
-                              "cognitive-distillation", "trigger-inversion", "ibd-psc", "dispersion-inversion"]
+                              "cognitive-distillation", "trigger-inversion", "ibd-psc", "dispersion-inversion", "near-tie"]
 
 
 class _Const(nn.Module):

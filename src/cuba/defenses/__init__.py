@@ -10,5 +10,6 @@ from . import cognitive_distillation  # noqa: F401,I001  (registers it)
 from . import trigger_inversion  # noqa: F401,I001  (registers it)
 from . import ibd_psc  # noqa: F401,I001  (registers it)
 from . import dispersion_inversion  # noqa: F401,I001  (registers it)
+from . import near_tie  # noqa: F401,I001  (registers it)
 
 __all__ = ["DEFENSES", "AttackRun", "Defense", "DefenseResult", "load_attack_run", "register", "run_defense"]
