@@ -52,7 +52,7 @@ from .rules import constant_scores, rate_tag, roc_summary, val_threshold
 # What this module offers, its re-exports from .rules included: listed so that the API reference
 # (mkdocstrings renders an imported name only when __all__ exports it) keeps documenting them here,
 # where docs/ links to them. at_chance, re-exported for report.py, is documented under cuba.metrics.
-__all__ = ["AttackRun", "load_attack_run", "DefenseResult", "Defense", "rate_tag", "val_threshold", "roc_summary",
+__all__ = ["AttackRun", "load_attack_run", "DefenseResult", "Defense", "SampledInputDetector", "rate_tag", "val_threshold", "roc_summary",
            "constant_scores", "model_verdict", "not_applicable", "rule_tag", "rule_headline", "missing_stages", "pct", "ASR_NAMES",
            "headline_asr_key", "headline_asr_key_of", "headline_value", "removal_headline", "DEFENSES", "register",
            "check_param", "run_defense"]
@@ -242,6 +242,18 @@ class Defense(ABC):
         if na:
             return na
         return f"AUROC {fields['auroc']:.3f}" if "auroc" in fields else "(see defense.json)"
+
+
+class SampledInputDetector(Defense):
+    """An input-level detector that calibrates on ``n_calib`` clean validation images and scores
+    ``n_eval`` attacked test images (the entropy and near-tie detectors): one place validates the
+    two counts, so the detectors that share them cannot disagree on what a valid count is."""
+
+    def __init__(self, n_eval: int = 1000, n_calib: int = 1000, seed: int = 0) -> None:
+        super().__init__(seed)
+        for name, v in (("n_eval", n_eval), ("n_calib", n_calib)):
+            check_param(name, isinstance(v, int) and not isinstance(v, bool) and v >= 2, "an integer >= 2", v)
+        self.n_eval, self.n_calib = n_eval, n_calib
 
 
 def model_verdict(score: float | None, suspicious: str, flagged: bool | None, assumes_target_class: bool) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from .base import AttackRun, Defense, DefenseResult, check_param, register, rule_headline
+from .base import AttackRun, DefenseResult, SampledInputDetector, register, rule_headline
 from .plots import plot_scores
 from .rules import REPORTED_FRR, rule_table, score_inapplicable_reason
 
@@ -78,19 +78,13 @@ def tie_summary(s_val: np.ndarray, s_clean: np.ndarray, s_bd: np.ndarray) -> dic
 
 
 @register
-class NearTie(Defense):
+class NearTie(SampledInputDetector):
     name = "near-tie"
     rule = ("far_at_frr_1pct", "far")  # the operating point cuba.defenses.verdict judges
 
     @classmethod
     def headline(cls, f: dict) -> str:
         return rule_headline(f, "FAR@FRR1%", "far_at_frr_1pct", "frr_at_frr_1pct", "FRR")
-
-    def __init__(self, n_eval: int = 1000, n_calib: int = 1000, seed: int = 0) -> None:
-        super().__init__(seed)
-        for name, v in (("n_eval", n_eval), ("n_calib", n_calib)):
-            check_param(name, isinstance(v, int) and not isinstance(v, bool) and v >= 2, "an integer >= 2", v)
-        self.n_eval, self.n_calib = n_eval, n_calib
 
     def run(self, run: AttackRun, out: Path) -> DefenseResult:
         x_val, _ = run.clean_val(self.n_calib, seed=self.seed)
