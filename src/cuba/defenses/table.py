@@ -116,8 +116,10 @@ def defense_tables(run_dirs: list[Path], names: list[str] | None = None) -> str:
     res = load_results(run_dirs)
     cols = names or [str(next(iter(d.values())).get("setting", r.name)) for r, d in res]
     lines = ["| defense | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    # registered defenses in registration order, then any other defense.json found (e.g. a removed defense)
-    found = list(DEFENSES) + sorted({n for _, d in res for n in d} - set(DEFENSES))
+    # the defenses that ran on at least one of the runs (a row of dashes says nothing), registered
+    # ones in registration order, then any other defense.json found (e.g. a removed defense)
+    ran = {n for _, d in res for n in d}
+    found = [n for n in DEFENSES if n in ran] + sorted(ran - set(DEFENSES))
     for name in found:
         cells = []
         for _, d in res:
