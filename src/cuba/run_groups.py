@@ -214,15 +214,25 @@ def load_run(path: Path) -> Run:
     return Run(path, cfg.to_dict(), run.metrics(), cfg.label())
 
 
+def setting_key(config: dict[str, Any], fields: Any = None) -> tuple:
+    """What makes a run's setting: its config fields (all, or only ``fields``) minus the run-only
+    ones and the seed, as a hashable, order-free key."""
+    return tuple(sorted((k, repr(v)) for k, v in config.items()
+                        if k not in NOT_A_SETTING and (fields is None or k in fields)))
+
+
+def varying_fields(keys: list[tuple], exclude: set[str] = frozenset()) -> list[str]:
+    """The fields (sorted) whose value differs between the settings ``keys`` (of :func:`setting_key`)."""
+    distinct = list(dict.fromkeys(keys))
+    return sorted({k for k in {k for key in distinct for k, _ in key} - exclude
+                   if len({dict(key).get(k) for key in distinct}) > 1})
+
+
 def group_runs(runs: list[Run]) -> list[Group]:
     """Group runs by setting, name each group, keep the order in which settings first appear."""
-    keys = [tuple(sorted((k, repr(v)) for k, v in r.config.items() if k not in NOT_A_SETTING)) for r in runs]
-    distinct = list(dict.fromkeys(keys))
+    keys = [setting_key(r.config) for r in runs]
     # the fields whose value differs between settings, beyond what the label already says
-    varying = sorted({
-        k for k in {k for key in distinct for k, _ in key} - IN_LABEL
-        if len({dict(key).get(k) for key in distinct}) > 1
-    })
+    varying = varying_fields(keys, IN_LABEL)
     groups: dict[tuple, Group] = {}
     for run, key in zip(runs, keys):
         if key not in groups:

@@ -108,18 +108,18 @@ def split_settings(groups: dict[tuple[str, str, str], list[Run]]) -> dict[tuple[
     attacker at two weights) become separate rows, the label extended by the fields that tell them
     apart, e.g. ``cuba-adaptive-fra (adaptive_weight=1)``: folding them would average two attacks as
     if they were seeds of one."""
-    from ..compare import NOT_A_SETTING
+    from ..run_groups import setting_key, varying_fields
     from ..formatting import fmt_value
 
     out: dict[tuple[str, str, str], list[Run]] = {}
     for (ds, model, label), rs in groups.items():
         # only fields every run records: a run folder from before a field existed is not another setting
-        shared = set.intersection(*(set(r.config) for r in rs)) - NOT_A_SETTING
-        keys = [tuple(sorted((k, repr(r.config[k])) for k in shared)) for r in rs]
+        shared = set.intersection(*(set(r.config) for r in rs))
+        keys = [setting_key(r.config, shared) for r in rs]
         if label == "clean" or len(set(keys)) == 1:  # the clean reference stays one group
             out[(ds, model, label)] = rs
             continue
-        varying = sorted({k for key in keys for k, _ in key if len({dict(kk).get(k) for kk in keys}) > 1})
+        varying = varying_fields(keys)
         for r in rs:
             extra = ", ".join(f"{k}={fmt_value(r.config.get(k))}" for k in varying)
             out.setdefault((ds, model, f"{label} ({extra})"), []).append(r)
