@@ -56,6 +56,51 @@ def test_defense_table_adds_the_model_level_rows(tmp_path: Path) -> None:
     assert row == "| neural-cleanse | high | 0.000 (1 vs 2) | 0.500 (2 vs 2) | 0/1 | 1/1 | 0/2 |"
 
 
+def _di_run(root: Path, name: str, setting: str, score: float) -> Path:
+    """A run folder holding one dispersion-inversion defense.json decided without references."""
+    folder = root / name / "defenses" / "dispersion-inversion"
+    folder.mkdir(parents=True)
+    f = {"setting": setting, "seconds": 2.0, "params": {"margin": 2.0}, "budgets": [1 / 255, 2 / 255], "rows": [],
+         "reached": True, "reference_budgets": None, "reference_cutoff": None,
+         **model_verdict(score, "low", None, False)}
+    (folder / "defense.json").write_text(json.dumps(f))
+    return root / name
+
+
+def test_defense_table_references_decide_the_flag_and_leave_the_scored_runs(tmp_path: Path) -> None:
+    from cuba.config import ConfigError
+
+    # references score 0.06 and 0.04: cutoff min / margin = 0.02. CUBA 0.01 < 0.02 flagged, clean 0.03 not
+    runs = [_di_run(tmp_path, "cuba", "cuba-fra", 0.01), _di_run(tmp_path, "clean", "clean", 0.03),
+            _di_run(tmp_path, "ref1", "clean", 0.06), _di_run(tmp_path, "ref2", "clean", 0.04)]
+    md = defense_tables(runs, references=runs[2:])
+    table_head = md.splitlines()[0]
+    assert table_head.count("|") == 4  # defense + the two scored runs: references are not columns
+    row = next(line for line in md.splitlines() if line.startswith("| dispersion-inversion | low |"))
+    # one CUBA vs one clean model (not three): the references never enter the AUROC
+    assert row == "| dispersion-inversion | low | 1.000 (1 vs 1) | 1.000 (1 vs 1) | 1/1 | – | 0/1 |"
+    assert "flagged decided on 2 clean reference model(s)" in md and "0.06, 0.04" in md
+    assert "caught" in md.splitlines()[2] and "clear" in md.splitlines()[2]
+    # without references the detector cannot decide: no verdict, no flag counts
+    plain = defense_tables(runs[:2])
+    assert "| dispersion-inversion | low | 1.000 (1 vs 1) | 1.000 (1 vs 1) | – | – | – |" in plain
+    with pytest.raises(ConfigError, match="a reference model must be clean, this one is 'cuba-fra'"):
+        defense_tables(runs[1:], references=runs[:1])
+
+
+def test_trigger_inversion_reference_rule() -> None:
+    from cuba.defenses import DEFENSES
+
+    ti = DEFENSES["trigger-inversion"]
+    f = {"setting": "cuba-fra", "budgets": [1.0, 2.0, 4.0, 8.0], "margin": 2.0, "reference_budget": None,
+         **model_verdict(1.0, "low", None, False)}
+    # reference budget = the smallest reference score (4); cut 2: 1 < 2 flagged; null references are left out
+    assert ti.with_references(f, [8.0, 4.0, None]) | {} == {**f, "reference_budget": 4.0, "flagged": True}
+    assert ti.with_references({**f, "score": 2.0}, [4.0])["flagged"] is False
+    assert ti.with_references(f, [None]) is None
+    assert DEFENSES["neural-cleanse"].with_references(f, [1.0]) is None  # no reference rule: untouched
+
+
 def test_verdict_by_each_detectors_own_rule() -> None:
     """caught / missed on backdoored models, clear / false alarm on clean ones; the input-level bar is
     at most 5% of backdoor inputs let through (FAR <= 0.05, or TPR >= 0.95), inclusive."""

@@ -40,7 +40,7 @@ def cmd_defense_table(args: argparse.Namespace) -> int:
     names = args.names.split(",") if args.names else None
     if names and len(names) != len(args.runs):
         raise ConfigError(f"--names: give one name per run ({len(args.runs)}), got {len(names)}")
-    md = defense_tables([Path(r) for r in args.runs], names)
+    md = defense_tables([Path(r) for r in args.runs], names, [Path(r) for r in args.reference or []])
     print(md)
     if args.out:
         write_text(Path(args.out), md + "\n")
@@ -75,6 +75,9 @@ def add_parsers(sub: Any) -> None:
     dt.add_argument("runs", nargs="+", metavar="RUN_DIR")
     dt.add_argument("--names", default=None, help="comma-separated column names (default: each run's setting)")
     dt.add_argument("--out", default=None, help="write the Markdown here too")
+    dt.add_argument("--reference", nargs="+", default=None, metavar="RUN_DIR",
+                    help="clean models the defender trained: they decide the inversion detectors' flag and are "
+                         "left out of the scored runs (and of every AUROC)")
     dt.set_defaults(func=cmd_defense_table)
     im = sub.add_parser("import-model", help="make a run folder from someone else's classifier weights (to audit it)")
     im.add_argument("weights", help=".safetensors, or a pickle .pt/.pth with --allow-pickle")

@@ -243,6 +243,12 @@ class Defense(ABC):
             return na
         return f"AUROC {fields['auroc']:.3f}" if "auroc" in fields else "(see defense.json)"
 
+    @classmethod
+    def with_references(cls, fields: dict[str, Any], reference_scores: list[float]) -> dict[str, Any] | None:
+        """``fields`` with ``flagged`` decided from clean reference models' scores under this same
+        detector (``cuba defense-table --reference``); None for a detector with no reference rule."""
+        return None
+
 
 class SampledInputDetector(Defense):
     """An input-level detector that calibrates on ``n_calib`` clean validation images and scores

@@ -247,6 +247,16 @@ class DispersionInversion(Defense):
             return text + "; no reference"
         return text + f"; {'flagged' if f['flagged'] else 'not flagged'} (reference cutoff {f['reference_cutoff'] * 255:.3g}/255)"
 
+    @classmethod
+    def with_references(cls, f: dict, reference_scores: list[float]) -> dict | None:
+        """Decide ``flagged`` as if the run had been given ``reference_budgets`` = the reference models'
+        scores (same detector and parameters): the rule and margin of :func:`reference_verdict`."""
+        if not_applicable(f) or f.get("score") is None or not reference_scores:
+            return None
+        flagged, cutoff = reference_verdict(f["score"], reference_scores, float(f["params"]["margin"]))
+        return {**f, "reference_budgets": [float(v) for v in reference_scores], "reference_cutoff": cutoff,
+                "flagged": flagged}
+
     def __init__(self, budgets: Sequence[float] = DEFAULT_BUDGETS, target_rate: float = 0.9,
                  target_dispersion: float = 0.8, reference_budgets: Sequence[float] | None = None, margin: float = 2.0,
                  tau: float | None = None, steps: int = 100, lr_frac: float = 0.1, n_fit: int = 256,

@@ -14,6 +14,12 @@ written before ASR-C was recorded shows plain ASR, marked † and explained unde
 from clean ones, in the direction the detector declares (``score_suspicious``), with how many of
 each its own rule flagged. An AUROC needs at least one model of each kind; a detector that was
 not applicable to a model leaves that model out.
+
+``references``: clean models the defender trained itself (issue 18's threat model for the
+inversion detectors). A model-level detector with a reference rule (``Defense.with_references``:
+trigger inversion, dispersion inversion) that ran without one gets its ``flagged`` decided from the
+references' scores under the same detector; the reference runs are dropped from the scored runs, so
+no model calibrates its own verdict and none enters an AUROC.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
 from ..runs import read_json
 from .base import ASR_NAMES, headline_asr_key_of, headline_value, not_applicable, pct
 from .verdict import VERDICT_SEP, verdict
@@ -110,10 +117,41 @@ def model_level_table(res: list[tuple[Path, dict[str, dict[str, Any]]]]) -> list
     return lines
 
 
-def defense_tables(run_dirs: list[Path], names: list[str] | None = None) -> str:
+def apply_references(res: list[tuple[Path, dict[str, dict[str, Any]]]],
+                     refs: list[tuple[Path, dict[str, dict[str, Any]]]], defenses: dict[str, type]) -> list[str]:
+    """Decide ``flagged`` of each reference-calibrated detector in ``res`` (in place) from the
+    reference runs' scores; the note lines that say so under the table ([] without references)."""
+    for r, d in refs:
+        setting = str(next(iter(d.values())).get("setting", "?"))
+        if setting != "clean":
+            raise ConfigError(f"--reference {r}: a reference model must be clean, this one is {setting!r}")
+    notes = []
+    for name, cls in defenses.items():
+        scores = [d[name].get("score") for _, d in refs if name in d and not not_applicable(d[name])]
+        changed = 0
+        for _, d in res:
+            f = d.get(name)
+            if f is None or f.get("flagged") is not None:
+                continue
+            new = cls.with_references(f, scores)
+            if new is not None:
+                d[name], changed = new, changed + 1
+        if changed:
+            notes.append(f"{name}: flagged decided on {len(scores)} clean reference model(s) the defender trained "
+                         f"(scores {', '.join(f'{v:g}' for v in scores if v is not None)}); they are not among the runs above.")
+    return ["", *notes] if notes else []
+
+
+def defense_tables(run_dirs: list[Path], names: list[str] | None = None,
+                   references: list[Path] | None = None) -> str:
     from . import DEFENSES  # here: the package imports this module's siblings
 
-    res = load_results(run_dirs)
+    ref_set = {Path(p).resolve() for p in references or []}
+    kept = [(i, r) for i, r in enumerate(run_dirs) if Path(r).resolve() not in ref_set]
+    if names:
+        names = [names[i] for i, _ in kept]
+    res = load_results([r for _, r in kept])
+    notes = apply_references(res, load_results(list(references or [])), DEFENSES)
     cols = names or [str(next(iter(d.values())).get("setting", r.name)) for r, d in res]
     lines = ["| defense | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     # the defenses that ran on at least one of the runs (a row of dashes says nothing), registered
@@ -133,4 +171,4 @@ def defense_tables(run_dirs: list[Path], names: list[str] | None = None) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, key in (("fine-pruning", "prune_ratio"), ("nad", "epoch")):
         lines += removal_table(name, key, cols, [d.get(name) for _, d in res])
-    return "\n".join(lines + model_level_table(res))
+    return "\n".join(lines + model_level_table(res) + notes)

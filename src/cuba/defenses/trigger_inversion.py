@@ -198,6 +198,18 @@ class TriggerInversion(Defense):
         verdict = {True: "flagged", False: "not flagged", None: "undecided"}[f["flagged"]]
         return f"{found}; {verdict} ({rule})"
 
+    @classmethod
+    def with_references(cls, f: dict, reference_scores: list[float]) -> dict | None:
+        """Decide ``flagged`` with ``reference_budget`` = the smallest reference score (the most easily
+        moved clean model, as conservative as :class:`DispersionInversion`'s min); a reference that
+        never reached the target (score null) has no budget to compare with and is left out."""
+        refs = [float(v) for v in reference_scores if v is not None]
+        if not_applicable(f) or not refs:
+            return None
+        ref = min(refs)
+        flagged = decide(f["score"], ref, float(f["margin"]), max(f["budgets"]))
+        return {**f, "reference_budget": ref, "flagged": flagged}
+
     def __init__(self, budgets: tuple[float, ...] = DEFAULT_BUDGETS, steps: int = 50, target: float = 0.8,
                  n_fit: int = 256, n_holdout: int = 256, reference_budget: float | None = None, margin: float = 2.0,
                  stop_at_target: bool = True, batch_size: int = 1024, seed: int = 0) -> None:
