@@ -121,6 +121,21 @@ def test_killed_reproduce_finishes_without_redoing_cells(tmp_path: Path) -> None
     assert all(is_done(tmp_path / "o", c) for c in expand(TINY) if not c.defenses)
 
 
+def test_reference_seeds_mark_clean_cells_that_get_the_defenses() -> None:
+    """reference_seeds: clean models the defender trains; they get the grid's defenses whatever
+    defense_seeds says (their scores calibrate the inversion detectors), and only clean cells can be one."""
+    grid = {**TINY, "per_attack": {"none": {"seeds": [0, 1, 2]}}, "reference_seeds": [2]}
+    cells = expand(grid)
+    assert [(c.name, c.reference, bool(c.defenses)) for c in cells] == [
+        ("digits-simplecnn-clean-s0", False, True), ("digits-simplecnn-clean-s1", False, False),
+        ("digits-simplecnn-clean-s2", True, True), ("digits-simplecnn-cuba-fra-s0", False, True),
+        ("digits-simplecnn-cuba-fra-s1", False, False)]
+    assert not any(c.reference for c in expand(TINY))
+    with pytest.raises(ConfigError, match=r"^grid: reference_seeds \[5\] of digits are not seeds of its clean cells "
+                                          r"\(\[0, 1\]\)"):
+        expand({**TINY, "reference_seeds": [5]})
+
+
 def test_shipped_grids_expand() -> None:
     from cuba.reproduce import load_grid
 
@@ -134,6 +149,10 @@ def test_shipped_grids_expand() -> None:
     assert len(cpu) == 15 and sum(bool(c.defenses) for c in cpu) == 7  # defenses on seed 0
     assert {c.name for c in cpu} >= {"mnist-simplecnn-untargeted-ce-fra-s0", "mnist-simplecnn-push-away-fra-s0",
                                      "mnist-simplecnn-badnets-t0-s0"}
+    digits = expand(load_grid("detectors-digits") | {"data_dir": None})
+    # 12 clean + 12 CUBA scored models, and 3 clean references the defense table keeps apart
+    assert len(digits) == 27 and [c.values["seed"] for c in digits if c.reference] == [12, 13, 14]
+    assert all(c.defenses for c in digits)
     with pytest.raises(ConfigError, match="neither a file nor a shipped grid"):
         load_grid("nonexistent")
 

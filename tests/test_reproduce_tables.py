@@ -223,3 +223,27 @@ def test_table2_keeps_settings_that_share_a_label_apart(tmp_path: Path) -> None:
     assert rows["cuba-adaptive-fra (adaptive_weight=1)"]["ds"][:2] == pytest.approx((73.0, 1.41421356))
     assert rows["cuba-adaptive-fra (adaptive_weight=5)"]["ds"][0] == pytest.approx(70.0)
     assert rows["cuba-adaptive-fra (adaptive_weight=5)"]["clean_ca"][0] == pytest.approx(97.0)
+
+
+def test_report_keeps_reference_models_out_of_the_scored_runs(tmp_path: Path) -> None:
+    """A grid's reference models decide the inversion detectors' flag in defenses.md / report.html
+    and are not columns of the matrix nor models of the AUROC; the model-level table reaches the report."""
+    from cuba.config import make_config
+    from cuba.defenses.base import model_verdict
+    from cuba.runs import save_config, write_json
+
+    for name, attack, score in (("clean-s0", "none", 0.03), ("clean-s1", "none", 0.08), ("fra-s0", "cuba", 0.01)):
+        save_config(tmp_path / "runs" / name, make_config({"dataset": "digits", "model": "simplecnn", "attack": attack}))
+        write_json(tmp_path / "runs" / name / "metrics.json", {"dataset": "digits", "num_classes": 10, "ca": 0.97})
+        setting = "clean" if attack == "none" else "cuba-fra"
+        write_json(tmp_path / "runs" / name / "defenses" / "dispersion-inversion" / "defense.json",
+                   {"setting": setting, "seconds": 1.0, "params": {"margin": 2.0}, "budgets": [0.1], "rows": [],
+                    "reached": True, "reference_budgets": None, "reference_cutoff": None,
+                    **model_verdict(score, "low", None, False)})
+    page = write_report(tmp_path, references=["clean-s1"]).read_text()
+    md = (tmp_path / "defenses.md").read_text()
+    assert md.splitlines()[0] == "| defense | clean-s0 | fra-s0 |"
+    # cutoff 0.08 / 2 = 0.04: the CUBA model (0.01) is caught, the scored clean one (0.03) a false alarm
+    assert "| dispersion-inversion | low | 1.000 (1 vs 1) | 1.000 (1 vs 1) | 1/1 | – | 1/1 |" in md
+    assert "flagged decided on 1 clean reference model(s)" in page and "Model-level detectors over these runs" in page
+    assert "false alarm" in page and "caught" in page

@@ -45,6 +45,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     cells = expand(raw)
     # the whole grid's blocked settings: table2 covers all of --out, not only this call's --only
     blocked = blocked_settings(cells)
+    references = [c.name for c in cells if c.reference]
     if args.only:  # e.g. --only 'mnist-*': one part of a grid now, the rest later into the same --out
         from fnmatch import fnmatchcase
 
@@ -78,7 +79,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
     files = write_table2(out, blocked)
     print("\n" + files[0].read_text())
-    report = write_report(out, title=f"cuba reproduce {args.grid}", blocked=blocked)
+    report = write_report(out, title=f"cuba reproduce {args.grid}", blocked=blocked, references=references)
     extra = [f for f in (out / "table3.md", out / "defenses.md") if f.is_file()]
     print("written: " + ", ".join(str(f) for f in [*files, *extra, report]))
     return 130 if interrupted else 0

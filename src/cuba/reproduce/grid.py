@@ -16,6 +16,7 @@ each a complete, validated training config -- every cell is checked before the f
     epochs: null                         # a number, {data set: number}, or null (the preset's)
     defenses: [strip, neural-cleanse, sentinet, fine-pruning, nad]
     defense_seeds: [0]                   # which seeds' models the defenses inspect (or per data set)
+    reference_seeds: []                  # clean seeds the defender trains as reference models (or per data set)
     data_dir: ../shared/data             # named sets, and relative paths not found as given
     fallback: {cifar10: cifar10-jpeg.zip}  # used for a named set that has no local copy
     set: {}                              # config fields for every cell
@@ -48,7 +49,7 @@ from ..config import ConfigError, flatten_values, load_config_file, make_config
 from ..runs import safe_name
 
 KEYS = ("name", "datasets", "models", "presets", "attacks", "variants", "seeds", "per_attack", "epochs", "defenses",
-        "defense_seeds", "data_dir", "fallback", "set", "overrides")
+        "defense_seeds", "reference_seeds", "data_dir", "fallback", "set", "overrides")
 
 
 @dataclass
@@ -59,6 +60,9 @@ class Cell:
     values: dict[str, Any]
     defenses: list[str] = field(default_factory=list)
     blocked: str | None = None  # why it cannot run here (its data set has no local copy), or None
+    # a clean model the defender trains as a reference (``reference_seeds``): the inversion detectors
+    # decide their flag on it, and the defense table keeps it out of the scored models
+    reference: bool = False
 
 
 def _as_list(v: Any, name: str) -> list:
@@ -197,6 +201,7 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
             raise ConfigError(f"grid: no seeds for data set {ds!r}")
         d_seeds = raw.get("defense_seeds")
         defense_seeds = seeds[:1] if d_seeds is None else _as_list(_for(d_seeds, ds), "defense_seeds")
+        ref_seeds = _as_list(_for(raw.get("reference_seeds"), ds), "reference_seeds")
         # attacks and variants may be {data set: list}, like models (e.g. baselines on MNIST only)
         attacks = _as_list(_for(raw.get("attacks", ["none", "cuba"]), ds), "attacks")
         variants = _as_list(_for(raw.get("variants", ["fra"]), ds), "variants")
@@ -214,7 +219,13 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
                     raise ConfigError(f"grid cell {ds}/{model}/{attack}/{variant}/seed {seed}: {e}") from None
                 label = f"{cfg.label()}-{tag}" if tag else cfg.label()
                 name = f"{Path(str(run_ds)).stem}-{safe_name(model)}-{label}-s{seed}"
-                cells.append(Cell(name, values, defenses if seed in defense_seeds else [], blocked))
+                ref = attack == "none" and seed in ref_seeds
+                cells.append(Cell(name, values, defenses if seed in defense_seeds or ref else [], blocked, ref))
+        clean_seeds = {c.values["seed"] for c in cells if c.values["attack"] == "none" and c.values["dataset"] == run_ds}
+        missing = [s for s in ref_seeds if s not in clean_seeds]
+        if missing:
+            raise ConfigError(f"grid: reference_seeds {missing} of {ds} are not seeds of its clean cells "
+                              f"({sorted(clean_seeds)}); a reference model is a clean cell")
     names = [c.name for c in cells]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

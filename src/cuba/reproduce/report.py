@@ -22,6 +22,7 @@ import html
 import io
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -203,18 +204,23 @@ def _md_table_to_html(md: str) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_defense_table(out: Path) -> Path | None:
-    """``defenses.md``: every defense's headline numbers (AUROC, anomaly index, ...) per defended run."""
+def write_defense_table(out: Path, references: Sequence[str] = ()) -> Path | None:
+    """``defenses.md``: every defense's headline numbers (AUROC, anomaly index, ...) per defended run;
+    the finished runs named in ``references`` (the grid's reference models) calibrate the inversion
+    detectors' flag instead of being scored (:func:`cuba.defenses.table.defense_tables`)."""
     from ..defenses.table import defense_tables
 
     defended = [r.path for r in finished_runs(out) if any((r.path / "defenses").glob("*/defense.json"))]
-    if not defended:
+    refs = [p for p in defended if p.name in set(references)]
+    scored = [p for p in defended if p not in refs]
+    if not scored:
         return None
-    write_text(out / "defenses.md", defense_tables(defended, [p.name for p in defended]) + "\n")
+    write_text(out / "defenses.md", defense_tables(scored, [p.name for p in scored], refs) + "\n")
     return out / "defenses.md"
 
 
-def write_report(out: Path, title: str = "cuba reproduction report", blocked: list[dict] = ()) -> Path:
+def write_report(out: Path, title: str = "cuba reproduction report", blocked: list[dict] = (),
+                 references: Sequence[str] = ()) -> Path:
     """Tables, figures and configs of every finished run in one offline HTML file; ``blocked``
     (:func:`cuba.reproduce.tables.blocked_settings`) adds Table II rows for the grid's settings
     that could not run here, and says why under the table."""
@@ -223,9 +229,14 @@ def write_report(out: Path, title: str = "cuba reproduction report", blocked: li
     t2_rows = table2_rows(finished_runs(out), blocked)
     t2 = table2_markdown(t2_rows)
     t3 = (out / "table3.md").read_text()
-    dt = write_defense_table(out)
-    # the headline table only: its removal curves are Table III, shown above it
-    detection = dt.read_text().split("\n\n")[0] if dt is not None else ""
+    dt = write_defense_table(out, references)
+    # the headline table, then the model-level AUROCs and their notes; the removal curves between
+    # them are Table III, shown above
+    blocks = dt.read_text().strip().split("\n\n") if dt is not None else [""]
+    detection = blocks[0]
+    start = next((i for i, b in enumerate(blocks) if b.startswith("Model-level detectors")), len(blocks))
+    model_level = [_md_table_to_html(b) if b.lstrip().startswith("|") else f"<p>{html.escape(b)}</p>"
+                   for b in blocks[start:]]
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>Run folder: {html.escape(str(out))}</p>",
              "<h2>Table II: ASR, DS, CA (mean ± std over seeds), beside the paper</h2>", _md_table_to_html(t2),
              *(f"<p class='blocked'>{html.escape(note)}</p>" for note in blocked_notes(t2_rows)),
@@ -239,6 +250,7 @@ def write_report(out: Path, title: str = "cuba reproduction report", blocked: li
              "<p>Definitions: the manual, docs/reference/defenses.md. CA/ASR in %; times are wall seconds. Green: the "
              "detector's own rule caught the backdoor (input-level: it lets at most 5% of backdoor inputs through) or "
              "cleared a clean model; red: it missed the backdoor or flagged a clean model; grey: not applicable.</p>" + _md_table_to_html(detection),
+             *model_level,
              "<h2>Figures</h2>"]
     for caption, path in collect_figures(out):
         data = base64.b64encode(path.read_bytes()).decode()
