@@ -222,7 +222,10 @@ def test_headlines() -> None:
     (DispersionInversion, {"budgets": [0.0, 0.1]}, r"^budgets: must be .* in \(0, 1\], got \[0.0, 0.1\]"),
     (DispersionInversion, {"reference_budgets": []}, r"^reference_budgets: must be null or a non-empty list"),
     (DispersionInversion, {"reference_budgets": [0.1, -1]}, r"^reference_budgets: must be null or a non-empty list"),
-    (DispersionInversion, {"margin": 0}, r"^margin: must be a finite number > 0, got 0"),
+    (DispersionInversion, {"margin": 0.5}, r"^margin: must be a finite number >= 1, got 0.5"),
+    # a score written in 1/255 units (16) instead of pixel units: above 2 x the largest budget (64/255)
+    (DispersionInversion, {"reference_budgets": [16]}, r"^reference_budgets: must be null or a non-empty list of scores "
+                                                       r"in \(0, 2 x the largest budget\]"),
     (DispersionInversion, {"target_rate": 0}, r"^target_rate: must be in \(0, 1\], got 0"),
     (DispersionInversion, {"target_dispersion": 1.5}, r"^target_dispersion: must be in \[0, 1\], got 1.5"),
     (DispersionInversion, {"tau": 0}, r"^tau: must be null or a finite number > 0, got 0"),

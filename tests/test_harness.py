@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from cuba.defenses.base import model_verdict
-from cuba.defenses.table import defense_tables, model_auroc
+from cuba.defenses.model_level import model_auroc
+from cuba.defenses.table import defense_tables
 
 
 def test_model_verdict_shape_and_direction() -> None:
@@ -88,6 +89,54 @@ def test_defense_table_references_decide_the_flag_and_leave_the_scored_runs(tmp_
         defense_tables(runs[1:], references=runs[:1])
 
 
+def test_model_auroc_keeps_unreached_models_as_least_suspicious() -> None:
+    """Trigger inversion writes score null when no budget moved a model (``reached: false``): that
+    model resisted hardest, so it ranks below every scored one instead of leaving the AUROC."""
+    def ti(score: float | None) -> dict:
+        return {**_f(score, None, "low"), "reached": score is not None}
+
+    entries = [("cuba-fra", ti(4.0)), ("cuba-fra", ti(8.0)), ("clean", ti(2.0)), ("clean", ti(None)), ("clean", ti(None))]
+    # CUBA 4 and 8 each beat both unreached clean models, lose to clean 2: 4 of 6 pairs
+    assert model_auroc(entries, ("cuba",)) == (pytest.approx(4 / 6), 2, 3)
+    # a null score without `reached: false` (a detector that abstained) is still left out
+    assert model_auroc(entries + [("clean", _f(None, None, "low"))], ("cuba",))[2] == 3
+
+
+def _write(root: Path, name: str, dataset: str, defense: str, f: dict) -> Path:
+    import yaml
+
+    run = root / name
+    (run / "defenses" / defense).mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"dataset": dataset}, "model": {"model": "simplecnn"}}))
+    (run / "defenses" / defense / "defense.json").write_text(json.dumps(f))
+    return run
+
+
+def test_model_level_rows_and_references_stay_within_one_data_set(tmp_path: Path) -> None:
+    from cuba.config import ConfigError
+
+    def di(setting: str, score: float, **params: object) -> dict:
+        return {"setting": setting, "seconds": 1.0, "params": {"margin": 2.0, "steps": 100, **params}, "budgets": [0.5],
+                "rows": [], "reached": True, "reference_budgets": None, "reference_cutoff": None,
+                **model_verdict(score, "low", None, False)}
+
+    runs = [_write(tmp_path, "m-cuba", "mnist", "dispersion-inversion", di("cuba-fra", 0.01)),
+            _write(tmp_path, "m-clean", "mnist", "dispersion-inversion", di("clean", 0.05)),
+            _write(tmp_path, "c-cuba", "cifar10", "dispersion-inversion", di("cuba-fra", 0.2)),
+            _write(tmp_path, "c-clean", "cifar10", "dispersion-inversion", di("clean", 0.1))]
+    refs = [_write(tmp_path, "m-ref", "mnist", "dispersion-inversion", di("clean", 0.04)),
+            _write(tmp_path, "c-ref", "cifar10", "dispersion-inversion", di("clean", 0.5))]
+    md = defense_tables(runs, references=refs)
+    # one AUROC per data set: pooled, MNIST's CUBA 0.01 and CIFAR's 0.2 against clean 0.05 and 0.1 would read 0.5
+    assert "| dispersion-inversion (mnist/simplecnn) | low | 1.000 (1 vs 1) | 1.000 (1 vs 1) | 1/1 | – | 0/1 |" in md
+    # CIFAR's cutoff comes from its own reference (0.5 / 2 = 0.25), not MNIST's 0.04 / 2: both flagged
+    assert "| dispersion-inversion (cifar10/simplecnn) | low | 0.000 (1 vs 1) | 0.000 (1 vs 1) | 1/1 | – | 1/1 |" in md
+    assert "dispersion-inversion (mnist/simplecnn): flagged decided on 1 clean reference model(s)" in md
+    odd = _write(tmp_path, "m-ref-odd", "mnist", "dispersion-inversion", di("clean", 0.04, steps=10))
+    with pytest.raises(ConfigError, match=r"m-ref-odd: dispersion-inversion ran with other parameters than on .*m-cuba \(steps\)"):
+        defense_tables(runs[:2], references=[odd])
+
+
 def test_trigger_inversion_reference_rule() -> None:
     from cuba.defenses import DEFENSES
 
@@ -97,7 +146,10 @@ def test_trigger_inversion_reference_rule() -> None:
     # reference budget = the smallest reference score (4); cut 2: 1 < 2 flagged; null references are left out
     assert ti.with_references(f, [8.0, 4.0, None]) | {} == {**f, "reference_budget": 4.0, "flagged": True}
     assert ti.with_references({**f, "score": 2.0}, [4.0])["flagged"] is False
-    assert ti.with_references(f, [None]) is None
+    # every reference unreached (each needs > 8): under 8 / 2 is flagged for sure, above is undecided
+    assert ti.with_references(f, [None])["flagged"] is True
+    assert ti.with_references({**f, "score": 5.0}, [None, None])["flagged"] is None
+    assert ti.with_references(f, []) is None
     assert DEFENSES["neural-cleanse"].with_references(f, [1.0]) is None  # no reference rule: untouched
 
 

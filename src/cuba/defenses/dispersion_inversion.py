@@ -221,9 +221,11 @@ def _check_params(budgets: Any, reference_budgets: Any, margin: Any, target_rate
                 "a non-empty, strictly increasing list of numbers in (0, 1]", budgets)
     check_param("reference_budgets", reference_budgets is None or (
         isinstance(reference_budgets, (list, tuple)) and len(reference_budgets) >= 1
-        and all(_is_number(b) and b > 0 for b in reference_budgets)), "null or a non-empty list of numbers > 0",
+        and all(_is_number(b) and 0 < b <= 2 * max(budgets) for b in reference_budgets)),
+        "null or a non-empty list of scores in (0, 2 x the largest budget] (pixel units in [0, 1], not 1/255)",
         reference_budgets)
-    check_param("margin", _is_number(margin) and margin > 0, "a finite number > 0", margin)
+    # margin < 1 would flag a model less suspicious than every reference (the references themselves, too)
+    check_param("margin", _is_number(margin) and margin >= 1, "a finite number >= 1", margin)
     check_param("target_rate", _is_number(target_rate) and 0 < target_rate <= 1, "in (0, 1]", target_rate)
     check_param("target_dispersion", _is_number(target_dispersion) and 0 <= target_dispersion <= 1, "in [0, 1]",
                 target_dispersion)

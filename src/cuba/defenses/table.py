@@ -8,18 +8,9 @@ epoch, CA and the *headline* ASR per run: ASR-C for untargeted attacks (a repair
 mistakes count as successes there, so plain ASR >= 1 - CA says nothing about the backdoor), plain
 ASR for the targeted controls. Each run's column title says which it shows; a defense.json
 written before ASR-C was recorded shows plain ASR, marked † and explained under the table.
-(3) For the model-level detectors (defense.json ``level: model``, see
-:func:`cuba.defenses.base.model_verdict`): over the runs given, the AUROC of the detector's
-``score`` separating CUBA models (settings ``cuba-*``) from clean ones, and any backdoored model
-from clean ones, in the direction the detector declares (``score_suspicious``), with how many of
-each its own rule flagged. An AUROC needs at least one model of each kind; a detector that was
-not applicable to a model leaves that model out.
-
-``references``: clean models the defender trained itself (issue 18's threat model for the
-inversion detectors). A model-level detector with a reference rule (``Defense.with_references``:
-trigger inversion, dispersion inversion) that ran without one gets its ``flagged`` decided from the
-references' scores under the same detector; the reference runs are dropped from the scored runs, so
-no model calibrates its own verdict and none enters an AUROC.
+(3) For the model-level detectors: their AUROC over the runs given and how many models each one's
+rule flagged, with clean reference models deciding the inversion detectors' flag
+(:mod:`cuba.defenses.model_level`).
 """
 
 from __future__ import annotations
@@ -27,9 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
 from ..runs import read_json
 from .base import ASR_NAMES, headline_asr_key_of, headline_value, not_applicable, pct
+from .model_level import apply_references, model_level_table
 from .verdict import VERDICT_SEP, verdict
 
 FALLBACK_NOTE = ("† ASR-C not recorded (defense.json written before it): plain ASR shown, which for an "
@@ -74,72 +65,6 @@ def removal_table(name: str, key: str, cols: list[str], per_run: list[dict[str, 
             cells.append(f"{pct(row['ca'])} / {pct(value)}")
         lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
     return lines + (["", FALLBACK_NOTE] if fallback else [])
-
-
-def _kind(setting: str) -> str:
-    return "clean" if setting == "clean" else "cuba" if setting.startswith("cuba") else "other"
-
-
-def model_auroc(entries: list[tuple[str, dict[str, Any]]], positive: tuple[str, ...]) -> tuple[float | None, int, int]:
-    """(AUROC of score, n positive, n clean) over (setting, defense.json) pairs; positives are the
-    runs whose kind (clean / cuba / other) is in ``positive``. None without both kinds."""
-    from sklearn.metrics import roc_auc_score
-
-    pairs = [(_kind(s), f) for s, f in entries if f.get("score") is not None and not not_applicable(f)]
-    pos = [f["score"] for k, f in pairs if k in positive]
-    neg = [f["score"] for k, f in pairs if k == "clean"]
-    if not pos or not neg:
-        return None, len(pos), len(neg)
-    sign = -1.0 if entries[0][1].get("score_suspicious") == "low" else 1.0
-    y = [1] * len(pos) + [0] * len(neg)
-    return float(roc_auc_score(y, [sign * v for v in pos + neg])), len(pos), len(neg)
-
-
-def model_level_table(res: list[tuple[Path, dict[str, dict[str, Any]]]]) -> list[str]:
-    """Markdown lines of table (3); [] when no model-level detector ran."""
-    names = sorted({n for _, d in res for n, f in d.items() if f.get("level") == "model"})
-    if not names:
-        return []
-    lines = ["", "Model-level detectors over these runs: AUROC of the score (direction as the detector declares), "
-             "and how many models its own rule flagged", "",
-             "| detector | suspicious score | AUROC CUBA vs clean (n) | AUROC any backdoor vs clean (n) | flagged: CUBA | "
-             "flagged: other backdoors | flagged: clean |", "|---|---|---|---|---|---|---|"]
-    for name in names:
-        entries = [(str(d[name].get("setting", r.name)), d[name]) for r, d in res if name in d]
-        cells = []
-        for positive in (("cuba",), ("cuba", "other")):
-            auc, n_pos, n_neg = model_auroc(entries, positive)
-            cells.append(f"{'–' if auc is None else f'{auc:.3f}'} ({n_pos} vs {n_neg})")
-        for kind in ("cuba", "other", "clean"):
-            mine = [f for s, f in entries if _kind(s) == kind and f.get("flagged") is not None]
-            cells.append(f"{sum(bool(f['flagged']) for f in mine)}/{len(mine)}" if mine else "–")
-        lines.append(f"| {name} | {entries[0][1].get('score_suspicious', '?')} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def apply_references(res: list[tuple[Path, dict[str, dict[str, Any]]]],
-                     refs: list[tuple[Path, dict[str, dict[str, Any]]]], defenses: dict[str, type]) -> list[str]:
-    """Decide ``flagged`` of each reference-calibrated detector in ``res`` (in place) from the
-    reference runs' scores; the note lines that say so under the table ([] without references)."""
-    for r, d in refs:
-        setting = str(next(iter(d.values())).get("setting", "?"))
-        if setting != "clean":
-            raise ConfigError(f"--reference {r}: a reference model must be clean, this one is {setting!r}")
-    notes = []
-    for name, cls in defenses.items():
-        scores = [d[name].get("score") for _, d in refs if name in d and not not_applicable(d[name])]
-        changed = 0
-        for _, d in res:
-            f = d.get(name)
-            if f is None or f.get("flagged") is not None:
-                continue
-            new = cls.with_references(f, scores)
-            if new is not None:
-                d[name], changed = new, changed + 1
-        if changed:
-            notes.append(f"{name}: flagged decided on {len(scores)} clean reference model(s) the defender trained "
-                         f"(scores {', '.join(f'{v:g}' for v in scores if v is not None)}); they are not among the runs above.")
-    return ["", *notes] if notes else []
 
 
 def defense_tables(run_dirs: list[Path], names: list[str] | None = None,

@@ -201,14 +201,18 @@ class TriggerInversion(Defense):
     @classmethod
     def with_references(cls, f: dict, reference_scores: list[float]) -> dict | None:
         """Decide ``flagged`` with ``reference_budget`` = the smallest reference score (the most easily
-        moved clean model, as conservative as :class:`DispersionInversion`'s min); a reference that
-        never reached the target (score null) has no budget to compare with and is left out."""
-        refs = [float(v) for v in reference_scores if v is not None]
-        if not_applicable(f) or not refs:
+        moved clean model, as conservative as :class:`DispersionInversion`'s min). A reference that
+        never reached the target (score null) needs more than the largest budget: when every reference
+        is such, a suspect is flagged if its score is under largest / margin (certain whatever the
+        references' true budgets) and left undecided otherwise."""
+        if not_applicable(f) or not reference_scores:
             return None
-        ref = min(refs)
-        flagged = decide(f["score"], ref, float(f["margin"]), max(f["budgets"]))
-        return {**f, "reference_budget": ref, "flagged": flagged}
+        refs = [float(v) for v in reference_scores if v is not None]
+        if refs:
+            ref = min(refs)
+            return {**f, "reference_budget": ref, "flagged": decide(f["score"], ref, float(f["margin"]), max(f["budgets"]))}
+        certain = f["score"] is not None and f["score"] < max(f["budgets"]) / float(f["margin"])
+        return {**f, "flagged": True if certain else None}
 
     def __init__(self, budgets: tuple[float, ...] = DEFAULT_BUDGETS, steps: int = 50, target: float = 0.8,
                  n_fit: int = 256, n_holdout: int = 256, reference_budget: float | None = None, margin: float = 2.0,

@@ -1,0 +1,155 @@
+"""The model-level half of ``cuba defense-table``: how well each model-level detector's ``score``
+separates backdoored models from clean ones, and how many models its own rule flagged.
+
+Model-level detectors (defense.json ``level: model``, :func:`cuba.defenses.base.model_verdict`)
+write one number per model. Over the runs given, the AUROC of that score separates CUBA models
+(settings ``cuba-*``) from clean ones, and any backdoored model from clean ones, in the direction
+the detector declares (``score_suspicious``). An AUROC needs at least one model of each kind; a
+detector that was not applicable to a model leaves that model out, while a model an inversion
+detector never moved within its schedule (``reached: false``, score null) is kept as the least
+suspicious of all -- dropping it would drop exactly the models that resisted hardest.
+
+Scores are only comparable between models of one data set and architecture (a budget on MNIST
+says nothing about one on CIFAR-10), so runs are grouped by (data set, model) from their
+config.yaml, with one AUROC row per group and detector.
+
+``references``: clean models the defender trained itself (issue 18's threat model for the
+inversion detectors). A detector with a reference rule (``Defense.with_references``: trigger
+inversion, dispersion inversion) that ran without one gets its ``flagged`` decided from the scores
+of the references of the *same group*, which must have run with the same parameters (seed aside);
+the references are not among the scored runs, so none calibrates its own verdict or enters an AUROC.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError
+from .base import not_applicable
+
+Results = list[tuple[Path, dict[str, dict[str, Any]]]]
+"""[(run folder, {defense name: defense.json})], as :func:`cuba.defenses.table.load_results` reads them."""
+
+# parameters that may differ between a reference and the model it calibrates
+_FREE_PARAMS = frozenset({"seed", "reference_budgets", "reference_budget"})
+
+
+def _kind(setting: str) -> str:
+    return "clean" if setting == "clean" else "cuba" if setting.startswith("cuba") else "other"
+
+
+def model_group(run_dir: Path) -> str:
+    """"<data set>/<model>" from the run's config.yaml ("?" when it has none): the models whose
+    scores may be ranked together."""
+    cfg_file = Path(run_dir) / "config.yaml"
+    if not cfg_file.is_file():
+        return "?"
+    cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    data, model = cfg.get("data", cfg), cfg.get("model", cfg)
+    return f"{Path(str(data.get('dataset', '?'))).stem}/{model.get('model', '?')}"
+
+
+def _ranked_score(f: dict[str, Any]) -> float | None:
+    """The score in "higher is more suspicious" orientation; -inf for a model the detector never moved
+    (``reached: false`` without a score); None when the model is left out."""
+    if not_applicable(f):
+        return None
+    sign = -1.0 if f.get("score_suspicious") == "low" else 1.0
+    score = f.get("score")
+    if score is None:
+        return -math.inf if f.get("reached") is False else None
+    return sign * float(score) if math.isfinite(float(score)) else None
+
+
+def model_auroc(entries: list[tuple[str, dict[str, Any]]], positive: tuple[str, ...]) -> tuple[float | None, int, int]:
+    """(AUROC of score, n positive, n clean) over (setting, defense.json) pairs; positives are the
+    runs whose kind (clean / cuba / other) is in ``positive``. None without both kinds."""
+    from sklearn.metrics import roc_auc_score
+
+    pairs = [(_kind(s), v) for s, f in entries if (v := _ranked_score(f)) is not None]
+    pos = [v for k, v in pairs if k in positive]
+    neg = [v for k, v in pairs if k == "clean"]
+    if not pos or not neg:
+        return None, len(pos), len(neg)
+    finite = [v for v in pos + neg if math.isfinite(v)]
+    floor = (min(finite) if finite else 0.0) - 1.0  # sklearn refuses inf; any value below every score ranks the same
+    y = [1] * len(pos) + [0] * len(neg)
+    return float(roc_auc_score(y, [v if math.isfinite(v) else floor for v in pos + neg])), len(pos), len(neg)
+
+
+def _groups(res: Results) -> dict[str, Results]:
+    out: dict[str, Results] = {}
+    for r, d in res:
+        out.setdefault(model_group(r), []).append((r, d))
+    return out
+
+
+def model_level_table(res: Results) -> list[str]:
+    """Markdown lines of the model-level table; [] when no model-level detector ran."""
+    names = sorted({n for _, d in res for n, f in d.items() if f.get("level") == "model"})
+    if not names:
+        return []
+    groups = _groups(res)
+    lines = ["", "Model-level detectors over these runs: AUROC of the score (direction as the detector declares), "
+             "and how many models its own rule flagged" + (", per data set / model" if len(groups) > 1 else ""), "",
+             "| detector | suspicious score | AUROC CUBA vs clean (n) | AUROC any backdoor vs clean (n) | flagged: CUBA | "
+             "flagged: other backdoors | flagged: clean |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        for group, members in groups.items():
+            entries = [(str(d[name].get("setting", r.name)), d[name]) for r, d in members if name in d]
+            if not entries:
+                continue
+            cells = []
+            for positive in (("cuba",), ("cuba", "other")):
+                auc, n_pos, n_neg = model_auroc(entries, positive)
+                cells.append(f"{'–' if auc is None else f'{auc:.3f}'} ({n_pos} vs {n_neg})")
+            for kind in ("cuba", "other", "clean"):
+                mine = [f for s, f in entries if _kind(s) == kind and f.get("flagged") is not None]
+                cells.append(f"{sum(bool(f['flagged']) for f in mine)}/{len(mine)}" if mine else "–")
+            label = f"{name} ({group})" if len(groups) > 1 else name
+            lines.append(f"| {label} | {entries[0][1].get('score_suspicious', '?')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _check_reference(ref: Path, f: dict[str, Any], target: dict[str, Any], name: str, run: Path) -> None:
+    """A reference must have run the detector with the scored run's parameters (seed aside)."""
+    mine = {k: v for k, v in (f.get("params") or {}).items() if k not in _FREE_PARAMS}
+    theirs = {k: v for k, v in (target.get("params") or {}).items() if k not in _FREE_PARAMS}
+    if mine != theirs:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise ConfigError(f"--reference {ref}: {name} ran with other parameters than on {run} ({', '.join(diff)}); "
+                          "a reference must be scored by the same detector settings")
+
+
+def apply_references(res: Results, refs: Results, defenses: dict[str, type]) -> list[str]:
+    """Decide ``flagged`` of each reference-calibrated detector in ``res`` (in place) from the scores
+    of the reference runs of the same (data set, model) group; the note lines that say so under the
+    table ([] without references)."""
+    for r, d in refs:
+        setting = str(next(iter(d.values())).get("setting", "?"))
+        if setting != "clean":
+            raise ConfigError(f"--reference {r}: a reference model must be clean, this one is {setting!r}")
+    ref_groups = _groups(refs)
+    notes = []
+    for name, cls in defenses.items():
+        for group, members in _groups(res).items():
+            mine = [(r, d[name]) for r, d in ref_groups.get(group, []) if name in d and not not_applicable(d[name])]
+            changed = 0
+            for run, d in members:
+                f = d.get(name)
+                if f is None or f.get("flagged") is not None or not mine:
+                    continue
+                for ref, rf in mine:
+                    _check_reference(ref, rf, f, name, run)
+                new = cls.with_references(f, [rf.get("score") for _, rf in mine])
+                if new is not None:
+                    d[name], changed = new, changed + 1
+            if changed:
+                scores = ", ".join(f"{rf['score']:g}" for _, rf in mine if rf.get("score") is not None)
+                notes.append(f"{name} ({group}): flagged decided on {len(mine)} clean reference model(s) the defender "
+                             f"trained (scores {scores}); they are not among the runs above.")
+    return ["", *notes] if notes else []
