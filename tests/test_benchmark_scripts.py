@@ -108,3 +108,21 @@ def test_memory_format_times_both_layouts(capsys: pytest.CaptureFixture[str], mo
     for att in ("none", "cuba"):  # the ratio is of the two medians it prints
         assert out["nchw_over_channels_last"][att] == pytest.approx(out["img_s"][f"{att}_nchw"] / out["img_s"][f"{att}_cl"], rel=1e-2)
     assert set(out["cpu"]) == {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+
+
+def test_asr_c_misses_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """K = 4, T(y) = {y + 1}. Clean mistakes 0 -> 2 (twice) make 2 the top confuser of 0. Of the three
+    correct 0s, one triggered prediction is in T(0) = {1}, one stays at 0 and one goes to 3 = T(2)."""
+    import numpy as np
+
+    targets = np.zeros((4, 4), dtype=bool)
+    targets[np.arange(4), (np.arange(4) + 1) % 4] = True
+    y = np.array([0, 0, 0, 0, 0, 1])
+    pc = np.array([0, 0, 0, 2, 2, 1])
+    pb = np.array([1, 0, 3, 1, 1, 2])
+    np.savez(tmp_path / "predictions.npz", y_true=y, y_pred_clean=pc, y_pred_backdoor=pb, target_matrix=targets)
+    out = _run_script("asr_c_misses.py", [str(tmp_path)], capsys, monkeypatch)
+    assert out["asr_c"] == pytest.approx(2 / 4) and out["misses"] == 2 and out["stay_at_y"] == 1
+    assert out["other_wrong_class"] == 1 and out["share_in_T_of_top_confuser"] == 1.0
+    # the wrong classes outside T(0) = {1} are 2 and 3; only 3 is in T(2): chance 1/2
+    assert out["chance_in_T_of_top_confuser"] == pytest.approx(0.5)
