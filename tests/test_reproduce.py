@@ -122,15 +122,19 @@ def test_killed_reproduce_finishes_without_redoing_cells(tmp_path: Path) -> None
 
 
 def test_reference_seeds_mark_clean_cells_that_get_the_defenses() -> None:
-    """reference_seeds: clean models the defender trains; they get the grid's defenses whatever
-    defense_seeds says (their scores calibrate the inversion detectors), and only clean cells can be one."""
+    """reference_seeds: clean models the defender trains; they run the defenses that need references
+    whatever defense_seeds says (their scores calibrate the inversion detectors), and only clean cells can be one."""
     grid = {**TINY, "per_attack": {"none": {"seeds": [0, 1, 2]}}, "reference_seeds": [2]}
     cells = expand(grid)
     assert [(c.name, c.reference, bool(c.defenses)) for c in cells] == [
         ("digits-simplecnn-clean-s0", False, True), ("digits-simplecnn-clean-s1", False, False),
-        ("digits-simplecnn-clean-s2", True, True), ("digits-simplecnn-cuba-fra-s0", False, True),
+        ("digits-simplecnn-clean-s2", True, False), ("digits-simplecnn-cuba-fra-s0", False, True),
         ("digits-simplecnn-cuba-fra-s1", False, False)]
     assert not any(c.reference for c in expand(TINY))
+    # outside defense_seeds a reference runs only the detectors that need references
+    both = expand({**grid, "defenses": ["fine-pruning", "dispersion-inversion", "trigger-inversion"]})
+    assert both[2].defenses == ["dispersion-inversion", "trigger-inversion"]
+    assert both[0].defenses == ["fine-pruning", "dispersion-inversion", "trigger-inversion"] and both[1].defenses == []
     with pytest.raises(ConfigError, match=r"^grid: reference_seeds \[5\] of digits are not seeds of its clean cells "
                                           r"\(\[0, 1\]\)"):
         expand({**TINY, "reference_seeds": [5]})
@@ -313,7 +317,8 @@ def test_named_settings_of_one_attack_become_cells_of_their_own() -> None:
     cells = {c.name: c for c in expand(load_grid("detectors"))}
     w1, w5 = cells["mnist-simplecnn-cuba-adaptive-fra-w1-s0"], cells["mnist-simplecnn-cuba-adaptive-fra-w5-s0"]
     assert (w1.values["adaptive_weight"], w5.values["adaptive_weight"]) == (1, 5)
-    assert "entropy" in w1.defenses and len(cells) == 39 and cells["mnist-simplecnn-cuba-adaptive-set-fra-w5-s2"].values["adaptive_weight"] == 5
+    # 39 scored models + 2 clean references (seeds 3, 4), which run only the inversion detectors
+    assert "entropy" in w1.defenses and len(cells) == 41 and cells["mnist-simplecnn-cuba-adaptive-set-fra-w5-s2"].values["adaptive_weight"] == 5
     raw = {"datasets": ["digits"], "attacks": ["cuba"], "per_attack": {"cuba": {"settings": {"bad name!": {"tau": 1}}}}}
     with pytest.raises(ConfigError, match="settings must map short names"):
         expand(raw)
@@ -321,4 +326,4 @@ def test_named_settings_of_one_attack_become_cells_of_their_own() -> None:
     with pytest.raises(ConfigError, match="grid cell digits/simplecnn/cuba/fra/seed 0: unknown config field"):
         expand(raw)
     digits = expand(load_grid("detectors-digits"))
-    assert sum(c.values["attack"] == "none" for c in digits) >= 10 and sum(c.values["attack"] == "cuba" for c in digits) >= 10
+    assert sum(c.values["attack"] == "none" and not c.reference for c in digits) >= 10 and sum(c.values["attack"] == "cuba" for c in digits) >= 10

@@ -16,7 +16,8 @@ each a complete, validated training config -- every cell is checked before the f
     epochs: null                         # a number, {data set: number}, or null (the preset's)
     defenses: [strip, neural-cleanse, sentinet, fine-pruning, nad]
     defense_seeds: [0]                   # which seeds' models the defenses inspect (or per data set)
-    reference_seeds: []                  # clean seeds the defender trains as reference models (or per data set)
+    reference_seeds: []                  # clean seeds the defender trains as references (or per data set): they
+                                         # run the defenses that need references (all of them if in defense_seeds)
     data_dir: ../shared/data             # named sets, and relative paths not found as given
     fallback: {cifar10: cifar10-jpeg.zip}  # used for a named set that has no local copy
     set: {}                              # config fields for every cell
@@ -183,6 +184,15 @@ def _cell_values(raw: dict[str, Any], base: dict[str, Any], ds: Any, run_ds: Any
     return values
 
 
+def needs_references(defense: str) -> bool:
+    """Whether ``defense`` decides its flag against clean reference models (it overrides
+    ``Defense.with_references``): the only defenses a reference cell outside ``defense_seeds`` runs."""
+    from ..defenses import DEFENSES
+    from ..defenses.base import Defense
+
+    return DEFENSES[defense].with_references.__func__ is not Defense.with_references.__func__
+
+
 def expand(raw: dict[str, Any]) -> list[Cell]:
     """Every cell of the grid, validated; raises ConfigError naming the first bad key or cell."""
     from ..attack import FIXED_RULE
@@ -220,7 +230,8 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
                 label = f"{cfg.label()}-{tag}" if tag else cfg.label()
                 name = f"{Path(str(run_ds)).stem}-{safe_name(model)}-{label}-s{seed}"
                 ref = attack == "none" and seed in ref_seeds
-                cells.append(Cell(name, values, defenses if seed in defense_seeds or ref else [], blocked, ref))
+                mine = defenses if seed in defense_seeds else [d for d in defenses if needs_references(d)] if ref else []
+                cells.append(Cell(name, values, mine, blocked, ref))
         clean_seeds = {c.values["seed"] for c in cells if c.values["attack"] == "none" and c.values["dataset"] == run_ds}
         missing = [s for s in ref_seeds if s not in clean_seeds]
         if missing:
