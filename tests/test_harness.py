@@ -55,6 +55,8 @@ def test_defense_table_adds_the_model_level_rows(tmp_path: Path) -> None:
     row = next(line for line in md.splitlines() if line.startswith("| neural-cleanse | high |"))
     # CUBA 0.8 below both clean (1.9, 1.1): AUROC 0; BadNets above both: any-backdoor AUROC (0 + 2) / 4
     assert row == "| neural-cleanse | high | 0.000 (1 vs 2) | 0.500 (2 vs 2) | 0/1 | 1/1 | 0/2 |"
+    # the cost of each defense over the runs: 4 runs of 1 s each
+    assert md.splitlines()[-1] == "| neural-cleanse | 4 | 1 | 1 | 4 |"
 
 
 def _di_run(root: Path, name: str, setting: str, score: float) -> Path:

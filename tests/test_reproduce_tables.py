@@ -247,3 +247,4 @@ def test_report_keeps_reference_models_out_of_the_scored_runs(tmp_path: Path) ->
     assert "| dispersion-inversion | low | 1.000 (1 vs 1) | 1.000 (1 vs 1) | 1/1 | – | 1/1 |" in md
     assert "flagged decided on 1 clean reference model(s)" in page and "Model-level detectors over these runs" in page
     assert "false alarm" in page and "caught" in page
+    assert "Wall seconds per defense" in page and "| dispersion-inversion | 2 | 1 | 1 | 2 |" in md  # references not counted

@@ -67,6 +67,22 @@ def removal_table(name: str, key: str, cols: list[str], per_run: list[dict[str, 
     return lines + (["", FALLBACK_NOTE] if fallback else [])
 
 
+def cost_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[str]) -> list[str]:
+    """Markdown lines: each defense's wall seconds over the runs it ran on (median, max, total), so a
+    reader can plan a matrix before running it; [] when no defense.json records its seconds."""
+    import statistics
+
+    rows = []
+    for name in order:
+        secs = [float(d[name]["seconds"]) for _, d in res if name in d and d[name].get("seconds") is not None]
+        if secs:
+            rows.append(f"| {name} | {len(secs)} | {statistics.median(secs):.0f} | {max(secs):.0f} | {sum(secs):.0f} |")
+    if not rows:
+        return []
+    return ["", "Wall seconds per defense over these runs (as recorded in defense.json; on a shared machine an upper "
+            "bound)", "", "| defense | runs | median s | max s | total s |", "|---|---|---|---|---|", *rows]
+
+
 def defense_tables(run_dirs: list[Path], names: list[str] | None = None,
                    references: list[Path] | None = None) -> str:
     from . import DEFENSES  # here: the package imports this module's siblings
@@ -96,4 +112,4 @@ def defense_tables(run_dirs: list[Path], names: list[str] | None = None,
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, key in (("fine-pruning", "prune_ratio"), ("nad", "epoch")):
         lines += removal_table(name, key, cols, [d.get(name) for _, d in res])
-    return "\n".join(lines + model_level_table(res) + notes)
+    return "\n".join(lines + model_level_table(res) + notes + cost_table(res, found))

@@ -234,7 +234,7 @@ def write_report(out: Path, title: str = "cuba reproduction report", blocked: li
     # them are Table III, shown above
     blocks = dt.read_text().strip().split("\n\n") if dt is not None else [""]
     detection = blocks[0]
-    start = next((i for i, b in enumerate(blocks) if b.startswith("Model-level detectors")), len(blocks))
+    start = next((i for i, b in enumerate(blocks) if b.startswith(("Model-level detectors", "Wall seconds"))), len(blocks))
     model_level = [_md_table_to_html(b) if b.lstrip().startswith("|") else f"<p>{html.escape(b)}</p>"
                    for b in blocks[start:]]
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>Run folder: {html.escape(str(out))}</p>",
