@@ -133,9 +133,12 @@ def test_rule_table_keys_order_and_thresholds_by_hand() -> None:
 
 def test_score_inapplicable_reason_in_order() -> None:
     """Clean model first, then constant validation scores (with the value and unit), then constant test scores."""
-    attacked, clean = SimpleNamespace(trigger=object()), SimpleNamespace(trigger=None)
+    attacked, clean = SimpleNamespace(trigger=object()), SimpleNamespace(trigger=None, imported=False)
     varied, flat = np.array([0.1, 0.2]), np.full(3, 0.123456)
     assert score_inapplicable_reason(clean, "entropy", flat, flat, flat) == clean_model_reason()
+    # someone else's model: not called clean, its trigger is unknown
+    foreign = SimpleNamespace(trigger=None, imported=True)
+    assert score_inapplicable_reason(foreign, "entropy", flat, flat, flat).startswith("imported model: its trigger")
     assert "backdoor masks are of a 3x3 probe patch" in score_inapplicable_reason(clean, "mask norm", varied, varied, varied,
                                                                                   scored="masks")
     assert score_inapplicable_reason(attacked, "entropy", flat, flat, flat, unit=" bits", rules="the two-sided thresholds") == (

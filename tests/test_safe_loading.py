@@ -64,3 +64,32 @@ def test_import_safetensors_and_flagged_pickle(tmp_path: Path, capsys: pytest.Ca
     assert main(["import-model", str(tmp_path / "junk.safetensors"), "--model", "simplecnn", "--dataset", "digits",
                  "--out", str(tmp_path / "d")]) == 2
     assert "is not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_an_imported_model_is_audited_as_unknown_not_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """defense.json of an imported model says "imported": an input detector has no backdoor inputs
+    (its reason says why, not "clean model"), a model-level rule's verdict is flagged / not flagged,
+    and the model enters no AUROC (its label is what the audit asks)."""
+    import json
+
+    from cuba.defenses import DEFENSES
+    from cuba.defenses.base import model_verdict
+    from cuba.defenses.model_level import model_auroc
+    from cuba.defenses.verdict import verdict
+
+    clf = build_classifier("simplecnn", 1, 10, 16)
+    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, tmp_path / "w.safetensors")
+    run = tmp_path / "suspect"
+    assert main(["import-model", str(tmp_path / "w.safetensors"), "--model", "simplecnn", "--dataset", "digits",
+                 "--out", str(run)]) == 0
+    assert main(["defend", "entropy", str(run), "--device", "cpu", "--set", "n_eval=50", "--set", "n_calib=50"]) == 0
+    f = json.loads((run / "defenses" / "entropy" / "defense.json").read_text())
+    assert f["setting"] == "imported" and f["applicable"] is False
+    assert f["reason"].startswith("imported model: its trigger, if any, is unknown")
+    assert verdict(DEFENSES["entropy"], {**f, "applicable": True, "far_at_frr_1pct_two_sided": 0.0}) is None
+    nc = DEFENSES["neural-cleanse"]
+    assert verdict(nc, {"setting": "imported", **model_verdict(3.0, "high", True, True)}) == "flagged"
+    assert verdict(nc, {"setting": "imported", **model_verdict(0.5, "high", False, True)}) == "not flagged"
+    entries = [("imported", model_verdict(9.0, "high", True, True)), ("cuba-fra", model_verdict(2.0, "high", True, True)),
+               ("clean", model_verdict(1.0, "high", False, True))]
+    assert model_auroc(entries, ("cuba", "other")) == (1.0, 1, 1)

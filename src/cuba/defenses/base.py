@@ -58,6 +58,10 @@ __all__ = ["AttackRun", "load_attack_run", "DefenseResult", "Defense", "SampledI
            "check_param", "run_defense"]
 
 
+IMPORTED = "imported"
+"""The ``setting`` of a model brought in by ``cuba import-model``: backdoored or not is unknown."""
+
+
 @dataclass
 class AttackRun:
     """A trained run as the defenses see it: models in eval mode, data in memory."""
@@ -70,6 +74,9 @@ class AttackRun:
     targets: torch.Tensor | None  # (K, K) bool target sets; None for a clean model
     engine: Engine
     origin: str | None = None  # the pack the run was read from (run_dir is then its unpacked copy)
+    # made by `cuba import-model` from someone else's weights: whether it holds a backdoor is what
+    # an audit asks, so its defense.json says "imported", never "clean", and no verdict presumes either
+    imported: bool = False
     _bd_cache: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -192,7 +199,8 @@ def load_attack_run(run_dir: str | Path, device: str = "auto", data: ImageDatase
     if cfg.is_attack:
         targets = run.targets()
         targets = targets if targets is not None else attack_targets(cfg, data.num_classes)
-    return AttackRun(run_dir, cfg, data, classifier, trigger, targets, engine, origin)
+    imported = "imported_from" in run.status()
+    return AttackRun(run_dir, cfg, data, classifier, trigger, targets, engine, origin, imported)
 
 
 @dataclass
@@ -398,5 +406,6 @@ def run_defense(name: str, run: AttackRun, out: Path | None = None, **params: An
     t0 = time.perf_counter()
     result = defense.run(run, folder)
     result.seconds = time.perf_counter() - t0
-    write_json(folder / "defense.json", {"run": run.origin or str(run.run_dir), "setting": run.cfg.label(), **result.to_json()})
+    setting = IMPORTED if run.imported else run.cfg.label()
+    write_json(folder / "defense.json", {"run": run.origin or str(run.run_dir), "setting": setting, **result.to_json()})
     return result

@@ -180,7 +180,7 @@ def inapplicable_reason(run: AttackRun, s_clean: np.ndarray, s_bd: np.ndarray) -
     :func:`~.rules.score_inapplicable_reason`: it has never checked its validation scores for ties,
     and its test-score reason is worded differently (with the value) -- kept as it was."""
     if run.trigger is None:
-        return clean_model_reason()
+        return clean_model_reason(imported=run.imported)
     if constant_scores(s_clean, s_bd):
         return f"every test input, clean and backdoor, has the same score ({float(s_clean[0]):.4g}): it ranks nothing"
     return None

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError
-from .base import not_applicable
+from .base import IMPORTED, not_applicable
 
 Results = list[tuple[Path, dict[str, dict[str, Any]]]]
 """[(run folder, {defense name: defense.json})], as :func:`cuba.defenses.table.load_results` reads them."""
@@ -39,6 +39,9 @@ _FREE_PARAMS = frozenset({"seed", "reference_budgets", "reference_budget"})
 
 
 def _kind(setting: str) -> str:
+    """clean / cuba / other backdoor; "unknown" for an imported model, which no AUROC can label."""
+    if setting == IMPORTED:
+        return "unknown"
     return "clean" if setting == "clean" else "cuba" if setting.startswith("cuba") else "other"
 
 

@@ -141,10 +141,14 @@ def rule_table(s_val: np.ndarray, s_clean: np.ndarray, s_bd: np.ndarray,
     return out
 
 
-def clean_model_reason(scored: str = "scores") -> str:
-    """The "not applicable" reason of an input detector on a clean model. Why it is not applicable:
-    there is no trigger, so its backdoor column (``scored``: "scores", "masks", ...) holds the probe
-    patch of :meth:`~.base.AttackRun.backdoor`, a negative control and not a detection."""
+def clean_model_reason(scored: str = "scores", imported: bool = False) -> str:
+    """The "not applicable" reason of an input detector on a model without a known trigger. Why it is
+    not applicable: its backdoor column (``scored``: "scores", "masks", ...) holds the probe patch of
+    :meth:`~.base.AttackRun.backdoor`, a negative control and not a detection. An ``imported`` model
+    (``cuba import-model``) may well hold a backdoor; only its trigger is unknown, so the reason says that."""
+    if imported:
+        return (f"imported model: its trigger, if any, is unknown, so there are no backdoor inputs to score (the backdoor "
+                f"{scored} are of a 3x3 probe patch); apply the detector to the inputs the model receives")
     return (f"clean model: no trigger to detect (the backdoor {scored} are of a 3x3 probe patch it never learned, "
             "kept as a negative control)")
 
@@ -158,7 +162,7 @@ def score_inapplicable_reason(run: AttackRun, what: str, s_val: np.ndarray, s_cl
     the value (" bits"); ``rules`` names the thresholds that coincide. Why shared: each detector
     wrote these checks in the same order, and the reasons end up side by side in one table."""
     if run.trigger is None:
-        return clean_model_reason(scored)
+        return clean_model_reason(scored, run.imported)
     if constant_scores(s_val):
         return (f"every clean validation image has the same {what} ({float(s_val[0]):.4g}{unit}): "
                 f"{rules} coincide and the rank score is a step")
