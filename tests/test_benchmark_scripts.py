@@ -126,3 +126,27 @@ def test_asr_c_misses_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert out["other_wrong_class"] == 1 and out["share_in_T_of_top_confuser"] == 1.0
     # the wrong classes outside T(0) = {1} are 2 and 3; only 3 is in T(2): chance 1/2
     assert out["chance_in_T_of_top_confuser"] == pytest.approx(0.5)
+
+
+def test_di_mass_scores_the_whole_curve(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """mass = mean of flip x dispersion over the budgets; AUROC on held-out seeds only. The CUBA
+    models below never meet the 0.9 / 0.8 bar (score censored at 2 x 0.25 for all: AUROC 0.5) but
+    their curves are dispersive (mass 0.3 against 0.05 and 0.1)."""
+    def put(run: str, setting: str, curve: list[tuple[float, float]]) -> None:
+        folder = tmp_path / run / "defenses" / "dispersion-inversion"
+        folder.mkdir(parents=True)
+        rows = [{"flip_rate": f, "dispersion": d} for f, d in curve]
+        (folder / "defense.json").write_text(json.dumps({"setting": setting, "score": 0.5, "budgets": [0.125, 0.25],
+                                                         "rows": rows}))
+
+    put("digits-simplecnn-cuba-fra-s0", "cuba-fra", [(0.2, 0.5), (1.0, 0.5)])
+    put("digits-simplecnn-cuba-fra-s2", "cuba-fra", [(0.2, 0.5), (1.0, 0.5)])
+    put("digits-simplecnn-clean-s2", "clean", [(0.0, 0.0), (0.5, 0.2)])
+    put("digits-simplecnn-clean-s3", "clean", [(0.0, 0.0), (0.4, 0.5)])
+    put("digits-simplecnn-clean-s4", "clean", [(0.1, 0.0)])  # an incomplete curve: no mass
+    out = _run_script("di_mass.py", [str(tmp_path), "--dev-seeds", "0"], capsys, monkeypatch)
+    assert out["held_out_mass_auroc"] == 1.0 and out["held_out_score_auroc"] == 0.5
+    assert out["held_out_mass_n"] == [1, 2] and out["held_out_score_n"] == [1, 3] and out["dev_mass_n"] == [1, 0]
+    assert out["dev_mass_auroc"] is None
+    masses = {m["run"]: m["mass"] for m in out["models"]}
+    assert masses["digits-simplecnn-cuba-fra-s0"] == pytest.approx(0.3) and masses["digits-simplecnn-clean-s4"] is None
