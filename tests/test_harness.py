@@ -82,7 +82,7 @@ def test_defense_table_references_decide_the_flag_and_leave_the_scored_runs(tmp_
     row = next(line for line in md.splitlines() if line.startswith("| dispersion-inversion | low |"))
     # one CUBA vs one clean model (not three): the references never enter the AUROC
     assert row == "| dispersion-inversion | low | 1.000 (1 vs 1) | 1.000 (1 vs 1) | 1/1 | – | 0/1 |"
-    assert "flagged decided on 2 clean reference model(s)" in md and "0.06, 0.04" in md
+    assert "flagged decided on 2 clean reference model(s)" in md and "(scores 15.3/255, 10.2/255)" in md
     assert "caught" in md.splitlines()[2] and "clear" in md.splitlines()[2]
     # without references the detector cannot decide: no verdict, no flag counts
     plain = defense_tables(runs[:2])
@@ -152,6 +152,11 @@ def test_trigger_inversion_reference_rule() -> None:
     assert ti.with_references(f, [None])["flagged"] is True
     assert ti.with_references({**f, "score": 5.0}, [None, None])["flagged"] is None
     assert ti.with_references(f, []) is None
+    # how the note under the table writes a reference's score: TI in 1/255; DI's censored score as "beyond"
+    assert ti.format_score(64.0, f) == "64/255"
+    di = DEFENSES["dispersion-inversion"]
+    assert di.format_score(32 / 255, {"reached": True}) == "32/255"
+    assert di.format_score(128 / 255, {"reached": False, "budgets": [1 / 255, 64 / 255]}) == "> 64/255"
     assert DEFENSES["neural-cleanse"].with_references(f, [1.0]) is None  # no reference rule: untouched
 
 
@@ -190,3 +195,13 @@ def test_report_colours_the_detector_cells() -> None:
                              "| strip | caught — AUROC 1 (1 s) | missed — AUROC 0.5 (1 s) | n/a (clean) (1 s) | 3 |")
     assert "<td class='win'>caught — AUROC 1 (1 s)</td>" in page and "<td class='lose'>missed — AUROC 0.5 (1 s)</td>" in page
     assert "<td class='na'>n/a (clean) (1 s)</td>" in page and "<td>3</td>" in page and "<td>strip</td>" in page
+
+
+def test_an_imported_model_gets_its_folder_as_column_and_no_auroc_rows(tmp_path: Path) -> None:
+    run = _write(tmp_path, "suspect", "digits", "neural-cleanse",
+                 {"setting": "imported", "seconds": 1.0, "anomaly_index": 3.0, "flagged_classes": [7],
+                  **model_verdict(3.0, "high", True, True)})
+    md = defense_tables([run])
+    assert md.splitlines()[0] == "| defense | suspect (imported) |"
+    assert md.splitlines()[2].startswith("| neural-cleanse | flagged — ")
+    assert "Model-level detectors" not in md  # nothing of known kind to rank

@@ -252,6 +252,11 @@ class Defense(ABC):
         return f"AUROC {fields['auroc']:.3f}" if "auroc" in fields else "(see defense.json)"
 
     @classmethod
+    def format_score(cls, score: float, fields: dict[str, Any]) -> str:
+        """A model-level score (from the defense.json ``fields``) as this detector's headline writes it."""
+        return f"{score:g}"
+
+    @classmethod
     def with_references(cls, fields: dict[str, Any], reference_scores: list[float]) -> dict[str, Any] | None:
         """``fields`` with ``flagged`` decided from clean reference models' scores under this same
         detector (``cuba defense-table --reference``); None for a detector with no reference rule."""

@@ -250,6 +250,12 @@ class DispersionInversion(Defense):
         return text + f"; {'flagged' if f['flagged'] else 'not flagged'} (reference cutoff {f['reference_cutoff'] * 255:.3g}/255)"
 
     @classmethod
+    def format_score(cls, score: float, fields: dict) -> str:
+        if fields.get("reached") is False:  # the censored score: beyond the schedule, not a measured budget
+            return f"> {max(fields['budgets']) * 255:.3g}/255"
+        return f"{score * 255:.3g}/255"
+
+    @classmethod
     def with_references(cls, f: dict, reference_scores: list[float]) -> dict | None:
         """Decide ``flagged`` as if the run had been given ``reference_budgets`` = the reference models'
         scores (same detector and parameters): the rule and margin of :func:`reference_verdict`."""

@@ -93,7 +93,9 @@ def _groups(res: Results) -> dict[str, Results]:
 
 def model_level_table(res: Results) -> list[str]:
     """Markdown lines of the model-level table; [] when no model-level detector ran."""
-    names = sorted({n for _, d in res for n, f in d.items() if f.get("level") == "model"})
+    # models of known kind only: an imported model's label is what its audit asks, so it ranks nothing
+    names = sorted({n for _, d in res for n, f in d.items()
+                    if f.get("level") == "model" and _kind(str(f.get("setting", "?"))) != "unknown"})
     if not names:
         return []
     groups = _groups(res)
@@ -152,7 +154,7 @@ def apply_references(res: Results, refs: Results, defenses: dict[str, type]) -> 
                 if new is not None:
                     d[name], changed = new, changed + 1
             if changed:
-                scores = ", ".join(f"{rf['score']:g}" for _, rf in mine if rf.get("score") is not None)
+                scores = ", ".join(cls.format_score(rf["score"], rf) for _, rf in mine if rf.get("score") is not None)
                 notes.append(f"{name} ({group}): flagged decided on {len(mine)} clean reference model(s) the defender "
                              f"trained (scores {scores}); they are not among the runs above.")
     return ["", *notes] if notes else []

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runs import read_json
-from .base import ASR_NAMES, headline_asr_key_of, headline_value, not_applicable, pct
+from .base import ASR_NAMES, IMPORTED, headline_asr_key_of, headline_value, not_applicable, pct
 from .model_level import apply_references, model_level_table
 from .verdict import VERDICT_SEP, verdict
 
@@ -67,6 +67,12 @@ def removal_table(name: str, key: str, cols: list[str], per_run: list[dict[str, 
     return lines + (["", FALLBACK_NOTE] if fallback else [])
 
 
+def _column(run: Path, found: dict[str, dict[str, Any]]) -> str:
+    """A run's column title: its setting, or "<folder> (imported)" for a model under audit."""
+    setting = str(next(iter(found.values())).get("setting", run.name))
+    return f"{run.name} (imported)" if setting == IMPORTED else setting
+
+
 def cost_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[str]) -> list[str]:
     """Markdown lines: each defense's wall seconds over the runs it ran on (median, max, total), so a
     reader can plan a matrix before running it; [] when no defense.json records its seconds."""
@@ -93,7 +99,7 @@ def defense_tables(run_dirs: list[Path], names: list[str] | None = None,
         names = [names[i] for i, _ in kept]
     res = load_results([r for _, r in kept])
     notes = apply_references(res, load_results(list(references or [])), DEFENSES)
-    cols = names or [str(next(iter(d.values())).get("setting", r.name)) for r, d in res]
+    cols = names or [_column(r, d) for r, d in res]
     lines = ["| defense | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     # the defenses that ran on at least one of the runs (a row of dashes says nothing), registered
     # ones in registration order, then any other defense.json found (e.g. a removed defense)

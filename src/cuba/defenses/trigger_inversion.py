@@ -199,6 +199,10 @@ class TriggerInversion(Defense):
         return f"{found}; {verdict} ({rule})"
 
     @classmethod
+    def format_score(cls, score: float, fields: dict) -> str:
+        return f"{score:g}/255"
+
+    @classmethod
     def with_references(cls, f: dict, reference_scores: list[float]) -> dict | None:
         """Decide ``flagged`` with ``reference_budget`` = the smallest reference score (the most easily
         moved clean model, as conservative as :class:`DispersionInversion`'s min). A reference that
