@@ -154,7 +154,8 @@ def apply_references(res: Results, refs: Results, defenses: dict[str, type]) -> 
                 if new is not None:
                     d[name], changed = new, changed + 1
             if changed:
-                scores = ", ".join(cls.format_score(rf["score"], rf) for _, rf in mine if rf.get("score") is not None)
+                scores = ", ".join("not reached" if rf.get("score") is None else cls.format_score(rf["score"], rf)
+                                   for _, rf in mine)
                 notes.append(f"{name} ({group}): flagged decided on {len(mine)} clean reference model(s) the defender "
                              f"trained (scores {scores}); they are not among the runs above.")
     return ["", *notes] if notes else []
