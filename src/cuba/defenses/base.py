@@ -39,19 +39,18 @@ import torch
 from torch import nn
 
 from ..attack import PatchTrigger, attack_targets
-from ..attack.registry import ALL_TO_ONE
 from ..config import ConfigError, TrainConfig
 from ..data import ImageDataset, data_for
 from ..engine import Engine, make_engine
 from ..metrics import at_chance, attack_success_rate  # at_chance re-exported: report.py reads it from here
 from ..runs import write_json
-from ..formatting import pct as _pct
 # the score statistics live in .rules; re-exported here, where detectors and the add-a-defense tutorial import them
+from .headlines import ASR_NAMES, headline_asr_key, headline_asr_key_of, headline_value, pct, removal_headline
 from .rules import constant_scores, rate_tag, roc_summary, val_threshold
 
 # What this module offers, its re-exports from .rules included: listed so that the API reference
 # (mkdocstrings renders an imported name only when __all__ exports it) keeps documenting them here,
-# where docs/ links to them. at_chance, re-exported for report.py, is documented under cuba.metrics.
+# where docs/ links to them (the removal headlines live in .headlines). at_chance, re-exported for report.py, is documented under cuba.metrics.
 __all__ = ["AttackRun", "load_attack_run", "DefenseResult", "Defense", "SampledInputDetector", "rate_tag", "val_threshold", "roc_summary",
            "constant_scores", "model_verdict", "not_applicable", "rule_tag", "rule_headline", "missing_stages", "pct", "ASR_NAMES",
            "headline_asr_key", "headline_asr_key_of", "headline_value", "removal_headline", "DEFENSES", "register",
@@ -328,60 +327,6 @@ def missing_stages(run: AttackRun) -> str | None:
     except (ValueError, AttributeError) as e:
         return f"the model declares no feature stages to hook ({e})"
     return None
-
-
-def pct(v: float | None) -> str:
-    """A rate in [0, 1] as a percentage with one decimal (defense tables); "–" where undefined."""
-    return _pct(v, 1)
-
-
-ASR_NAMES = {"asr": "ASR", "asr_c": "ASR-C"}
-
-
-def headline_asr_key(cfg: TrainConfig) -> str:
-    """"asr_c" for untargeted attacks (every FRA/NRA attack and UBW-P: all attacks but the all-to-one
-    controls), "asr" for the targeted controls (targeted, badnets) and clean models.
-
-    Under an untargeted rule a repaired model's clean mistakes count as successes, so its ASR
-    stays near 1 - CA whether or not the backdoor survives (METHOD.md section 2); under an
-    all-to-one rule a clean mistake lands on the target class only by chance, so plain ASR is
-    the paper's number there."""
-    return "asr_c" if cfg.is_attack and cfg.attack not in ALL_TO_ONE else "asr"
-
-
-def headline_asr_key_of(fields: dict[str, Any]) -> str:
-    """The headline ASR key of a mitigation defense.json: its ``asr_headline_key``, or for one written
-    before that field, inferred from its ``setting`` label (clean / targeted-tN / badnets-tN: ASR;
-    any other attack: ASR-C)."""
-    if fields.get("asr_headline_key"):
-        return str(fields["asr_headline_key"])
-    setting = str(fields.get("setting", "clean"))
-    return "asr" if setting == "clean" or setting.startswith(tuple(f"{a}-t" for a in ALL_TO_ONE)) else "asr_c"
-
-
-def headline_value(row: dict[str, Any], key: str, suffix: str = "") -> tuple[float | None, str]:
-    """(value, label) of a removal row's headline ASR: ``row[key + suffix]``, or -- for a row written
-    before ASR-C was recorded -- plain ASR labelled "ASR (ASR-C not recorded)", so the fallback is
-    never mistaken for ASR-C."""
-    if key + suffix in row:
-        return row[key + suffix], ASR_NAMES[key]
-    return row.get("asr" + suffix), "ASR (ASR-C not recorded)" if key == "asr_c" else "ASR"
-
-
-def removal_headline(rows: list[dict[str, Any]], key: str, num_classes: int | None = None, asr_key: str = "asr") -> str:
-    """First and last row of a mitigation curve (Fine-pruning, NAD) as CA/ASR or CA/ASR-C in %.
-
-    ``asr_key`` picks the headline ASR (:func:`headline_asr_key`); the label says which one was
-    printed. With ``num_classes``, a last model whose CA is under twice chance is said to be so:
-    its ASR then counts where a model that no longer classifies happens to point, not a backdoor.
-    """
-    first, last = rows[0], rows[-1]
-    a0, label = headline_value(first, asr_key)
-    a1, _ = headline_value(last, asr_key)
-    text = f"{key} {first[key]:g}: {pct(first['ca'])}/{pct(a0)} → {last[key]:g}: {pct(last['ca'])}/{pct(a1)} (CA/{label})"
-    if last["asr"] is not None and at_chance(last["ca"], num_classes):
-        text += f" — CA at chance level (K={num_classes}): ASR not meaningful"
-    return text
 
 
 DEFENSES: dict[str, type[Defense]] = {}

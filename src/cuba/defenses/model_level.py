@@ -138,10 +138,10 @@ def apply_references(res: Results, refs: Results, defenses: dict[str, type]) -> 
         setting = str(next(iter(d.values())).get("setting", "?"))
         if setting != "clean":
             raise ConfigError(f"--reference {r}: a reference model must be clean, this one is {setting!r}")
-    ref_groups = _groups(refs)
+    ref_groups, groups = _groups(refs), _groups(res)  # each run's config.yaml read once
     notes = []
     for name, cls in defenses.items():
-        for group, members in _groups(res).items():
+        for group, members in groups.items():
             mine = [(r, d[name]) for r, d in ref_groups.get(group, []) if name in d and not not_applicable(d[name])]
             changed = 0
             for run, d in members:
