@@ -28,15 +28,11 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 from sklearn.metrics import roc_auc_score
 
-
-def mass(rows: list[dict], n_budgets: int) -> float | None:
-    """Mean of flip_rate x dispersion over the schedule; None when the curve is not complete."""
-    if len(rows) != n_budgets:
-        return None
-    return float(np.mean([r["flip_rate"] * r["dispersion"] for r in rows]))
+# the statistic lives with the detector (defense.json field ``dispersive_mass``); recomputed here so
+# that defense.json files written before the field existed are scored too
+from cuba.defenses.dispersion_inversion import dispersive_mass
 
 
 def collect(root: Path) -> list[dict]:
@@ -45,7 +41,7 @@ def collect(root: Path) -> list[dict]:
         d = json.loads(f.read_text())
         seed = re.search(r"-s(\d+)$", f.parents[2].name)
         out.append({"run": f.parents[2].name, "setting": d["setting"], "seed": int(seed.group(1)) if seed else None,
-                    "score": d["score"], "mass": mass(d["rows"], len(d["budgets"]))})
+                    "score": d["score"], "mass": dispersive_mass(d["rows"], len(d["budgets"]))})
     return out
 
 

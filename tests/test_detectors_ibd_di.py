@@ -19,7 +19,7 @@ from torch import nn
 from cuba.config import ConfigError
 from cuba.defenses import DEFENSES, load_attack_run, run_defense
 from cuba.defenses.dispersion_inversion import (DEFAULT_BUDGETS, DispersionInversion, budget_search, dispersion,
-                                                fit_universal, reference_verdict, split_sizes)
+                                                dispersive_mass, fit_universal, reference_verdict, split_sizes)
 from cuba.defenses.ibd_psc import (IBDPSC, NO_BN_REASON, amplified_counts, amplify_last, bn_layers, log_complement,
                                    paper_rule, psc_scores, psc_summary, select_start)
 
@@ -194,6 +194,13 @@ def test_reference_verdict_and_split_sizes() -> None:
     assert split_sizes(142, 256, 256) == (71, 71) and split_sizes(10, 30, 10) == (8, 2) and split_sizes(2, 1, 100) == (1, 1)
 
 
+def test_dispersive_mass_by_hand() -> None:
+    rows = [{"flip_rate": 0.5, "dispersion": 0.2}, {"flip_rate": 1.0, "dispersion": 0.8}, {"flip_rate": 0.0, "dispersion": 0.0}]
+    assert dispersive_mass(rows, 3) == pytest.approx((0.1 + 0.8 + 0.0) / 3)
+    assert dispersive_mass(rows[:2], 3) is None  # a search that stopped early has no mass
+    assert dispersive_mass([], 0) is None
+
+
 def test_headlines() -> None:
     f = {"reached": True, "score": 4 / 255, "budgets": list(DEFAULT_BUDGETS), "flagged": True,
          "reference_cutoff": 8 / 255, "rows": [{"flip_rate": 0.5, "dispersion": 0.3, "met": False},
@@ -339,6 +346,8 @@ def test_dispersion_inversion_end_to_end_on_badnets(badnets_run: Path, tmp_path:
     assert all(0 <= r["flip_rate"] <= 1 and 0 <= r["dispersion"] <= 1 for r in f["rows"])
     assert f["rows"][0]["flip_rate"] < f["rows"][-1]["flip_rate"]  # a larger budget flips more
     assert not f["reached"] and f["score"] == pytest.approx(2 * 128 / 255)
+    # never reached, so every budget was measured: the mass is defined, and it is the rows' own mean
+    assert f["dispersive_mass"] == pytest.approx(sum(r["flip_rate"] * r["dispersion"] for r in f["rows"]) / 3)
     assert DispersionInversion.headline(f) == "not dispersive up to eps 128/255; no reference"
     ref = run_defense("dispersion-inversion", run, tmp_path / "ref", reference_budgets=[32 / 255], **kw).fields
     assert ref["rows"] == f["rows"]  # deterministic for a seed (references only enter the verdict)

@@ -317,6 +317,7 @@ def test_named_settings_of_one_attack_become_cells_of_their_own() -> None:
     cells = {c.name: c for c in expand(load_grid("detectors"))}
     w1, w5 = cells["mnist-simplecnn-cuba-adaptive-fra-w1-s0"], cells["mnist-simplecnn-cuba-adaptive-fra-w5-s0"]
     assert (w1.values["adaptive_weight"], w5.values["adaptive_weight"]) == (1, 5)
+    assert all(c.values["n_train"] == 20000 and c.values["epochs"] == 3 and c.values["eps"] == 0.02 for c in cells.values())
     # 39 scored models + 2 clean references (seeds 3, 4), which run only the inversion detectors
     assert "entropy" in w1.defenses and len(cells) == 41 and cells["mnist-simplecnn-cuba-adaptive-set-fra-w5-s2"].values["adaptive_weight"] == 5
     raw = {"datasets": ["digits"], "attacks": ["cuba"], "per_attack": {"cuba": {"settings": {"bad name!": {"tau": 1}}}}}

@@ -52,10 +52,18 @@ needs at least two of them) or fewer than 4 clean validation images (two to fit,
 
 defense.json: ``score``, ``reached``, ``rows`` (per budget tried: ``eps``, ``eps_255``, ``flip_rate``,
 ``dispersion``, ``loss`` -- the LNF loss on the measurement images -- and ``met``), ``budgets``,
-``reference_budgets``, ``reference_cutoff`` (min / margin), ``flagged``, ``tau``, ``n_fit_used`` /
+``reference_budgets``, ``reference_cutoff`` (min / margin), ``flagged``, ``dispersive_mass`` (below),
+``tau``, ``n_fit_used`` /
 ``n_measure_used``, ``calibration``, ``eps_run`` (the L-inf budget of the run's own residual trigger
 generator, :func:`run_budget`; null for a patch trigger or a clean model),
-plus the model-verdict fields. Figure: ``dispersion_inversion.png`` (flip rate and dispersion per
+plus the model-verdict fields.
+
+``dispersive_mass`` (:func:`dispersive_mass`): the mean over the whole schedule of flip rate x
+dispersion, high = suspicious; null unless every budget was measured (``full_curve=true``, or a model
+never reached). A threshold-free reading of the curve, added after the pre-registered ``score`` tied
+on most digits models; it was defined on two seeds and checked on held-out models
+(``benchmarks/di_mass.py``, BENCHMARKS.md). It is reported beside ``score``, never in its place:
+``flagged`` and every AUROC the harness tabulates still read ``score``. Figure: ``dispersion_inversion.png`` (flip rate and dispersion per
 budget, the targets, the score and the reference cutoff).
 """
 
@@ -183,6 +191,14 @@ def budget_search(model: nn.Module, x_fit: torch.Tensor, x_meas: torch.Tensor, n
     return rows, score
 
 
+def dispersive_mass(rows: Sequence[dict[str, Any]], n_budgets: int) -> float | None:
+    """Mean of flip_rate x dispersion over the budget schedule; None when fewer than ``n_budgets`` rows
+    were measured (a search that stopped at its score has no value for the budgets it skipped)."""
+    if n_budgets < 1 or len(rows) != n_budgets:
+        return None
+    return float(np.mean([r["flip_rate"] * r["dispersion"] for r in rows]))
+
+
 def reference_verdict(score: float, reference_budgets: Sequence[float] | None, margin: float) -> tuple[bool | None, float | None]:
     """(flagged, cutoff): flagged when ``score`` < min(reference_budgets) / margin -- the suspect model
     turns dispersive at a clearly smaller budget than any clean reference model; (None, None) without
@@ -306,7 +322,7 @@ class DispersionInversion(Defense):
         score = found if found is not None else 2.0 * max(self.budgets)
         flagged, cutoff = reference_verdict(score, self.reference_budgets, self.margin)
         fields = {**base, **model_verdict(score, "low", flagged, False), "reached": found is not None, "rows": rows,
-                  "reference_cutoff": cutoff, "n_fit_used": n_fit, "n_measure_used": len(x) - n_fit, "applicable": True}
+                  "dispersive_mass": dispersive_mass(rows, len(self.budgets)), "reference_cutoff": cutoff, "n_fit_used": n_fit, "n_measure_used": len(x) - n_fit, "applicable": True}
         verdict = "no reference" if flagged is None else ("flagged" if flagged else "not flagged")
         title = (f"Dispersion inversion on {run.cfg.label()}: "
                  + (f"eps {score * 255:.3g}/255" if found is not None else "not reached") + f", {verdict}")
