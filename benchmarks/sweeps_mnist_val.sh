@@ -24,3 +24,8 @@ cuba sweep eps 0.02 0.03 0.05 0.1 "${COMMON[@]}" --within 1 --out "$OUT/eps"
 # ratio 1.0's (checked by hand from the sweep table). The 1.0 cells are the eps=0.02 cells (same
 # config now that mnist.yaml says eps 0.02): link them as for eps above.
 cuba sweep backdoor_ratio 0.5 1.0 "${COMMON[@]}" --within 1 --out "$OUT/backdoor_ratio"
+# epochs: at the full Table II budget (all 54k training images), not the reduced one above, so it is not
+# run by this script; FRA seed 0, with the Table II FRA s0 run linked in as the epochs=10 cell
+# (ln -s RUNS/mnist-simplecnn-cuba-fra-s0 "OUT/epochs=10-s0"). Rule as for eps: the cheapest within 1 val-DS point.
+#   cuba sweep epochs 10 15 --config src/cuba/configs/mnist.yaml --dataset mnist --data-dir ../shared/data \
+#       --variant fra --seeds 0 --within 1 --out runs/epochs-val
