@@ -17,6 +17,9 @@ class FakeJob:
         self.polls -= 1
         return self.polls < 0
 
+    def cancel(self, check: bool = True) -> None:
+        self.log.append(f"cancel {self.name}")
+
     def result(self) -> str:
         self.log.append(f"end {self.name}")
         if self.error is not None:
@@ -68,6 +71,25 @@ def test_a_failed_cell_raises_after_the_running_ones_finish_and_starts_no_more()
     with pytest.raises(RuntimeError, match="cell bad failed"):
         runner.run_rolling(submit, list(spec), jobs=2, done=lambda: None, poll_s=0)
     assert "end slow" in log and "start never" not in log
+
+
+def test_an_interrupt_cancels_the_running_jobs_and_propagates() -> None:
+    # the local executor's workers outlive an interrupted grid unless it cancels them
+    log: list[str] = []
+
+    class Interrupting(FakeJob):
+        def done(self) -> bool:
+            if self.name == "b":
+                raise KeyboardInterrupt
+            return False
+
+    def submit(cell: str) -> FakeJob:
+        log.append(f"start {cell}")
+        return Interrupting(cell, 0, log)
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_rolling(submit, ["a", "b", "c"], jobs=2, done=lambda: None, poll_s=0)
+    assert log == ["start a", "start b", "cancel a", "cancel b"]
 
 
 def test_jobs_below_one_is_refused() -> None:

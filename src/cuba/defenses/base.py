@@ -50,9 +50,11 @@ from .rules import constant_scores, rate_tag, roc_summary, val_threshold
 
 # What this module offers, its re-exports from .rules included: listed so that the API reference
 # (mkdocstrings renders an imported name only when __all__ exports it) keeps documenting them here,
-# where docs/ links to them (the removal headlines live in .headlines). at_chance, re-exported for report.py, is documented under cuba.metrics.
-__all__ = ["AttackRun", "load_attack_run", "DefenseResult", "Defense", "SampledInputDetector", "rate_tag", "val_threshold", "roc_summary",
-           "constant_scores", "model_verdict", "not_applicable", "rule_tag", "rule_headline", "missing_stages", "pct", "ASR_NAMES",
+# where docs/ links to them (the removal headlines live in .headlines). at_chance, re-exported for
+# report.py, is documented under cuba.metrics.
+__all__ = ["AttackRun", "load_attack_run", "DefenseResult", "Defense", "SampledInputDetector", "rate_tag",
+           "val_threshold", "roc_summary", "constant_scores", "model_verdict", "not_applicable", "rule_tag",
+           "rule_headline", "missing_stages", "pct", "ASR_NAMES",
            "headline_asr_key", "headline_asr_key_of", "headline_value", "removal_headline", "DEFENSES", "register",
            "check_param", "run_defense"]
 

@@ -63,8 +63,9 @@ dispersion, high = suspicious; null unless every budget was measured (``full_cur
 never reached). A threshold-free reading of the curve, added after the pre-registered ``score`` tied
 on most digits models; it was defined on two seeds and checked on held-out models
 (``benchmarks/di_mass.py``, BENCHMARKS.md). It is reported beside ``score``, never in its place:
-``flagged`` and every AUROC the harness tabulates still read ``score``. Figure: ``dispersion_inversion.png`` (flip rate and dispersion per
-budget, the targets, the score and the reference cutoff).
+``flagged`` and every AUROC the harness tabulates still read ``score``. Figure:
+``dispersion_inversion.png`` (flip rate and dispersion per budget, the targets, the score and the
+reference cutoff).
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ class DispersionInversion(Defense):
             return na
         hit = next((r for r in f["rows"] if r["met"]), None)  # the row of the score (full_curve adds later ones)
         text = (f"dispersive at eps {f['score'] * 255:.3g}/255 (flip {hit['flip_rate']:.2f}, dispersion "
-                f"{hit['dispersion']:.2f})" if f["reached"] and hit else f"not dispersive up to eps {max(f['budgets']) * 255:.3g}/255")
+                f"{hit['dispersion']:.2f})" if f["reached"] and hit
+                else f"not dispersive up to eps {max(f['budgets']) * 255:.3g}/255")
         if f["flagged"] is None:
             return text + "; no reference"
         return text + f"; {'flagged' if f['flagged'] else 'not flagged'} (reference cutoff {f['reference_cutoff'] * 255:.3g}/255)"
@@ -322,7 +324,8 @@ class DispersionInversion(Defense):
         score = found if found is not None else 2.0 * max(self.budgets)
         flagged, cutoff = reference_verdict(score, self.reference_budgets, self.margin)
         fields = {**base, **model_verdict(score, "low", flagged, False), "reached": found is not None, "rows": rows,
-                  "dispersive_mass": dispersive_mass(rows, len(self.budgets)), "reference_cutoff": cutoff, "n_fit_used": n_fit, "n_measure_used": len(x) - n_fit, "applicable": True}
+                  "dispersive_mass": dispersive_mass(rows, len(self.budgets)), "reference_cutoff": cutoff,
+                  "n_fit_used": n_fit, "n_measure_used": len(x) - n_fit, "applicable": True}
         verdict = "no reference" if flagged is None else ("flagged" if flagged else "not flagged")
         title = (f"Dispersion inversion on {run.cfg.label()}: "
                  + (f"eps {score * 255:.3g}/255" if found is not None else "not reached") + f", {verdict}")

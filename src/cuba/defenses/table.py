@@ -8,7 +8,8 @@ epoch, CA and the *headline* ASR per run: ASR-C for untargeted attacks (a repair
 mistakes count as successes there, so plain ASR >= 1 - CA says nothing about the backdoor), plain
 ASR for the targeted controls. Each run's column title says which it shows; a defense.json
 written before ASR-C was recorded shows plain ASR, marked † and explained under the table.
-(3) For the model-level detectors: their AUROC over the runs given and how many models each one's
+(3) The same verdicts folded over seeds, a column per kind of model (:mod:`cuba.defenses.summary`).
+(4) For the model-level detectors: their AUROC over the runs given and how many models each one's
 rule flagged, with clean reference models deciding the inversion detectors' flag
 (:mod:`cuba.defenses.model_level`).
 """
@@ -21,6 +22,7 @@ from typing import Any
 from ..runs import read_json
 from .base import ASR_NAMES, IMPORTED, headline_asr_key_of, headline_value, not_applicable, pct
 from .model_level import apply_references, model_level_table
+from .summary import summary_table
 from .verdict import VERDICT_SEP, verdict
 
 FALLBACK_NOTE = ("† ASR-C not recorded (defense.json written before it): plain ASR shown, which for an "
@@ -118,4 +120,5 @@ def defense_tables(run_dirs: list[Path], names: list[str] | None = None,
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, key in (("fine-pruning", "prune_ratio"), ("nad", "epoch")):
         lines += removal_table(name, key, cols, [d.get(name) for _, d in res])
+    lines += summary_table(res, found, DEFENSES)
     return "\n".join(lines + model_level_table(res) + notes + cost_table(res, found))

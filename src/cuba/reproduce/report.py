@@ -186,9 +186,12 @@ def collect_figures(out: Path) -> list[tuple[str, Path]]:
 def _verdict_class(cell: str) -> str:
     """A detector-matrix cell's colour class: green when the defender wins (caught / clear), red
     when the attacker does (missed / false alarm), grey for n/a; none for any other cell."""
+    from ..defenses.summary import MIXED
     from ..defenses.verdict import DEFENDER_WINS, VERDICT_SEP, VERDICTS
 
     word = html.unescape(cell).split(VERDICT_SEP)[0]
+    if word == MIXED:  # the matrix folded over seeds: the models of one group got different verdicts
+        return " class='mixed'"
     if word in VERDICTS:
         return " class='win'" if word in DEFENDER_WINS else " class='lose'"
     return " class='na'" if cell.startswith("n/a") else ""
@@ -234,7 +237,7 @@ def write_report(out: Path, title: str = "cuba reproduction report", blocked: li
     # them are Table III, shown above
     blocks = dt.read_text().strip().split("\n\n") if dt is not None else [""]
     detection = blocks[0]
-    start = next((i for i, b in enumerate(blocks) if b.startswith(("Model-level detectors", "Wall seconds"))), len(blocks))
+    start = next((i for i, b in enumerate(blocks) if b.startswith(("Across seeds", "Model-level detectors", "Wall seconds"))), len(blocks))
     model_level = [_md_table_to_html(b) if b.lstrip().startswith("|") else f"<p>{html.escape(b)}</p>"
                    for b in blocks[start:]]
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>Run folder: {html.escape(str(out))}</p>",
@@ -262,7 +265,7 @@ def write_report(out: Path, title: str = "cuba reproduction report", blocked: li
         parts.append(f"<details><summary>{html.escape(run.path.name)}</summary><pre>{cfg}</pre></details>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
-             "th{background:#f2f2f2}.win{background:#dff0d8}.lose{background:#f2dede}.na{color:#777}.blocked{color:#a40000;font-weight:bold}img{max-width:min(100%,900px)}figure{margin:1.5em 0}figcaption{color:#555;font-size:13px}")
+             "th{background:#f2f2f2}.win{background:#dff0d8}.lose{background:#f2dede}.mixed{background:#fcf3d9}.na{color:#777}.blocked{color:#a40000;font-weight:bold}img{max-width:min(100%,900px)}figure{margin:1.5em 0}figcaption{color:#555;font-size:13px}")
     page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     write_text(out / "report.html", page)
     return out / "report.html"

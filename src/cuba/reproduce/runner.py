@@ -80,11 +80,26 @@ def run_rolling(submit: Callable[[Cell], Any], cells: list[Cell], jobs: int, don
 
     Waves of ``jobs`` cells (the first version) left a core idle whenever a short clean cell
     shared a wave with a CUBA cell three times as long. A failed cell raises (its job's error)
-    once the cells already running have been waited for, so none is orphaned mid-write.
+    once the cells already running have been waited for, so none is orphaned mid-write. An
+    interrupt (Ctrl-C, or SIGTERM turned into one by the CLI) cancels the running jobs before it
+    propagates: submitit's local workers survive their parent and ignore SIGTERM, so they would go on
+    training into the run folders and hold the lock that refuses the resumed grid (seen 2026-11-30).
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    queue, running, error = list(cells), [], None
+    running: list[Any] = []
+    try:
+        _roll(submit, list(cells), running, jobs, done, poll_s)
+    except KeyboardInterrupt:
+        for job in running:
+            job.cancel(check=False)  # SIGINT to submitit's controller, which SIGKILLs a worker that lingers
+        raise
+
+
+def _roll(submit: Callable[[Cell], Any], queue: list[Cell], running: list[Any], jobs: int,
+          done: Callable[[], None], poll_s: float) -> None:
+    """run_rolling's loop; ``running`` is the caller's list, so an interrupt can reach the live jobs."""
+    error = None
     while queue or running:
         while queue and len(running) < jobs and error is None:
             running.append(submit(queue.pop(0)))

@@ -1,0 +1,109 @@
+"""The detector matrix at a glance: one row per detector, one column per kind of model, the seeds
+folded into each cell.
+
+The per-run table of ``cuba defense-table`` has a column per model: 41 of them for the MNIST matrix
+(issue 18), too wide to read a detector's record from. Here the runs are grouped by their name less
+the seed suffix (``mnist-simplecnn-cuba-fra-s1`` -> ``cuba-fra``; the data set / model prefix all
+runs share is dropped), and each cell says how the detector's **own rule**
+(:func:`cuba.defenses.verdict.verdict`) judged the models of that group:
+
+* ``caught — 3/3`` (or ``missed``, ``clear``, ``false alarm``) when every model got that verdict,
+  ``mixed — caught 2/3`` otherwise; report.html colours the first two by who won, mixed in amber;
+* input-level detectors add the mean AUROC and the mean of their rule's number over the group
+  (e.g. FAR at FRR 1% on clean validation inputs), so a near miss shows as one;
+* ``n/a`` when the detector did not apply to any model of the group (an input-level detector on a
+  clean model has no backdoor inputs to score; IBD-PSC on a model without BatchNorm); ``no verdict``
+  when it ran but its rule could not decide (:data:`NO_VERDICT`), its numbers still shown.
+
+Fine-pruning and NAD repair rather than detect: no rule, so no row (their curves are the removal
+tables).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .base import not_applicable
+from .verdict import DEFENDER_WINS, VERDICT_SEP, verdict
+
+MIXED = "mixed"
+"""The word of a cell whose models got different verdicts (report.html: amber)."""
+NO_VERDICT = "no verdict"
+"""A cell the detector ran on without judging: a model-level flag with no reference models to decide
+it, or an input-level rule finer than its calibration set (``unresolved_rules``)."""
+
+
+def group_names(runs: list[Path]) -> list[str]:
+    """Each run's group: its folder name less a trailing ``-s<seed>`` and less the prefix every run
+    shares up to a dash (``mnist-simplecnn-``), kept whole when that would leave a name empty."""
+    names = [re.sub(r"-s\d+$", "", Path(r).name) for r in runs]
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind("-") + 1]
+    if prefix and all(len(n) > len(prefix) for n in names):
+        names = [n[len(prefix):] for n in names]
+    return names
+
+
+def rule_label(key: str) -> str:
+    """"far_at_frr_1pct_two_sided" -> "FAR@FRR 1% two-sided": a rule's defense.json key as a reader says it."""
+    m = re.fullmatch(r"(\w+?)_at_(\w+?)_(\d+)pct(_two_sided)?", key)
+    if m is None:
+        return key
+    return f"{m[1].upper()}@{m[2].upper()} {m[3]}%" + (" two-sided" if m[4] else "")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summary_cell(defense: type | None, fields: list[dict[str, Any]]) -> str:
+    """One cell: the verdicts of ``fields`` (one defense.json per model of a group) and their means."""
+    if not fields:
+        return "–"
+    verdicts = [verdict(defense, f) for f in fields]
+    judged = [v for v in verdicts if v is not None]
+    applicable = [f for f in fields if not not_applicable(f)]
+    if not applicable or (not judged and all(f.get("setting") == "clean" for f in applicable)):
+        return "n/a"
+    counts = {v: judged.count(v) for v in dict.fromkeys(judged)}
+    if not judged:  # a model-level flag with no reference to decide it, or a rule finer than its calibration
+        head = NO_VERDICT
+    elif len(counts) == 1:
+        head = f"{judged[0]}{VERDICT_SEP}{len(judged)}/{len(fields)}"
+    else:
+        win = sum(n for v, n in counts.items() if v in DEFENDER_WINS)
+        best = next(v for v in counts if v in DEFENDER_WINS) if win else judged[0]
+        head = f"{MIXED}{VERDICT_SEP}{best} {counts.get(best, 0)}/{len(fields)}"
+    rule = getattr(defense, "rule", None)
+    parts = [head]
+    aurocs = [float(f["auroc"]) for f in applicable if f.get("auroc") is not None]
+    if aurocs and rule is not None:
+        parts.append(f"AUROC {_mean(aurocs):.3f}")
+    values = [float(f[rule[0]]) for f in applicable if rule is not None and f.get(rule[0]) is not None]
+    if values:
+        parts.append(f"{rule_label(rule[0])} {_mean(values):.3f}")
+    return "; ".join(parts)
+
+
+def summary_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[str],
+                  defenses: dict[str, type]) -> list[str]:
+    """Markdown lines of the folded matrix (detectors with a rule as rows, groups of runs as
+    columns, in the order the runs come); [] when no detector judged any run."""
+    groups = group_names([r for r, _ in res])
+    cols = sorted(dict.fromkeys(groups), key=lambda c: c != "clean")  # the clean reference point first
+    rows = []
+    for name in order:
+        cells = [summary_cell(defenses.get(name), [d[name] for (_, d), g in zip(res, groups) if g == col and name in d])
+                 for col in cols]
+        if any(c not in ("–", "n/a", NO_VERDICT) for c in cells):  # a row of numbers, not only placeholders
+            rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    counts = [groups.count(c) for c in cols]
+    head = [f"{c} ({n})" for c, n in zip(cols, counts)]
+    return ["", "Across seeds: each detector's own rule on every group of models (models in the group in brackets); "
+            "input-level cells add the group's mean AUROC and the mean of the rule's number", "",
+            "| detector | " + " | ".join(head) + " |", "|---|" + "---|" * len(cols), *rows]

@@ -1,0 +1,84 @@
+"""The detector matrix folded over seeds (cuba.defenses.summary): grouping, the cell's verdict
+counts and means, and which rows are shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cuba.defenses import DEFENSES
+from cuba.defenses.summary import MIXED, NO_VERDICT, group_names, rule_label, summary_cell, summary_table
+
+STRIP = DEFENSES["strip"]
+
+
+def strip_fields(setting: str, far: float, auroc: float, **extra: object) -> dict:
+    return {"setting": setting, "far_at_frr_1pct": far, "auroc": auroc, **extra}
+
+
+def model_fields(setting: str, flagged: bool | None) -> dict:
+    return {"setting": setting, "level": "model", "score": 1.0, "score_suspicious": "high", "flagged": flagged}
+
+
+def test_group_names_drop_the_seed_and_the_shared_prefix() -> None:
+    runs = [Path(f"/x/mnist-simplecnn-{s}") for s in ("clean-s0", "clean-s12", "cuba-fra-s1", "cuba-adaptive-fra-w5-s2")]
+    assert group_names(runs) == ["clean", "clean", "cuba-fra", "cuba-adaptive-fra-w5"]
+    assert group_names([Path("mnist-m-clean-s0"), Path("mnist-m-clean-s1")]) == ["clean", "clean"]
+    # no prefix up to a dash in common: nothing to drop
+    assert group_names([Path("clean-s0"), Path("cuba-fra-s0")]) == ["clean", "cuba-fra"]
+
+
+@pytest.mark.parametrize("key, label", [
+    ("far_at_frr_1pct", "FAR@FRR 1%"), ("far_at_frr_1pct_two_sided", "FAR@FRR 1% two-sided"),
+    ("tpr_at_fpr_5pct", "TPR@FPR 5%"), ("score", "score")])
+def test_rule_label(key: str, label: str) -> None:
+    assert rule_label(key) == label
+
+
+def test_unanimous_input_level_cell_counts_and_averages() -> None:
+    cell = summary_cell(STRIP, [strip_fields("cuba-fra", 0.0, 1.0), strip_fields("cuba-fra", 0.04, 0.98)])
+    assert cell == "caught — 2/2; AUROC 0.990; FAR@FRR 1% 0.020"
+
+
+def test_mixed_cell_names_the_defenders_wins() -> None:
+    # 0.05 is still caught (the bar is inclusive), 0.2 is not
+    cell = summary_cell(STRIP, [strip_fields("cuba-fra", 0.05, 0.9), strip_fields("cuba-fra", 0.2, 0.5),
+                                strip_fields("cuba-fra", 0.3, 0.4)])
+    assert cell == f"{MIXED} — caught 1/3; AUROC 0.600; FAR@FRR 1% 0.183"
+
+
+def test_model_level_cells_on_clean_and_backdoored_models() -> None:
+    md = DEFENSES["mm-bd"]
+    assert summary_cell(md, [model_fields("clean", False)] * 3) == "clear — 3/3"
+    assert summary_cell(md, [model_fields("cuba-fra", True), model_fields("cuba-fra", False)]) == f"{MIXED} — caught 1/2"
+    assert summary_cell(md, [model_fields("cuba-fra", None)]) == NO_VERDICT  # no reference decided the flag
+
+
+def test_placeholders() -> None:
+    assert summary_cell(STRIP, []) == "–"
+    assert summary_cell(STRIP, [strip_fields("clean", 0.0, 0.5)]) == "n/a"  # nothing to catch on a clean model
+    na = {"setting": "cuba-fra", "applicable": False, "reason": "needs BatchNorm"}
+    assert summary_cell(DEFENSES["ibd-psc"], [na, na]) == "n/a"
+    # a rule too fine for its calibration set: no verdict, the numbers still shown
+    unresolved = strip_fields("cuba-fra", 0.0, 0.99, unresolved_rules=["1pct"])
+    assert summary_cell(STRIP, [unresolved]) == f"{NO_VERDICT}; AUROC 0.990; FAR@FRR 1% 0.000"
+
+
+def test_summary_table_puts_clean_first_and_drops_rows_of_placeholders() -> None:
+    res = [(Path(f"r/mnist-m-{g}-s{i}"), {"strip": strip_fields(s, far, 0.9), "fine-pruning": {"setting": s}})
+           for i, (g, s, far) in enumerate([("cuba-fra", "cuba-fra", 0.0), ("clean", "clean", 0.0),
+                                            ("cuba-fra", "cuba-fra", 0.5)])]
+    lines = summary_table(res, ["strip", "fine-pruning"], DEFENSES)
+    assert lines[3] == "| detector | clean (1) | cuba-fra (2) |"
+    assert lines[5].startswith(f"| strip | n/a | {MIXED} — caught 1/2;")
+    assert len(lines) == 6  # fine-pruning repairs, it has no rule: no row
+    assert summary_table(res, ["fine-pruning"], DEFENSES) == []
+
+
+def test_report_colours_a_mixed_cell_amber() -> None:
+    from cuba.reproduce.report import _verdict_class
+
+    assert _verdict_class(f"{MIXED} — caught 1/3; AUROC 0.600") == " class='mixed'"
+    assert _verdict_class("caught — 3/3") == " class='win'"
+    assert _verdict_class("missed — 3/3") == " class='lose'"
