@@ -179,9 +179,11 @@ class AttackRun:
 
 
 def load_attack_run(run_dir: str | Path, device: str = "auto", data: ImageDataset | None = None,
-                    data_dir: str | None = None) -> AttackRun:
+                    data_dir: str | None = None, channels_last: bool = True) -> AttackRun:
     """Rebuild a finished run's models and data from its folder or pack (config.yaml + safetensors +
-    targets); ``data_dir`` replaces the folder the run found its data set in."""
+    targets); ``data_dir`` replaces the folder the run found its data set in. ``channels_last``:
+    the classifier's weights in that layout (its convolutions then run channels_last whatever
+    the layout of the images given; ``benchmarks/defense_layout.py`` times it)."""
     from ..pack import is_pack, open_run
 
     origin = str(run_dir) if is_pack(run_dir) else None
@@ -190,7 +192,7 @@ def load_attack_run(run_dir: str | Path, device: str = "auto", data: ImageDatase
     cfg = run.config()
     if data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
-    engine = make_engine(device, "fp32", channels_last=False)
+    engine = make_engine(device, "fp32", channels_last=channels_last)
     data = data if data is not None else data_for(cfg)
     classifier, trigger = run.models(cfg, data, engine)
     for m in (classifier, trigger):
