@@ -47,6 +47,25 @@ def test_nc_scaling_times_each_number_of_classes_per_pass(tmp_path: Path, capsys
     assert out["best_speedup_from_batching"] >= 1.0  # the 1-class case is among those compared
 
 
+def test_defense_layout_times_both_layouts_and_leaves_the_run_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from cuba.config import make_config
+    from cuba.pipeline import run_training
+
+    run = tmp_path / "run"
+    run_training(make_config({"dataset": "digits", "attack": "badnets", "epochs": 1, "batch_size": 64, "progress": False,
+                              "device": "cpu", "precision": "fp32", "out": str(run)}))
+    capsys.readouterr()
+    out = _run_script("defense_layout.py", [str(run), "--defenses", "strip", "near-tie", "--repeats", "1", "--set",
+                                            "n_eval=40", "n_calib=40", "n_overlay=4", "--json"], capsys, monkeypatch)
+    strip = out["defenses"]["strip"]
+    assert strip["speedup"] > 0 and strip["nchw_s"] > 0 and strip["channels_last_s"] > 0  # timings: no value pinned
+    # the layout changes float rounding only: STRIP's AUROC and FAR are the same both ways
+    assert strip["max_headline_diff"] < 1e-6 and set(out["defenses"]) == {"strip", "near-tie"}
+    assert out["params"] == {"n_eval": 40, "n_calib": 40, "n_overlay": 4}  # n_overlay reached STRIP only
+    assert not (run / "defenses").exists()  # results went to a scratch folder
+
+
 def test_gpu_table2_refuses_a_bad_budget() -> None:
     import subprocess
 
