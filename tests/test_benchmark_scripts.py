@@ -19,6 +19,16 @@ def _run_script(name: str, args: list[str], capsys: pytest.CaptureFixture[str], 
     return json.loads(capsys.readouterr().out)
 
 
+def _one_epoch_badnets(out: Path) -> Path:
+    """A digits BadNets run of one epoch: enough for a script that reads a finished run."""
+    from cuba.config import make_config
+    from cuba.pipeline import run_training
+
+    run_training(make_config({"dataset": "digits", "attack": "badnets", "epochs": 1, "batch_size": 64, "progress": False,
+                              "device": "cpu", "precision": "fp32", "out": str(out)}))
+    return out
+
+
 def test_step_breakdown_splits_the_step_and_profiles_the_passes(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     out = _run_script("step_breakdown.py", ["--steps", "1", "--repeats", "1", "--profile", "--json"], capsys, monkeypatch)
     assert out["model"] == "simplecnn" and out["clean_steps"]["clean step"] == 1.0
@@ -34,12 +44,7 @@ def test_step_breakdown_splits_the_step_and_profiles_the_passes(capsys: pytest.C
 
 def test_nc_scaling_times_each_number_of_classes_per_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from cuba.config import make_config
-    from cuba.pipeline import run_training
-
-    run = tmp_path / "run"
-    run_training(make_config({"dataset": "digits", "attack": "badnets", "epochs": 1, "batch_size": 64, "progress": False,
-                              "device": "cpu", "precision": "fp32", "out": str(run)}))
+    run = _one_epoch_badnets(tmp_path / "run")
     capsys.readouterr()
     out = _run_script("nc_batched.py", [str(run), "--scaling", "--epochs", "1"], capsys, monkeypatch)
     assert [k for k in out if k.endswith("_per_pass")] == ["1_classes_per_pass", "2_classes_per_pass", "5_classes_per_pass", "10_classes_per_pass"]
@@ -49,12 +54,7 @@ def test_nc_scaling_times_each_number_of_classes_per_pass(tmp_path: Path, capsys
 
 def test_defense_layout_times_both_layouts_and_leaves_the_run_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from cuba.config import make_config
-    from cuba.pipeline import run_training
-
-    run = tmp_path / "run"
-    run_training(make_config({"dataset": "digits", "attack": "badnets", "epochs": 1, "batch_size": 64, "progress": False,
-                              "device": "cpu", "precision": "fp32", "out": str(run)}))
+    run = _one_epoch_badnets(tmp_path / "run")
     capsys.readouterr()
     out = _run_script("defense_layout.py", [str(run), "--defenses", "strip", "near-tie", "--repeats", "1", "--set",
                                             "n_eval=40", "n_calib=40", "n_overlay=4", "--json"], capsys, monkeypatch)
