@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cuba.reproduce import runner
@@ -95,3 +97,51 @@ def test_an_interrupt_cancels_the_running_jobs_and_propagates() -> None:
 def test_jobs_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="jobs must be >= 1, got 0"):
         runner.run_rolling(lambda c: c, ["a"], jobs=0, done=lambda: None)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from Linux /proc")
+def test_stop_job_kills_a_controller_and_worker_that_ignore_sigint_and_sigterm(tmp_path: Path) -> None:
+    """What a grid started with nohup or `&` leaves after SIGTERM: a controller and its worker that
+    inherited SIGINT as ignored (and a worker that ignores SIGTERM, as submitit's does)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ready = tmp_path / "worker.pid"
+    worker = ("import os, signal, time, pathlib; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              f"pathlib.Path({str(ready)!r}).write_text(str(os.getpid())); time.sleep(300)")
+    controller = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(300)"
+    proc = subprocess.Popen([sys.executable, "-c", controller], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    for _ in range(200):
+        if ready.exists() and ready.read_text():
+            break
+        time.sleep(0.05)
+    worker_pid = int(ready.read_text())
+
+    class LocalLike:
+        _process = proc
+        cancelled = False
+
+        def cancel(self, check: bool = True) -> None:
+            self.cancelled = True
+            proc.send_signal(signal.SIGINT)  # what submitit's cancel does: ignored here
+
+    job = LocalLike()
+    try:
+        runner.stop_job(job)
+        assert job.cancelled and proc.poll() is not None
+        for _ in range(100):  # the SIGKILLed worker is reaped by init; /proc/PID goes or turns zombie
+            status = Path(f"/proc/{worker_pid}/status")
+            if not status.exists() or "zombie" in status.read_text():
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"worker {worker_pid} still running after stop_job")
+    finally:  # a failing run leaves no sleeper behind
+        for pid in (worker_pid, proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -10,6 +10,8 @@ setting: a grid edited after a run, or a run folder copied in by hand, is never 
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from pathlib import Path
@@ -81,9 +83,10 @@ def run_rolling(submit: Callable[[Cell], Any], cells: list[Cell], jobs: int, don
     Waves of ``jobs`` cells (the first version) left a core idle whenever a short clean cell
     shared a wave with a CUBA cell three times as long. A failed cell raises (its job's error)
     once the cells already running have been waited for, so none is orphaned mid-write. An
-    interrupt (Ctrl-C, or SIGTERM turned into one by the CLI) cancels the running jobs before it
-    propagates: submitit's local workers survive their parent and ignore SIGTERM, so they would go on
-    training into the run folders and hold the lock that refuses the resumed grid (seen 2026-11-30).
+    interrupt (Ctrl-C, or SIGTERM turned into one by the CLI) stops the running jobs before it
+    propagates (:func:`stop_job`): submitit's local workers survive their parent and ignore SIGTERM,
+    so they would go on training into the run folders and hold the lock that refuses the resumed
+    grid (seen 2026-11-30).
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -92,8 +95,37 @@ def run_rolling(submit: Callable[[Cell], Any], cells: list[Cell], jobs: int, don
         _roll(submit, list(cells), running, jobs, done, poll_s)
     except KeyboardInterrupt:
         for job in running:
-            job.cancel(check=False)  # SIGINT to submitit's controller, which SIGKILLs a worker that lingers
+            stop_job(job)
         raise
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux /proc; [] where there is none, e.g. macOS)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def stop_job(job: Any) -> None:
+    """Stop one local submitit job now. ``job.cancel()`` alone is not enough: it sends SIGINT to the
+    job's controller, and a grid started in the background of a shell without job control (nohup,
+    ``&`` in a script) passes SIGINT on as *ignored*, so the controller and its worker run on
+    (measured: both cells of a 2-cell grid trained to the end after SIGTERM). So the worker(s) and
+    the controller are also SIGKILLed; the run folder's flock dies with them and the cell resumes
+    from its last checkpoint next time. ``_process`` is submitit's LocalJob attribute for the
+    controller; a job without it (SLURM, a test double) only gets the cancel."""
+    job.cancel(check=False)
+    proc = getattr(job, "_process", None)
+    if proc is None or proc.poll() is not None:
+        return
+    for pid in _child_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
+    proc.kill()
+    proc.wait(timeout=30)
 
 
 def _roll(submit: Callable[[Cell], Any], queue: list[Cell], running: list[Any], jobs: int,
