@@ -34,6 +34,19 @@ class Net(nn.Module):
         return self.body(x)
 
 
+class ViewNet(nn.Module):
+    """Older code's habit: a convolution's output flattened with .view, which refuses channels_last strides."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * image_size * image_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
 def make_net(num_classes: int) -> nn.Module:  # a factory taking only what it needs
     return Net(1, num_classes)
 
@@ -134,3 +147,23 @@ def test_own_model_example_reaches_the_attack(tmp_path: Path) -> None:
     m = json.loads((tmp_path / "own" / "metrics.json").read_text())
     assert not m["degenerate"] and m["ca"] > 0.9 and m["asr"] >= 0.9, m
     assert "STRIP: FAR at FRR 1%" in out.stdout
+
+
+def test_defenses_rebuild_a_model_that_refuses_channels_last_nchw(tmp_path: Path) -> None:
+    """Defenses build the classifier channels_last (faster on a CPU); a model whose forward uses
+    .view on a convolution's output cannot run so, and is rebuilt NCHW instead of failing."""
+    from cuba.defenses import load_attack_run, run_defense
+    from cuba.pipeline import run_training
+
+    base = {"dataset": "digits", "attack": "badnets", "epochs": 1, "batch_size": 64, "progress": False, "device": "cpu",
+            "precision": "fp32"}
+    view_run = tmp_path / "view"
+    # training needs the same: its engine is channels_last by default
+    run_training(make_config({**base, "model": f"{__name__}:ViewNet", "channels_last": False, "out": str(view_run)}))
+    run = load_attack_run(view_run, device="cpu")
+    assert run.engine.channels_last is False
+    res = run_defense("strip", run, tmp_path / "d", n_eval=20, n_calib=20, n_overlay=4)
+    assert 0.0 <= res.fields["auroc"] <= 1.0
+    plain = tmp_path / "plain"
+    run_training(make_config({**base, "out": str(plain)}))
+    assert load_attack_run(plain, device="cpu").engine.channels_last is True

@@ -195,6 +195,9 @@ def load_attack_run(run_dir: str | Path, device: str = "auto", data: ImageDatase
     engine = make_engine(device, "fp32", channels_last=channels_last)
     data = data if data is not None else data_for(cfg)
     classifier, trigger = run.models(cfg, data, engine)
+    if engine.channels_last and not _takes_channels_last(classifier, data, engine.device):
+        engine = make_engine(device, "fp32", channels_last=False)
+        classifier, trigger = run.models(cfg, data, engine)
     for m in (classifier, trigger):
         if m is not None:
             m.requires_grad_(False)
@@ -204,6 +207,19 @@ def load_attack_run(run_dir: str | Path, device: str = "auto", data: ImageDatase
         targets = targets if targets is not None else attack_targets(cfg, data.num_classes)
     imported = "imported_from" in run.status()
     return AttackRun(run_dir, cfg, data, classifier, trigger, targets, engine, origin, imported)
+
+
+def _takes_channels_last(classifier: torch.nn.Module, data: ImageDataset, device: torch.device) -> bool:
+    """Whether the classifier's forward runs with channels_last weights. A model that flattens a
+    convolution's output with ``.view`` (common in older code, e.g. a model under audit) refuses
+    that layout's strides; it is then rebuilt NCHW, slower but correct. Probed on two test images."""
+    x = data.x_test[:2].to(device).float().div(255.0)
+    try:
+        with torch.no_grad():
+            classifier(x)
+    except RuntimeError:
+        return False
+    return True
 
 
 @dataclass

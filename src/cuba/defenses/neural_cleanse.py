@@ -184,7 +184,8 @@ class NeuralCleanse(Defense):
         amp = make_engine(str(run.engine.device), self.precision)
         # channels_last weights and inputs (the engine's layout): CPU max-pooling of an NCHW map
         # is several times slower (BENCHMARKS.md, "Neural Cleanse"); the layout does not change the numbers
-        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        # (NCHW for a model that refuses channels_last: load_attack_run found it out and built it so)
+        layout = torch.channels_last if self.channels_last and run.engine.channels_last else torch.contiguous_format
         run.classifier.to(memory_format=layout)
         kw = {"seed": self.seed, "early_stop": self.early_stop, "autocast": amp.autocast, "layout": layout}
         k = run.num_classes
