@@ -23,21 +23,10 @@ from pathlib import Path
 
 import torch
 
+from cuba.bench import cpu_flags
 from cuba.cli.common import parse_set
 from cuba.defenses import DEFENSES
 from cuba.defenses.base import load_attack_run, run_defense
-
-try:  # the CPU flags, as the memory-format benchmark reports them
-    from memory_format import cpu_flags
-except ImportError:  # run from another folder
-    import importlib.util
-    import sys
-
-    _spec = importlib.util.spec_from_file_location("memory_format", Path(__file__).with_name("memory_format.py"))
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["memory_format"] = _mod
-    _spec.loader.exec_module(_mod)
-    cpu_flags = _mod.cpu_flags
 
 HEADLINE_KEYS = ("auroc", "far_at_frr_1pct", "tpr_at_fpr_5pct", "score", "anomaly_index")
 

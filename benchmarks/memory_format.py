@@ -19,17 +19,9 @@ import statistics
 import torch
 
 from cuba import bench
+from cuba.bench import cpu_flags
 
 SHAPES = {"resnet18": (3, 32, "crop+flip"), "simplecnn": (1, 28, "none")}
-
-
-def cpu_flags() -> dict[str, bool]:
-    """Whether this CPU has the units that decide the bf16 question (Linux /proc/cpuinfo)."""
-    try:
-        flags = set(open("/proc/cpuinfo").read().split())
-    except OSError:
-        flags = set()
-    return {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -43,6 +43,17 @@ CHEAP_STEP: dict[str, Any] = {"generator_scale": 2, "backdoor_ratio": 0.5}
 CASES = (("simplecnn_28", "simplecnn", 1, 28, "none", 20, 60), ("resnet18_32", "resnet18", 3, 32, "crop+flip", 4, 20))
 
 
+def cpu_flags() -> dict[str, bool]:
+    """Whether this CPU has the units that decide the bf16 question (Linux /proc/cpuinfo; all False
+    where it cannot be read): every timing in BENCHMARKS.md names them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        flags = set()
+    return {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
+
+
 def synthetic(channels: int, size: int, n: int, k: int = 10, seed: int = 0) -> ImageDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8)

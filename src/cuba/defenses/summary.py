@@ -63,8 +63,7 @@ def summary_cell(defense: type | None, fields: list[dict[str, Any]]) -> str:
     """One cell: the verdicts of ``fields`` (one defense.json per model of a group) and their means."""
     if not fields:
         return "–"
-    verdicts = [verdict(defense, f) for f in fields]
-    judged = [v for v in verdicts if v is not None]
+    judged = [v for v in (verdict(defense, f) for f in fields) if v is not None]
     applicable = [f for f in fields if not not_applicable(f)]
     if not applicable or (not judged and all(f.get("setting") == "clean" for f in applicable)):
         return "n/a"
@@ -74,9 +73,8 @@ def summary_cell(defense: type | None, fields: list[dict[str, Any]]) -> str:
     elif len(counts) == 1:
         head = f"{judged[0]}{VERDICT_SEP}{len(judged)}/{len(fields)}"
     else:
-        win = sum(n for v, n in counts.items() if v in DEFENDER_WINS)
-        best = next(v for v in counts if v in DEFENDER_WINS) if win else judged[0]
-        head = f"{MIXED}{VERDICT_SEP}{best} {counts.get(best, 0)}/{len(fields)}"
+        best = next((v for v in counts if v in DEFENDER_WINS), judged[0])  # the defender's count first
+        head = f"{MIXED}{VERDICT_SEP}{best} {counts[best]}/{len(fields)}"
     rule = getattr(defense, "rule", None)
     parts = [head]
     aurocs = [float(f["auroc"]) for f in applicable if f.get("auroc") is not None]
@@ -91,7 +89,7 @@ def summary_cell(defense: type | None, fields: list[dict[str, Any]]) -> str:
 def summary_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[str],
                   defenses: dict[str, type]) -> list[str]:
     """Markdown lines of the folded matrix (detectors with a rule as rows, groups of runs as
-    columns, in the order the runs come); [] when no detector judged any run."""
+    columns: clean first, then in the order the runs come); [] when no detector judged any run."""
     groups = group_names([r for r, _ in res])
     cols = sorted(dict.fromkeys(groups), key=lambda c: c != "clean")  # the clean reference point first
     rows = []

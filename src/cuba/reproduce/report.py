@@ -185,7 +185,8 @@ def collect_figures(out: Path) -> list[tuple[str, Path]]:
 
 def _verdict_class(cell: str) -> str:
     """A detector-matrix cell's colour class: green when the defender wins (caught / clear), red
-    when the attacker does (missed / false alarm), grey for n/a; none for any other cell."""
+    when the attacker does (missed / false alarm), amber when the seeds of a folded cell disagree
+    (mixed), grey for n/a; none for any other cell."""
     from ..defenses.summary import MIXED
     from ..defenses.verdict import DEFENDER_WINS, VERDICT_SEP, VERDICTS
 
