@@ -203,7 +203,7 @@ def evaluate_run(run_dir: Path, from_predictions: bool = False, device: str = "a
     else:
         engine = make_engine(device, cfg.precision, cfg.channels_last)
         data = data_for(cfg)
-        classifier, generator = run.models(cfg, data, engine)
+        classifier, generator, engine = run.models_in_layout(cfg, data, engine)
         targets = run.targets()
         pred = predict(classifier, generator, data, engine, cfg.eval_batch_size, stealth=True, progress=cfg.progress)
     metrics = metrics_from_predictions(pred, targets, cfg.full_range)

@@ -281,6 +281,23 @@ class RunFolder:
             load_weights(self.path / "generator.safetensors", generator)
         return engine.prepare(classifier).eval(), (engine.prepare(generator).eval() if generator is not None else None)
 
+    def models_in_layout(self, cfg: TrainConfig, data: Any, engine: Any) -> tuple[nn.Module, nn.Module | None, Any]:
+        """:meth:`models`, and the engine to run them with: the given one, or its NCHW twin when the
+        classifier's forward refuses channels_last -- a model that flattens a convolution's output
+        with ``.view`` (common in older code, e.g. a model under audit) cannot take that layout's
+        strides, and is slower NCHW but correct. Probed on two test images."""
+        import dataclasses
+
+        classifier, generator = self.models(cfg, data, engine)
+        if engine.channels_last:
+            try:
+                with torch.no_grad():
+                    classifier(engine.batch(data.x_test[:2]))
+            except RuntimeError:
+                engine = dataclasses.replace(engine, channels_last=False)
+                classifier, generator = self.models(cfg, data, engine)
+        return classifier, generator, engine
+
     def lock(self) -> Any:
         """:func:`writer_lock` on this folder (a context manager)."""
         return writer_lock(self.path)

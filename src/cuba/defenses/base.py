@@ -183,7 +183,8 @@ def load_attack_run(run_dir: str | Path, device: str = "auto", data: ImageDatase
     """Rebuild a finished run's models and data from its folder or pack (config.yaml + safetensors +
     targets); ``data_dir`` replaces the folder the run found its data set in. ``channels_last``:
     the classifier's weights in that layout (its convolutions then run channels_last whatever
-    the layout of the images given; ``benchmarks/defense_layout.py`` times it)."""
+    the layout of the images given; ``benchmarks/defense_layout.py`` times it), unless the model
+    refuses it (:meth:`RunFolder.models_in_layout`)."""
     from ..pack import is_pack, open_run
 
     origin = str(run_dir) if is_pack(run_dir) else None
@@ -194,10 +195,7 @@ def load_attack_run(run_dir: str | Path, device: str = "auto", data: ImageDatase
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
     engine = make_engine(device, "fp32", channels_last=channels_last)
     data = data if data is not None else data_for(cfg)
-    classifier, trigger = run.models(cfg, data, engine)
-    if engine.channels_last and not _takes_channels_last(classifier, data, engine.device):
-        engine = make_engine(device, "fp32", channels_last=False)
-        classifier, trigger = run.models(cfg, data, engine)
+    classifier, trigger, engine = run.models_in_layout(cfg, data, engine)
     for m in (classifier, trigger):
         if m is not None:
             m.requires_grad_(False)
@@ -207,19 +205,6 @@ def load_attack_run(run_dir: str | Path, device: str = "auto", data: ImageDatase
         targets = targets if targets is not None else attack_targets(cfg, data.num_classes)
     imported = "imported_from" in run.status()
     return AttackRun(run_dir, cfg, data, classifier, trigger, targets, engine, origin, imported)
-
-
-def _takes_channels_last(classifier: torch.nn.Module, data: ImageDataset, device: torch.device) -> bool:
-    """Whether the classifier's forward runs with channels_last weights. A model that flattens a
-    convolution's output with ``.view`` (common in older code, e.g. a model under audit) refuses
-    that layout's strides; it is then rebuilt NCHW, slower but correct. Probed on two test images."""
-    x = data.x_test[:2].to(device).float().div(255.0)
-    try:
-        with torch.no_grad():
-            classifier(x)
-    except RuntimeError:
-        return False
-    return True
 
 
 @dataclass
