@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from cuba.defenses import DEFENSES
-from cuba.defenses.summary import MIXED, NO_VERDICT, group_names, rule_label, summary_cell, summary_table
+from cuba.config import ConfigError
+from cuba.defenses.summary import (MIXED, NO_VERDICT, change_cell, change_table, group_names, rule_label,
+                                    summary_cell, summary_table)
 
 STRIP = DEFENSES["strip"]
 
@@ -82,3 +84,42 @@ def test_report_colours_a_mixed_cell_amber() -> None:
     assert _verdict_class(f"{MIXED} — caught 1/3; AUROC 0.600") == " class='mixed'"
     assert _verdict_class("caught — 3/3") == " class='win'"
     assert _verdict_class("missed — 3/3") == " class='lose'"
+
+
+def _groups_res() -> list:
+    """Two CUBA FRA seeds (one caught by STRIP's rule, one not) and two adaptive seeds (both missed),
+    with an MM-BD flag on each, plus a clean model."""
+    mm = lambda s, flag: {"setting": s, "level": "model", "score": 1.0, "score_suspicious": "high", "flagged": flag}  # noqa: E731
+    runs = [("cuba-fra-s0", "cuba-fra", 0.0, 1.0, False), ("cuba-fra-s1", "cuba-fra", 0.5, 0.9, True),
+            ("cuba-adaptive-fra-w1-s0", "cuba-adaptive-fra-w1", 0.9, 0.4, True),
+            ("cuba-adaptive-fra-w1-s1", "cuba-adaptive-fra-w1", 1.0, 0.3, True), ("clean-s0", "clean", 0.0, 0.5, False)]
+    return [(Path(f"r/mnist-m-{n}"), {"strip": strip_fields(s, far, auroc), "mm-bd": mm(s, flag),
+                                       "fine-pruning": {"setting": s}}) for n, s, far, auroc, flag in runs]
+
+
+def test_change_cell_counts_and_means_against_the_baseline() -> None:
+    base = [strip_fields("cuba-fra", 0.0, 1.0), strip_fields("cuba-fra", 0.5, 0.9)]
+    other = [strip_fields("cuba-adaptive-fra-w1", 0.9, 0.4), strip_fields("cuba-adaptive-fra-w1", 1.0, 0.3)]
+    # by hand: AUROC (1.0 + 0.9) / 2 = 0.95 -> (0.4 + 0.3) / 2 = 0.35, change -0.600; FAR 0.25 -> 0.95
+    assert change_cell(STRIP, base, other) == "caught 1/2 → 0/2; AUROC 0.950 → 0.350 (-0.600); FAR@FRR 1% 0.250 → 0.950"
+    assert change_cell(STRIP, base, []) == "–"
+    # a rule too fine for its calibration set judges nothing: its count is a dash, its numbers still shown
+    unresolved = [strip_fields("cuba-fra", 0.0, 1.0, unresolved_rules=["1pct"])]
+    assert change_cell(STRIP, unresolved, other).startswith("caught – → 0/2; AUROC 1.000 → 0.350")
+
+
+def test_change_table_rows_columns_and_errors() -> None:
+    res = _groups_res()
+    lines = change_table(res, ["strip", "mm-bd", "fine-pruning"], DEFENSES, "cuba-fra", "cuba-adaptive")
+    assert lines[3] == "| detector | cuba-adaptive-fra-w1 |"
+    assert lines[5].startswith("| strip | caught 1/2 → 0/2; AUROC 0.950 → 0.350")
+    assert lines[6] == "| mm-bd | caught 1/2 → 2/2 |"  # model-level: the flags its rule raised
+    assert len(lines) == 7  # fine-pruning has no rule and no model-level flag: no row
+    # without a prefix every backdoored group except the baseline is a column; clean never is
+    assert change_table(res, ["strip"], DEFENSES, "cuba-fra")[3] == "| detector | cuba-adaptive-fra-w1 |"
+    with pytest.raises(ConfigError, match=r"no group 'cuba-nra2'; the groups are cuba-fra, cuba-adaptive-fra-w1, clean"):
+        change_table(res, ["strip"], DEFENSES, "cuba-nra2")
+    with pytest.raises(ConfigError, match=r"no group starts with 'ubw'"):
+        change_table(res, ["strip"], DEFENSES, "cuba-fra", "ubw")
+    # a grid still running: a line, not an error
+    assert change_table(res, ["strip"], DEFENSES, "cuba-nra2", strict=False)[-1].startswith("Against cuba-nra2: not yet")

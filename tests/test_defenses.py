@@ -211,6 +211,10 @@ def test_defend_cli_then_defense_table(badnets_run: Path, tmp_path: Path, capsys
     assert "| prune_ratio | BadNets (CA / ASR) |" in md  # a targeted control: plain ASR, and the title says so
     assert main(["defense-table", str(tmp_path)]) == 2
     assert "has no defenses/<defense>/defense.json" in capsys.readouterr().err
+    assert main(["defense-table", str(badnets_run), "--against", "cuba"]) == 2
+    assert "--against: needs --baseline" in capsys.readouterr().err
+    assert main(["defense-table", str(badnets_run), "--baseline", "cuba-fra"]) == 2  # a typo is an error, naming the groups
+    assert "defense-table: no group 'cuba-fra'; the groups are " in capsys.readouterr().err
 
 
 def test_defense_table_headline_asr_and_not_applicable(tmp_path: Path) -> None:

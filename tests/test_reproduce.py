@@ -35,6 +35,9 @@ def test_expand_names_and_validates_cells() -> None:
     assert [c.name for c in nra] == ["digits-simplecnn-cuba-fra-s0", "digits-simplecnn-cuba-nra2-s0", "digits-simplecnn-badnets-t0-s0"]
     with pytest.raises(ConfigError, match=r"^grid: unknown key\(s\) 'colour'"):
         expand({**TINY, "colour": 1})
+    assert len(expand({**TINY, "compare": {"baseline": "cuba-fra", "against": "cuba-adaptive"}})) == 4
+    with pytest.raises(ConfigError, match=r"^grid: compare must be \{baseline: <group>, against: <name prefix>\}"):
+        expand({**TINY, "compare": {"against": "cuba"}})
     with pytest.raises(ConfigError, match=r"^grid: unknown defense\(s\) spectral"):
         expand({**TINY, "defenses": ["spectral"]})
     bad = {**TINY, "overrides": [{"match": {"attack": "cuba", "seed": 1}, "set": {"tau": -1}}]}

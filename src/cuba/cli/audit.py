@@ -40,7 +40,10 @@ def cmd_defense_table(args: argparse.Namespace) -> int:
     names = args.names.split(",") if args.names else None
     if names and len(names) != len(args.runs):
         raise ConfigError(f"--names: give one name per run ({len(args.runs)}), got {len(names)}")
-    md = defense_tables([Path(r) for r in args.runs], names, [Path(r) for r in args.reference or []])
+    if args.against is not None and args.baseline is None:
+        raise ConfigError("--against: needs --baseline (the group the others are set against)")
+    compare = {"baseline": args.baseline, "against": args.against or ""} if args.baseline else None
+    md = defense_tables([Path(r) for r in args.runs], names, [Path(r) for r in args.reference or []], compare)
     print(md)
     if args.out:
         write_text(Path(args.out), md + "\n")
@@ -78,6 +81,11 @@ def add_parsers(sub: Any) -> None:
     dt.add_argument("--reference", nargs="+", default=None, metavar="RUN_DIR",
                     help="clean models the defender trained: they decide the inversion detectors' flag and are "
                          "left out of the scored runs (and of every AUROC)")
+    dt.add_argument("--baseline", default=None, metavar="GROUP",
+                    help="add a table of every detector on each group of runs against this one, e.g. cuba-fra "
+                         "(a group: run names less -s<seed> and their shared prefix)")
+    dt.add_argument("--against", default=None, metavar="PREFIX",
+                    help="with --baseline: only the groups whose name starts with this, e.g. cuba-adaptive")
     dt.set_defaults(func=cmd_defense_table)
     im = sub.add_parser("import-model", help="make a run folder from someone else's classifier weights (to audit it)")
     im.add_argument("weights", help=".safetensors, or a pickle .pt/.pth with --allow-pickle")

@@ -79,7 +79,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
     files = write_table2(out, blocked)
     print("\n" + files[0].read_text())
-    report = write_report(out, title=f"cuba reproduce {args.grid}", blocked=blocked, references=references)
+    report = write_report(out, title=f"cuba reproduce {args.grid}", blocked=blocked, references=references,
+                          compare=raw.get("compare"))
     extra = [f for f in (out / "table3.md", out / "defenses.md") if f.is_file()]
     print("written: " + ", ".join(str(f) for f in [*files, *extra, report]))
     return 130 if interrupted else 0

@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
 from .base import not_applicable
 from .verdict import DEFENDER_WINS, VERDICT_SEP, verdict
 
@@ -75,15 +76,25 @@ def summary_cell(defense: type | None, fields: list[dict[str, Any]]) -> str:
     else:
         best = next((v for v in counts if v in DEFENDER_WINS), judged[0])  # the defender's count first
         head = f"{MIXED}{VERDICT_SEP}{best} {counts[best]}/{len(fields)}"
-    rule = getattr(defense, "rule", None)
+    auroc, value = group_means(defense, applicable)
     parts = [head]
-    aurocs = [float(f["auroc"]) for f in applicable if f.get("auroc") is not None]
-    if aurocs and rule is not None:
-        parts.append(f"AUROC {_mean(aurocs):.3f}")
-    values = [float(f[rule[0]]) for f in applicable if rule is not None and f.get(rule[0]) is not None]
-    if values:
-        parts.append(f"{rule_label(rule[0])} {_mean(values):.3f}")
+    if auroc is not None:
+        parts.append(f"AUROC {auroc:.3f}")
+    if value is not None:
+        parts.append(f"{rule_label(defense.rule[0])} {value:.3f}")
     return "; ".join(parts)
+
+
+def group_means(defense: type | None, fields: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """(mean AUROC, mean of the rule's number) over the applicable ``fields`` of a group; None where no
+    model has it. Only a detector with a rule reports an AUROC here: Fine-pruning and NAD have neither."""
+    rule = getattr(defense, "rule", None)
+    if rule is None:
+        return None, None
+    applicable = [f for f in fields if not not_applicable(f)]
+    aurocs = [float(f["auroc"]) for f in applicable if f.get("auroc") is not None]
+    values = [float(f[rule[0]]) for f in applicable if f.get(rule[0]) is not None]
+    return (_mean(aurocs) if aurocs else None), (_mean(values) if values else None)
 
 
 def summary_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[str],
@@ -105,3 +116,49 @@ def summary_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list
     return ["", "Across seeds: each detector's own rule on every group of models (models in the group in brackets); "
             "input-level cells add the group's mean AUROC and the mean of the rule's number", "",
             "| detector | " + " | ".join(head) + " |", "|---|" + "---|" * len(cols), *rows]
+
+
+def _caught(defense: type | None, fields: list[dict[str, Any]]) -> str:
+    """"k/n": caught k of the n models the rule judged; "–" when it judged none (no verdict, n/a)."""
+    judged = [v for v in (verdict(defense, f) for f in fields) if v is not None]
+    return f"{judged.count('caught')}/{len(judged)}" if judged else "–"
+
+
+def change_cell(defense: type | None, base: list[dict[str, Any]], other: list[dict[str, Any]]) -> str:
+    """How a detector fares on ``other`` against ``base`` (two groups of defense.json): caught counts,
+    mean AUROC and mean rule number, each as "base → other", the AUROC with its change."""
+    if not base or not other:
+        return "–"
+    parts = [f"caught {_caught(defense, base)} → {_caught(defense, other)}"]
+    (a0, v0), (a1, v1) = group_means(defense, base), group_means(defense, other)
+    if a0 is not None and a1 is not None:
+        parts.append(f"AUROC {a0:.3f} → {a1:.3f} ({a1 - a0:+.3f})")
+    if v0 is not None and v1 is not None:
+        parts.append(f"{rule_label(defense.rule[0])} {v0:.3f} → {v1:.3f}")
+    return "; ".join(parts)
+
+
+def change_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[str], defenses: dict[str, type],
+                 baseline: str, against: str = "", strict: bool = True) -> list[str]:
+    """Markdown lines: every detector with a rule, on each group whose name starts with ``against``
+    (every backdoored group by default), set against the ``baseline`` group -- e.g. what each detector
+    loses when CUBA FRA turns adaptive (issue 18, point 4). When ``baseline`` or ``against`` matches
+    no group: a ConfigError naming the groups (a typo), or with ``strict=False`` (a grid still
+    running) a line saying so."""
+    groups = group_names([r for r, _ in res])
+    known = list(dict.fromkeys(groups))
+    cols = [g for g in known if g not in (baseline, "clean") and g.startswith(against)]
+    if baseline not in known or not cols:
+        missing = f"no group {baseline!r}" if baseline not in known else f"no group starts with {against!r}"
+        if strict:
+            raise ConfigError(f"defense-table: {missing}; the groups are {', '.join(known)}")
+        return ["", f"Against {baseline}: not yet ({missing} among the finished runs)"]
+    of = lambda name, g: [d[name] for (_, d), gg in zip(res, groups) if gg == g and name in d]  # noqa: E731
+    rows = [f"| {name} | " + " | ".join(change_cell(defenses[name], of(name, baseline), of(name, c)) for c in cols) + " |"
+            for name in order if getattr(defenses.get(name), "rule", None) is not None or _model_level(of(name, baseline))]
+    return ["", f"Against {baseline}: each detector's own rule (models caught), mean AUROC and mean rule number, "
+            f"{baseline} → the group", "", "| detector | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols), *rows]
+
+
+def _model_level(fields: list[dict[str, Any]]) -> bool:
+    return any(f.get("level") == "model" for f in fields)

@@ -22,7 +22,7 @@ from typing import Any
 from ..runs import read_json
 from .base import ASR_NAMES, IMPORTED, headline_asr_key_of, headline_value, not_applicable, pct
 from .model_level import apply_references, model_level_table
-from .summary import summary_table
+from .summary import change_table, summary_table
 from .verdict import VERDICT_SEP, verdict
 
 FALLBACK_NOTE = ("† ASR-C not recorded (defense.json written before it): plain ASR shown, which for an "
@@ -92,7 +92,10 @@ def cost_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[st
 
 
 def defense_tables(run_dirs: list[Path], names: list[str] | None = None,
-                   references: list[Path] | None = None) -> str:
+                   references: list[Path] | None = None, compare: dict[str, str] | None = None,
+                   strict: bool = True) -> str:
+    """Every table above as one Markdown text; ``compare`` ({baseline: group, against: name prefix})
+    adds :func:`cuba.defenses.summary.change_table`, ``strict`` as there."""
     from . import DEFENSES  # here: the package imports this module's siblings
 
     ref_set = {Path(p).resolve() for p in references or []}
@@ -121,4 +124,6 @@ def defense_tables(run_dirs: list[Path], names: list[str] | None = None,
     for name, key in (("fine-pruning", "prune_ratio"), ("nad", "epoch")):
         lines += removal_table(name, key, cols, [d.get(name) for _, d in res])
     lines += summary_table(res, found, DEFENSES)
+    if compare:
+        lines += change_table(res, found, DEFENSES, compare["baseline"], compare.get("against", ""), strict)
     return "\n".join(lines + model_level_table(res) + notes + cost_table(res, found))

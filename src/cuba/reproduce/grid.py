@@ -18,6 +18,8 @@ each a complete, validated training config -- every cell is checked before the f
     defense_seeds: [0]                   # which seeds' models the defenses inspect (or per data set)
     reference_seeds: []                  # clean seeds the defender trains as references (or per data set): they
                                          # run the defenses that need references (all of them if in defense_seeds)
+    compare: {baseline: cuba-fra, against: cuba-adaptive}  # defenses.md: each detector on these groups against
+                                         # the baseline group (groups: run names less -s<seed> and the shared prefix)
     data_dir: ../shared/data             # named sets, and relative paths not found as given
     fallback: {cifar10: cifar10-jpeg.zip}  # used for a named set that has no local copy
     set: {}                              # config fields for every cell
@@ -50,7 +52,7 @@ from ..config import ConfigError, flatten_values, load_config_file, make_config
 from ..runs import safe_name
 
 KEYS = ("name", "datasets", "models", "presets", "attacks", "variants", "seeds", "per_attack", "epochs", "defenses",
-        "defense_seeds", "reference_seeds", "data_dir", "fallback", "set", "overrides")
+        "defense_seeds", "reference_seeds", "compare", "data_dir", "fallback", "set", "overrides")
 
 
 @dataclass
@@ -138,6 +140,11 @@ def _check_grid(raw: dict[str, Any]) -> tuple[list[Any], list[Any], dict[str, st
     unknown = sorted(set(raw) - set(KEYS), key=str)
     if unknown:
         raise ConfigError(f"grid: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(KEYS)}")
+    compare = raw.get("compare")
+    if compare is not None and not (isinstance(compare, dict) and isinstance(compare.get("baseline"), str)
+                                    and set(compare) <= {"baseline", "against"}
+                                    and isinstance(compare.get("against", ""), str)):
+        raise ConfigError(f"grid: compare must be {{baseline: <group>, against: <name prefix>}}, got {compare!r}")
     datasets = _as_list(raw.get("datasets"), "datasets")
     if not datasets:
         raise ConfigError("grid: datasets must name at least one data set")

@@ -208,10 +208,11 @@ def _md_table_to_html(md: str) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_defense_table(out: Path, references: Sequence[str] = ()) -> Path | None:
+def write_defense_table(out: Path, references: Sequence[str] = (), compare: dict[str, str] | None = None) -> Path | None:
     """``defenses.md``: every defense's headline numbers (AUROC, anomaly index, ...) per defended run;
     the finished runs named in ``references`` (the grid's reference models) calibrate the inversion
-    detectors' flag instead of being scored (:func:`cuba.defenses.table.defense_tables`)."""
+    detectors' flag instead of being scored (:func:`cuba.defenses.table.defense_tables`); the grid's
+    ``compare`` adds the table against a baseline group, or a line saying it is not there yet."""
     from ..defenses.table import defense_tables
 
     defended = [r.path for r in finished_runs(out) if any((r.path / "defenses").glob("*/defense.json"))]
@@ -219,21 +220,21 @@ def write_defense_table(out: Path, references: Sequence[str] = ()) -> Path | Non
     scored = [p for p in defended if p not in refs]
     if not scored:
         return None
-    write_text(out / "defenses.md", defense_tables(scored, [p.name for p in scored], refs) + "\n")
+    write_text(out / "defenses.md", defense_tables(scored, [p.name for p in scored], refs, compare, strict=False) + "\n")
     return out / "defenses.md"
 
 
 def write_report(out: Path, title: str = "cuba reproduction report", blocked: list[dict] = (),
-                 references: Sequence[str] = ()) -> Path:
+                 references: Sequence[str] = (), compare: dict[str, str] | None = None) -> Path:
     """Tables, figures and configs of every finished run in one offline HTML file; ``blocked``
     (:func:`cuba.reproduce.tables.blocked_settings`) adds Table II rows for the grid's settings
-    that could not run here, and says why under the table."""
+    that could not run here, and says why under the table; ``compare`` as in :func:`write_defense_table`."""
     out = Path(out)
     write_table3(out)
     t2_rows = table2_rows(finished_runs(out), blocked)
     t2 = table2_markdown(t2_rows)
     t3 = (out / "table3.md").read_text()
-    dt = write_defense_table(out, references)
+    dt = write_defense_table(out, references, compare)
     # the headline table, then the model-level AUROCs and their notes; the removal curves between
     # them are Table III, shown above
     blocks = dt.read_text().strip().split("\n\n") if dt is not None else [""]
