@@ -248,3 +248,28 @@ def test_report_keeps_reference_models_out_of_the_scored_runs(tmp_path: Path) ->
     assert "flagged decided on 1 clean reference model(s)" in page and "Model-level detectors over these runs" in page
     assert "false alarm" in page and "caught" in page
     assert "Wall seconds per defense" in page and "| dispersion-inversion | 2 | 1 | 1 | 2 |" in md  # references not counted
+
+
+def test_report_sets_groups_against_the_grids_baseline(tmp_path: Path) -> None:
+    """The grid's ``compare`` reaches defenses.md and report.html: the adaptive group against CUBA FRA,
+    and a line (not a crash) while the baseline group has not finished."""
+    from cuba.config import make_config
+    from cuba.runs import save_config, write_json
+
+    def run(name: str, attack: str, setting: str, far: float, auroc: float) -> None:
+        save_config(tmp_path / "runs" / name, make_config({"dataset": "digits", "model": "simplecnn", "attack": attack}))
+        write_json(tmp_path / "runs" / name / "metrics.json", {"dataset": "digits", "num_classes": 10, "ca": 0.97})
+        write_json(tmp_path / "runs" / name / "defenses" / "near-tie" / "defense.json",
+                   {"setting": setting, "seconds": 1.0, "auroc": auroc, "far_at_frr_1pct": far})
+
+    run("digits-simplecnn-cuba-adaptive-fra-w1-s0", "cuba-adaptive", "cuba-adaptive-fra", 0.9, 0.3)
+    compare = {"baseline": "cuba-fra", "against": "cuba-adaptive"}
+    write_report(tmp_path, compare=compare)
+    assert "Against cuba-fra: not yet (no group 'cuba-fra' among the finished runs)" in (tmp_path / "defenses.md").read_text()
+    run("digits-simplecnn-cuba-fra-s0", "cuba", "cuba-fra", 0.0, 1.0)
+    # every run a CUBA model: the shown groups lose "cuba-" too (fra, adaptive-fra-w1), the baseline still matches
+    page = write_report(tmp_path, compare=compare).read_text()
+    md = (tmp_path / "defenses.md").read_text()
+    assert "| detector | adaptive-fra-w1 |" in md
+    assert "| near-tie | caught 1/1 → 0/1; AUROC 1.000 → 0.300 (-0.700); FAR@FRR 1% 0.000 → 0.900 |" in md
+    assert "<td>caught 1/1 → 0/1; AUROC 1.000 → 0.300 (-0.700); FAR@FRR 1% 0.000 → 0.900</td>" in page

@@ -85,7 +85,7 @@ def add_parsers(sub: Any) -> None:
                     help="add a table of every detector on each group of runs against this one, e.g. cuba-fra "
                          "(a group: run names less -s<seed> and their shared prefix)")
     dt.add_argument("--against", default=None, metavar="PREFIX",
-                    help="with --baseline: only the groups whose name starts with this, e.g. cuba-adaptive")
+                    help="with --baseline: only the groups whose run names hold this from a dash on, e.g. cuba-adaptive")
     dt.set_defaults(func=cmd_defense_table)
     im = sub.add_parser("import-model", help="make a run folder from someone else's classifier weights (to audit it)")
     im.add_argument("weights", help=".safetensors, or a pickle .pt/.pth with --allow-pickle")

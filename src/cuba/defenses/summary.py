@@ -40,12 +40,16 @@ it, or an input-level rule finer than its calibration set (``unresolved_rules``)
 def group_names(runs: list[Path]) -> list[str]:
     """Each run's group: its folder name less a trailing ``-s<seed>`` and less the prefix every run
     shares up to a dash (``mnist-simplecnn-``), kept whole when that would leave a name empty."""
-    names = [re.sub(r"-s\d+$", "", Path(r).name) for r in runs]
+    names = _seedless(runs)
     prefix = os.path.commonprefix(names)
     prefix = prefix[: prefix.rfind("-") + 1]
     if prefix and all(len(n) > len(prefix) for n in names):
         names = [n[len(prefix):] for n in names]
     return names
+
+
+def _seedless(runs: list[Path]) -> list[str]:
+    return [re.sub(r"-s\d+$", "", Path(r).name) for r in runs]
 
 
 def rule_label(key: str) -> str:
@@ -140,16 +144,21 @@ def change_cell(defense: type | None, base: list[dict[str, Any]], other: list[di
 
 def change_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[str], defenses: dict[str, type],
                  baseline: str, against: str = "", strict: bool = True) -> list[str]:
-    """Markdown lines: every detector with a rule, on each group whose name starts with ``against``
-    (every backdoored group by default), set against the ``baseline`` group -- e.g. what each detector
+    """Markdown lines: every detector with a rule, on each group whose run names hold ``against`` from a
+    dash on (every backdoored group by default), set against the ``baseline`` group (the runs whose names,
+    less the seed, end in it) -- e.g. what each detector
     loses when CUBA FRA turns adaptive (issue 18, point 4). When ``baseline`` or ``against`` matches
     no group: a ConfigError naming the groups (a typo), or with ``strict=False`` (a grid still
     running) a line saying so."""
-    groups = group_names([r for r, _ in res])
-    known = list(dict.fromkeys(groups))
-    cols = [g for g in known if g not in (baseline, "clean") and g.startswith(against)]
-    if baseline not in known or not cols:
-        missing = f"no group {baseline!r}" if baseline not in known else f"no group starts with {against!r}"
+    runs = [r for r, _ in res]
+    # matched on the whole name less the seed, at a dash: the shown groups lose whatever prefix all runs
+    # share, which is "cuba-" itself when every run is a CUBA model
+    full, shown = _seedless(runs), group_names(runs)
+    groups = [baseline if f"-{f}".endswith(f"-{baseline}") else g for f, g in zip(full, shown)]
+    known = list(dict.fromkeys(shown))
+    cols = list(dict.fromkeys(g for f, g in zip(full, groups) if g not in (baseline, "clean") and f"-{against}" in f"-{f}"))
+    if baseline not in groups or not cols:
+        missing = f"no group {baseline!r}" if baseline not in groups else f"no group matches {against!r}"
         if strict:
             raise ConfigError(f"defense-table: {missing}; the groups are {', '.join(known)}")
         return ["", f"Against {baseline}: not yet ({missing} among the finished runs)"]
