@@ -141,6 +141,8 @@ def test_input_detectors_catch_the_badnets_positive_control(badnets_run: Path, t
     assert (tmp_path / "scale-up" / "scale_up_spc.png").is_file()
     z = run_defense("scale-up", run, tmp_path / "z", n_eval=100, n_ref=200, standardize=True).fields
     assert z["spc_backdoor"] == f["spc_backdoor"] and z["applicable"]  # raw SPC kept; the score is the z-score
+    # the per-class reference images are not calibration images: 142 validation images split 200 : 1000
+    assert (f["n_calib_used"], z["n_calib_used"]) == (142, 142 - round(142 * 200 / 1200))
     assert ScaleUp.headline(f).startswith(f"AUROC {f['auroc']:.3f}, TPR@FPR5% ")
 
 

@@ -114,7 +114,8 @@ def test_rule_table_keys_order_and_thresholds_by_hand() -> None:
     assert list(low) == ["far_at_frr_1pct", "frr_at_frr_1pct", "far_at_frr_1pct_two_sided", "frr_at_frr_1pct_two_sided",
                          "far_at_frr_5pct", "frr_at_frr_5pct", "far_at_frr_5pct_two_sided", "frr_at_frr_5pct_two_sided",
                          "thresholds", "unresolved_rules"]
-    assert low["unresolved_rules"] == ["1pct_two_sided"]  # 100 scores: 0.5 per tail, so its bounds are the extremes
+    # 100 scores: at 1% both rules sit on the sample's extremes (the lower threshold 0.0 is the minimum)
+    assert low["unresolved_rules"] == ["1pct", "1pct_two_sided"]
     # 1%: lower quantile 0.0 (nothing of s_val below it); two-sided 0.5% / 99.5% at observed values: 0.0 and 0.99;
     # 5%: 0.04, two-sided 2.5% / 97.5%: 0.02 and 0.97
     assert low["thresholds"] == {"1pct": [0.0, None], "1pct_two_sided": [0.0, 0.99],
@@ -150,8 +151,8 @@ def test_score_inapplicable_reason_in_order() -> None:
 
 
 def test_a_rule_finer_than_its_calibration_set_is_marked_unresolved() -> None:
-    """142 validation scores resolve a one-sided 1% rule (1.42 per tail) but not a two-sided one
-    (0.71 per tail); 200 resolve both. An unresolved rule is named in defense.json, its headline
+    """142 validation scores resolve a one-sided 1% rule (its threshold at sorted index floor(1.41) = 1)
+    but not a two-sided one (index floor(0.705) = 0: the minimum); 200 do not either (0.995), 201 do. An unresolved rule is named in defense.json, its headline
     says so, and the verdict abstains rather than call the detector's miss a measurement."""
     from cuba.defenses import DEFENSES
     from cuba.defenses.base import rule_headline
@@ -159,11 +160,16 @@ def test_a_rule_finer_than_its_calibration_set_is_marked_unresolved() -> None:
     from cuba.defenses.verdict import verdict
 
     assert resolved(142, 0.01, two_sided=False) and not resolved(142, 0.01, two_sided=True)
-    assert resolved(200, 0.01, two_sided=True) and not resolved(99, 0.01, two_sided=False)
+    assert not resolved(200, 0.01, two_sided=True) and resolved(201, 0.01, two_sided=True)
+    assert not resolved(100, 0.01, two_sided=False) and resolved(101, 0.01, two_sided=False)
     rng = np.random.default_rng(0)
+    for n, q in ((200, 0.005), (201, 0.005), (100, 0.01), (101, 0.01), (142, 0.01)):  # against numpy's own choice
+        s = rng.permutation(n).astype(float)
+        inside = np.quantile(s, q, method="lower") > s.min() and np.quantile(s, 1 - q, method="higher") < s.max()
+        assert resolved(n, q, two_sided=False) == inside, n
     small = rule_table(rng.normal(size=142), rng.normal(size=50), rng.normal(size=50), one_sided="lower")
     assert small["unresolved_rules"] == ["1pct_two_sided"]
-    assert "unresolved_rules" not in rule_table(rng.normal(size=200), rng.normal(size=50), rng.normal(size=50))
+    assert "unresolved_rules" not in rule_table(rng.normal(size=201), rng.normal(size=50), rng.normal(size=50))
     f = {"setting": "cuba-nra2", "auroc": 0.985, "far_at_frr_1pct_two_sided": 0.997, "frr_at_frr_1pct_two_sided": 0.0,
          "n_calib_used": 142, "unresolved_rules": ["1pct_two_sided"]}
     assert rule_headline(f, "FAR@FRR1%", "far_at_frr_1pct_two_sided", "frr_at_frr_1pct_two_sided", "FRR") == (

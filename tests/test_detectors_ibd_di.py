@@ -187,9 +187,14 @@ def test_fit_universal_stays_in_the_budget_and_never_touches_the_model() -> None
 
 
 def test_reference_verdict_and_split_sizes() -> None:
-    assert reference_verdict(0.01, [0.05, 0.03], 2.0) == (True, 0.015)
-    assert reference_verdict(0.015, [0.05, 0.03], 2.0) == (False, 0.015)  # strict
-    assert reference_verdict(0.01, None, 2.0) == (None, None)
+    assert reference_verdict(0.01, [0.05, 0.03], 2.0, 0.25) == (True, 0.015)
+    assert reference_verdict(0.015, [0.05, 0.03], 2.0, 0.25) == (False, 0.015)  # strict
+    assert reference_verdict(0.01, None, 2.0, 0.25) == (None, None)
+    # censored budgets (above the largest, 0.25: never made dispersive) decide only what they cannot change
+    assert reference_verdict(0.5, [0.05, 0.5], 2.0, 0.25) == (False, 0.025)  # needs > 0.25, cut 0.025
+    assert reference_verdict(0.5, [0.5, 0.5], 2.0, 0.25) == (None, None)  # both beyond the schedule: cannot tell
+    assert reference_verdict(0.125, [0.5], 2.0, 0.25) == (True, None)  # the cut is beyond 0.25 / 2 whatever it is
+    assert reference_verdict(0.25, [0.5], 2.0, 0.25) == (None, None)  # the cut may lie either side of 0.25
     assert split_sizes(1000, 256, 256) == (256, 256)
     assert split_sizes(142, 256, 256) == (71, 71) and split_sizes(10, 30, 10) == (8, 2) and split_sizes(2, 1, 100) == (1, 1)
 
@@ -203,13 +208,16 @@ def test_dispersive_mass_by_hand() -> None:
 
 def test_headlines() -> None:
     f = {"reached": True, "score": 4 / 255, "budgets": list(DEFAULT_BUDGETS), "flagged": True,
-         "reference_cutoff": 8 / 255, "rows": [{"flip_rate": 0.5, "dispersion": 0.3, "met": False},
+         "reference_budgets": [16 / 255], "reference_cutoff": 8 / 255, "rows": [{"flip_rate": 0.5, "dispersion": 0.3, "met": False},
                                                {"flip_rate": 0.95, "dispersion": 0.851, "met": True},
                                                {"flip_rate": 1.0, "dispersion": 0.2, "met": False}]}
     assert DispersionInversion.headline(f) == ("dispersive at eps 4/255 (flip 0.95, dispersion 0.85); "
                                                "flagged (reference cutoff 8/255)")
-    g = {**f, "reached": False, "score": 128 / 255, "flagged": None}
+    g = {**f, "reached": False, "score": 128 / 255, "flagged": None, "reference_budgets": None}
     assert DispersionInversion.headline(g) == "not dispersive up to eps 64/255; no reference"
+    # every reference censored too: the rule cannot tell, and says why
+    u = {**g, "reference_budgets": [128 / 255], "reference_cutoff": None}
+    assert DispersionInversion.headline(u) == "not dispersive up to eps 64/255; undecided (every reference beyond 64/255)"
     assert DispersionInversion.headline({"applicable": False, "reason": "K = 2"}) == "n/a (K = 2)"
     h = {"auroc": 0.9, "far_at_frr_1pct": 0.5, "frr_at_frr_1pct": 0.01, "far_at_frr_1pct_two_sided": 0.6,
          "frr_at_frr_1pct_two_sided": 0.02}
@@ -235,7 +243,7 @@ def test_headlines() -> None:
                                                        r"in \(0, 2 x the largest budget\]"),
     (DispersionInversion, {"target_rate": 0}, r"^target_rate: must be in \(0, 1\], got 0"),
     (DispersionInversion, {"target_dispersion": 1.5}, r"^target_dispersion: must be in \[0, 1\], got 1.5"),
-    (DispersionInversion, {"tau": 0}, r"^tau: must be null or a finite number > 0, got 0"),
+    (DispersionInversion, {"tau": 0}, r"^tau: must be a finite number > 0, got 0"),
     (DispersionInversion, {"lr_frac": float("nan")}, r"^lr_frac: must be a finite number > 0, got nan"),
     (DispersionInversion, {"steps": 0}, r"^steps: must be an integer >= 1, got 0"),
     (DispersionInversion, {"n_fit": 1}, r"^n_fit: must be an integer >= 2, got 1"),
@@ -341,7 +349,9 @@ def test_dispersion_inversion_end_to_end_on_badnets(badnets_run: Path, tmp_path:
     assert all(torch.equal(v, run.classifier.state_dict()[k]) for k, v in before.items())
     assert f["applicable"] and f["level"] == "model" and f["score_suspicious"] == "low"
     assert f["assumes_target_class"] is False and f["flagged"] is None and f["eps_run"] is None
-    assert f["n_fit_used"] == f["n_measure_used"] == 64 and f["tau"] == run.cfg.tau
+    assert f["n_fit_used"] == f["n_measure_used"] == 64 and f["tau"] == 0.1
+    # the defender's own temperature, recorded where a reference is checked against the suspect
+    assert json.loads((tmp_path / "dispersion-inversion" / "defense.json").read_text())["params"]["tau"] == 0.1
     assert [r["eps_255"] for r in f["rows"]] == [8.0, 32.0, 128.0] and not any(r["met"] for r in f["rows"])
     assert all(0 <= r["flip_rate"] <= 1 and 0 <= r["dispersion"] <= 1 for r in f["rows"])
     assert f["rows"][0]["flip_rate"] < f["rows"][-1]["flip_rate"]  # a larger budget flips more

@@ -63,7 +63,7 @@ def _di_run(root: Path, name: str, setting: str, score: float) -> Path:
     """A run folder holding one dispersion-inversion defense.json decided without references."""
     folder = root / name / "defenses" / "dispersion-inversion"
     folder.mkdir(parents=True)
-    f = {"setting": setting, "seconds": 2.0, "params": {"margin": 2.0}, "budgets": [1 / 255, 2 / 255], "rows": [],
+    f = {"setting": setting, "seconds": 2.0, "params": {"margin": 2.0}, "budgets": [1 / 255, 64 / 255], "rows": [],
          "reached": True, "reference_budgets": None, "reference_cutoff": None,
          **model_verdict(score, "low", None, False)}
     (folder / "defense.json").write_text(json.dumps(f))

@@ -10,8 +10,9 @@ Search. For each budget eps of an increasing schedule (default 1, 2, 4, 8, 16, 3
 space [0, 1]): delta (one image, shared by all inputs) starts at 0 and takes ``steps`` full-batch Adam
 steps of size ``lr_frac`` * eps on CUBA's LNF loss (:func:`cuba.attack.losses.lnf_loss`, paper eq. 10)
 of clip(x + delta, 0, 1), with the FRA target rows "every class but the model's clean prediction of
-x" (the defender has no trigger and needs no labels) and temperature ``tau`` (default: the run
-config's ``tau``; its ``lnf_eps``), each step followed by clipping delta back into [-eps, eps]. The
+x" (the defender has no trigger and needs no labels) and temperature ``tau`` (default 0.1, CUBA's
+default; never read from the suspect run's config, which a defender does not have; ``lnf_eps`` 1e-7
+likewise), each step followed by clipping delta back into [-eps, eps]. The
 fit images and the images the result is measured on are disjoint clean validation images
 (:meth:`AttackRun.clean_val`), so the numbers describe a *universal* perturbation. Full-batch
 gradients (accumulated over chunks of ``batch_size``), a zero start and a seeded choice of images
@@ -81,7 +82,12 @@ from torch import nn
 from ..attack.losses import lnf_loss
 from ..models.trigger import TriggerGenerator
 from .base import AttackRun, Defense, DefenseResult, check_param, model_verdict, not_applicable, register
+from .model_level import reference_flag
+from .rules import split_sizes
 from .plots import plot_budget_curve
+
+LNF_EPS = 1e-7
+"""The LNF loss's epsilon, fixed by the defender (CUBA's default)."""
 
 DEFAULT_BUDGETS = tuple(v / 255 for v in (1, 2, 4, 8, 16, 32, 64))
 
@@ -200,23 +206,15 @@ def dispersive_mass(rows: Sequence[dict[str, Any]], n_budgets: int) -> float | N
     return float(np.mean([r["flip_rate"] * r["dispersion"] for r in rows]))
 
 
-def reference_verdict(score: float, reference_budgets: Sequence[float] | None, margin: float) -> tuple[bool | None, float | None]:
+def reference_verdict(score: float, reference_budgets: Sequence[float] | None, margin: float,
+                      largest: float) -> tuple[bool | None, float | None]:
     """(flagged, cutoff): flagged when ``score`` < min(reference_budgets) / margin -- the suspect model
-    turns dispersive at a clearly smaller budget than any clean reference model; (None, None) without
-    references, where the detector cannot decide."""
-    if not reference_budgets:
-        return None, None
-    cutoff = min(float(b) for b in reference_budgets) / margin
-    return bool(score < cutoff), cutoff
-
-
-def split_sizes(n_avail: int, n_fit: int, n_measure: int) -> tuple[int, int]:
-    """(fit, measure) counts from ``n_avail`` images: as asked when there are enough, otherwise the
-    available images split in the same proportion (at least one each when n_avail >= 2)."""
-    if n_avail >= n_fit + n_measure:
-        return n_fit, n_measure
-    fit = min(max(1, round(n_avail * n_fit / (n_fit + n_measure))), n_avail - 1)
-    return fit, n_avail - fit
+    turns dispersive at a clearly smaller budget than any clean reference model. A score above
+    ``largest`` (the schedule's largest budget) is a model never made dispersive, whose true budget is
+    only known to exceed it: the flag is decided only where that cannot matter
+    (:func:`~cuba.defenses.model_level.reference_flag`); (None, None) without references."""
+    censor = lambda b: None if b > largest else float(b)  # noqa: E731
+    return reference_flag(censor(score), [censor(b) for b in reference_budgets or []], margin, largest)
 
 
 def run_budget(run: AttackRun) -> float | None:
@@ -246,7 +244,7 @@ def _check_params(budgets: Any, reference_budgets: Any, margin: Any, target_rate
     check_param("target_rate", _is_number(target_rate) and 0 < target_rate <= 1, "in (0, 1]", target_rate)
     check_param("target_dispersion", _is_number(target_dispersion) and 0 <= target_dispersion <= 1, "in [0, 1]",
                 target_dispersion)
-    check_param("tau", tau is None or (_is_number(tau) and tau > 0), "null or a finite number > 0", tau)
+    check_param("tau", _is_number(tau) and tau > 0, "a finite number > 0", tau)
     check_param("lr_frac", _is_number(lr_frac) and lr_frac > 0, "a finite number > 0", lr_frac)
 
 
@@ -263,9 +261,12 @@ class DispersionInversion(Defense):
         text = (f"dispersive at eps {f['score'] * 255:.3g}/255 (flip {hit['flip_rate']:.2f}, dispersion "
                 f"{hit['dispersion']:.2f})" if f["reached"] and hit
                 else f"not dispersive up to eps {max(f['budgets']) * 255:.3g}/255")
-        if f["flagged"] is None:
+        if not f.get("reference_budgets"):
             return text + "; no reference"
-        return text + f"; {'flagged' if f['flagged'] else 'not flagged'} (reference cutoff {f['reference_cutoff'] * 255:.3g}/255)"
+        cut = f.get("reference_cutoff")
+        cut = (f"reference cutoff {cut * 255:.3g}/255" if cut is not None
+               else f"every reference beyond {max(f['budgets']) * 255:.3g}/255")
+        return text + f"; {({True: 'flagged', False: 'not flagged', None: 'undecided'})[f['flagged']]} ({cut})"
 
     @classmethod
     def format_score(cls, score: float, fields: dict) -> str:
@@ -279,13 +280,13 @@ class DispersionInversion(Defense):
         scores (same detector and parameters): the rule and margin of :func:`reference_verdict`."""
         if not_applicable(f) or f.get("score") is None or not reference_scores:
             return None
-        flagged, cutoff = reference_verdict(f["score"], reference_scores, float(f["params"]["margin"]))
+        flagged, cutoff = reference_verdict(f["score"], reference_scores, float(f["params"]["margin"]), max(f["budgets"]))
         return {**f, "reference_budgets": [float(v) for v in reference_scores], "reference_cutoff": cutoff,
                 "flagged": flagged}
 
     def __init__(self, budgets: Sequence[float] = DEFAULT_BUDGETS, target_rate: float = 0.9,
                  target_dispersion: float = 0.8, reference_budgets: Sequence[float] | None = None, margin: float = 2.0,
-                 tau: float | None = None, steps: int = 100, lr_frac: float = 0.1, n_fit: int = 256,
+                 tau: float = 0.1, steps: int = 100, lr_frac: float = 0.1, n_fit: int = 256,
                  n_measure: int = 256, batch_size: int = 512, full_curve: bool = False, seed: int = 0) -> None:
         super().__init__(seed)
         budgets = list(budgets) if isinstance(budgets, (list, tuple)) else budgets
@@ -297,7 +298,7 @@ class DispersionInversion(Defense):
         check_param("full_curve", isinstance(full_curve, bool), "true or false", full_curve)
         self.budgets, self.reference_budgets = [float(b) for b in budgets], None if refs is None else [float(b) for b in refs]
         self.target_rate, self.target_dispersion, self.margin = float(target_rate), float(target_dispersion), float(margin)
-        self.tau, self.steps, self.lr_frac = None if tau is None else float(tau), steps, float(lr_frac)
+        self.tau, self.steps, self.lr_frac = float(tau), steps, float(lr_frac)
         self.n_fit, self.n_measure, self.batch_size, self.full_curve = n_fit, n_measure, batch_size, full_curve
 
     def _inapplicable(self, run: AttackRun, n_avail: int) -> str | None:
@@ -309,7 +310,7 @@ class DispersionInversion(Defense):
 
     def run(self, run: AttackRun, out: Path) -> DefenseResult:
         x, _ = run.clean_val(self.n_fit + self.n_measure, seed=self.seed)
-        tau = self.tau if self.tau is not None else float(run.cfg.tau)
+        tau = self.tau
         base = {"budgets": self.budgets, "reference_budgets": self.reference_budgets, "tau": tau,
                 "calibration": run.calibration_source, "eps_run": run_budget(run)}
         reason = self._inapplicable(run, len(x))
@@ -317,12 +318,12 @@ class DispersionInversion(Defense):
             return DefenseResult(self.name, {**base, **model_verdict(None, "low", None, False), "applicable": False,
                                              "reason": reason, "reached": False, "rows": []}, self.params)
         n_fit, _ = split_sizes(len(x), self.n_fit, self.n_measure)
-        opts = {"steps": self.steps, "lr_frac": self.lr_frac, "tau": tau, "lnf_eps": float(run.cfg.lnf_eps),
+        opts = {"steps": self.steps, "lr_frac": self.lr_frac, "tau": tau, "lnf_eps": LNF_EPS,
                 "batch_size": self.batch_size, "target_rate": self.target_rate,
                 "target_dispersion": self.target_dispersion, "full_curve": self.full_curve}
         rows, found = budget_search(run.classifier, x[:n_fit], x[n_fit:], run.num_classes, self.budgets, opts)
         score = found if found is not None else 2.0 * max(self.budgets)
-        flagged, cutoff = reference_verdict(score, self.reference_budgets, self.margin)
+        flagged, cutoff = reference_verdict(score, self.reference_budgets, self.margin, max(self.budgets))
         fields = {**base, **model_verdict(score, "low", flagged, False), "reached": found is not None, "rows": rows,
                   "dispersive_mass": dispersive_mass(rows, len(self.budgets)), "reference_cutoff": cutoff,
                   "n_fit_used": n_fit, "n_measure_used": len(x) - n_fit, "applicable": True}

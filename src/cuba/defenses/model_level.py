@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -66,6 +66,25 @@ def _ranked_score(f: dict[str, Any]) -> float | None:
     if score is None:
         return -math.inf if f.get("reached") is False else None
     return sign * float(score) if math.isfinite(float(score)) else None
+
+
+def reference_flag(score: float | None, references: Sequence[float | None], margin: float,
+                   largest: float) -> tuple[bool | None, float | None]:
+    """(flagged, cut): the inversion detectors' reference rule. A suspect is flagged when its budget
+    ``score`` is under the smallest clean reference's budget divided by ``margin``. A budget the search
+    never reached is None -- censored, known only to exceed ``largest`` -- and the flag is decided only
+    where it holds whatever the censored budgets are (None otherwise, and without references): a
+    censored reference exceeds every measured one, so it never lowers the cut; when every reference is
+    censored the cut lies somewhere beyond largest / margin. ``cut`` is None then, and without references."""
+    if not references:
+        return None, None
+    measured = [float(r) for r in references if r is not None]
+    if not measured:
+        return (True if score is not None and score <= largest / margin else None), None
+    cut = min(measured) / margin
+    if score is None:
+        return (False if cut <= largest else None), cut
+    return bool(score < cut), cut
 
 
 def model_auroc(entries: list[tuple[str, dict[str, Any]]], positive: tuple[str, ...]) -> tuple[float | None, int, int]:

@@ -104,12 +104,16 @@ def _rules_at(s_val: np.ndarray, rate: float, one_sided: Literal["lower", "upper
 
 
 def resolved(n_val: int, rate: float, two_sided: bool) -> bool:
-    """Whether ``n_val`` validation scores can place a rule at FRR ``rate`` inside the sample: each
-    tail (``rate``, or ``rate / 2`` per tail for a two-sided rule) must hold at least one score. Why
-    it matters: with fewer, the threshold is the sample's minimum or maximum, so one odd clean
-    image sets it and the rule's FRR is not the nominal one (142 digits validation images cannot
-    resolve a two-sided 1% rule: 0.71 images per tail)."""
-    return n_val * (rate / 2 if two_sided else rate) >= 1
+    """Whether ``n_val`` validation scores can place a rule at FRR ``rate`` inside the sample, i.e. not
+    on its minimum or maximum. Why it matters: there, one odd clean image sets the threshold and the
+    rule's FRR is not the nominal one (142 digits validation images cannot resolve a two-sided 1%
+    rule). The thresholds are numpy quantiles taken at observed values (:func:`one_sided_lower`,
+    :func:`empirical_two_sided`, :func:`val_threshold`): for a tail rate q (``rate``, or ``rate / 2``
+    per tail of a two-sided rule) the lower one sits at sorted index floor(q (n - 1)) and the upper
+    one at ceil((1 - q) (n - 1)), so both are inside the sample exactly when q (n - 1) >= 1 -- 201
+    scores for a two-sided 1% rule, 101 for a one-sided one."""
+    q = rate / 2 if two_sided else rate
+    return math.floor(q * (n_val - 1)) >= 1
 
 
 def rule_table(s_val: np.ndarray, s_clean: np.ndarray, s_bd: np.ndarray,
@@ -169,3 +173,14 @@ def score_inapplicable_reason(run: AttackRun, what: str, s_val: np.ndarray, s_cl
     if constant_scores(s_clean, s_bd):
         return f"every test input has the same {what}: the score ranks nothing"
     return None
+
+
+def split_sizes(n_avail: int, n_fit: int, n_measure: int) -> tuple[int, int]:
+    """(fit, measure) counts from ``n_avail`` clean validation images, for a detector that must fit one
+    thing and measure or calibrate on others (disjoint, so nothing is judged on the images it was
+    fitted to): as asked when there are enough, otherwise the available images split in the same
+    proportion (at least one each when n_avail >= 2)."""
+    if n_avail >= n_fit + n_measure:
+        return n_fit, n_measure
+    fit = min(max(1, round(n_avail * n_fit / (n_fit + n_measure))), n_avail - 1)
+    return fit, n_avail - fit

@@ -8,7 +8,11 @@ classifiers normalise their input themselves). The *scaled prediction consistenc
 SPC(x) = share of the factors whose prediction is still c. High SPC is flagged: SPC > ``threshold``
 (0.5) in the data-free mode. With ``standardize`` (the paper's data-limited mode) SPC is replaced
 by its z-score against clean *validation* images of the same predicted class (classes with fewer
-than two such images use the global mean and std), and the threshold applies to that z-score.
+than two such images use the global mean and std), and the threshold applies to that z-score. The
+reference images and the calibration images below are disjoint parts of the validation split (the
+same images for both would standardise the calibration scores against themselves: with a class
+whose reference SPCs are all equal, every calibration z-score is 0 while a clean test image one
+step off is far out).
 (Validation, not training, images: the model was fitted on its training images, so their SPC
 describes memorised inputs rather than the unseen clean inputs a deployed detector meets.)
 
@@ -51,7 +55,7 @@ import torch
 from .base import AttackRun, Defense, DefenseResult, check_param, register, rule_headline
 from .plots import plot_scores
 # empirical_two_sided lives in .rules with the other rules; still importable from here, where it was defined
-from .rules import constant_scores, empirical_two_sided, rate_tag, roc_summary  # noqa: F401
+from .rules import constant_scores, empirical_two_sided, rate_tag, roc_summary, split_sizes  # noqa: F401
 
 
 @torch.inference_mode()
@@ -109,13 +113,17 @@ class ScaleUp(Defense):
 
     def run(self, run: AttackRun, out: Path) -> DefenseResult:
         x, _ = run.attacked_test(self.n_eval, seed=self.seed)
-        xv, _ = run.clean_val(self.n_calib, seed=self.seed)
+        if self.standardize:  # the defender's few clean images per class, and the calibration images: disjoint
+            both, _ = run.clean_val(self.n_ref + self.n_calib, seed=self.seed)
+            n_ref, _ = split_sizes(len(both), self.n_ref, self.n_calib)
+            ref, xv = both[:n_ref], both[n_ref:]
+        else:
+            xv, _ = run.clean_val(self.n_calib, seed=self.seed)
         spc_clean, pred_clean = scaled_consistency(run, x, self.scales)
         spc_bd, pred_bd = scaled_consistency(run, run.backdoor(x), self.scales)
         spc_val, pred_val = scaled_consistency(run, xv, self.scales)
         s_clean, s_bd, s_val = spc_clean, spc_bd, spc_val
-        if self.standardize:  # the defender's few clean images per class: held-out (validation) ones
-            ref, _ = run.clean_val(self.n_ref, seed=self.seed)
+        if self.standardize:
             ref_spc, ref_pred = scaled_consistency(run, ref, self.scales)
             z = lambda spc, pred: standardize_by_class(spc, pred, ref_spc, ref_pred, run.num_classes)  # noqa: E731
             s_clean, s_bd, s_val = z(spc_clean, pred_clean), z(spc_bd, pred_bd), z(spc_val, pred_val)

@@ -69,6 +69,7 @@ from torch import nn
 
 from .base import AttackRun, Defense, DefenseResult, check_param, model_verdict, not_applicable, register
 from .mm_bd import class_margins
+from .model_level import reference_flag
 from .plots import plot_trigger_inversion
 
 KAPPA = 1.0  # margin floor: an input moved out of its class by this many logits stops pulling delta
@@ -157,14 +158,10 @@ def smallest_budget_index(rates: list[float | None], target: float) -> int | Non
 
 
 def decide(score: float | None, reference_budget: float | None, margin: float, largest: float) -> bool | None:
-    """The flag: score < reference_budget / margin. None without a reference, and for a model that
-    never reached the target (score None, i.e. > ``largest``) when the cut lies beyond ``largest``."""
-    if reference_budget is None:
-        return None
-    cut = reference_budget / margin
-    if score is None:
-        return False if cut <= largest else None
-    return bool(score < cut)
+    """The flag: score < reference_budget / margin (:func:`~cuba.defenses.model_level.reference_flag`).
+    None without a reference, and for a model that never reached the target (score None, i.e. >
+    ``largest``) when the cut lies beyond ``largest``."""
+    return reference_flag(score, [] if reference_budget is None else [reference_budget], margin, largest)[0]
 
 
 def _split(x: torch.Tensor, n_fit: int, n_holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,12 +208,8 @@ class TriggerInversion(Defense):
         references' true budgets) and left undecided otherwise."""
         if not_applicable(f) or not reference_scores:
             return None
-        refs = [float(v) for v in reference_scores if v is not None]
-        if refs:
-            ref = min(refs)
-            return {**f, "reference_budget": ref, "flagged": decide(f["score"], ref, float(f["margin"]), max(f["budgets"]))}
-        certain = f["score"] is not None and f["score"] < max(f["budgets"]) / float(f["margin"])
-        return {**f, "flagged": True if certain else None}
+        flagged, cut = reference_flag(f["score"], reference_scores, float(f["margin"]), max(f["budgets"]))
+        return {**f, "flagged": flagged, **({} if cut is None else {"reference_budget": cut * float(f["margin"])})}
 
     def __init__(self, budgets: tuple[float, ...] = DEFAULT_BUDGETS, steps: int = 50, target: float = 0.8,
                  n_fit: int = 256, n_holdout: int = 256, reference_budget: float | None = None, margin: float = 2.0,
