@@ -24,11 +24,11 @@ and their class default use; the usage example in their README shows beta 10, wh
 detector's default until 2026-11-30 (on the MNIST BadNets control: AUROC 0.702 at beta 10, 0.653
 at beta 1, FAR@FRR1% 1.000 / 0.995 -- the miss is alpha's, see BENCHMARKS.md). Not verified
 against the paper's text: whether its experiments used other alpha / beta per data set -- the paper
-studies alpha as a sensitivity parameter -- so both are parameters. Two choices of ours: the per-image losses are *summed* over a batch (the
-authors average them), which makes each image's Adam trajectory independent of the batch it is in
-(Adam is element-wise and, up to its epsilon, scale-free); and delta is drawn from a generator
-seeded with ``seed``, per image and step, before batching, so a run is reproducible and
-``batch_size`` does not change a score.
+studies alpha as a sensitivity parameter -- so both are parameters. Two choices of ours: the
+per-image losses are *summed* over a batch (the authors average them), which makes each image's
+Adam trajectory independent of the batch it is in (Adam is element-wise and, up to its epsilon,
+scale-free); and delta is drawn from a generator seeded with ``seed``, per image and step, before
+batching, so a run is reproducible and ``batch_size`` does not change a score.
 
 Calibration, fixed before any backdoor input is seen, on the mask norms of clean *validation*
 images (:meth:`AttackRun.clean_val`; ``calibration`` says which split):
