@@ -205,3 +205,19 @@ def test_an_imported_model_gets_its_folder_as_column_and_no_auroc_rows(tmp_path:
     assert md.splitlines()[0] == "| defense | suspect (imported) |"
     assert md.splitlines()[2].startswith("| neural-cleanse | flagged — ")
     assert "Model-level detectors" not in md  # nothing of known kind to rank
+
+
+def test_reference_flag_decides_only_what_censored_budgets_cannot_change() -> None:
+    """The inversion detectors' shared rule: flagged when score < min(references) / margin; None
+    stands for a budget beyond the schedule's largest (8 here), known only to exceed it."""
+    from cuba.defenses.model_level import reference_flag
+
+    assert reference_flag(1.0, [], 2.0, 8.0) == (None, None)  # no reference: no decision
+    assert reference_flag(1.0, [4.0, 6.0], 2.0, 8.0) == (True, 2.0)  # 1 < 4 / 2
+    assert reference_flag(2.0, [4.0, None], 2.0, 8.0) == (False, 2.0)  # strict; the censored one is > 8 > 4
+    assert reference_flag(None, [4.0], 2.0, 8.0) == (False, 2.0)  # the suspect needs > 8, the cut is 2
+    assert reference_flag(None, [32.0], 2.0, 8.0) == (None, 16.0)  # needs > 8, cut 16: either side
+    # every reference censored: the cut is somewhere beyond 8 / 2 = 4
+    assert reference_flag(4.0, [None, None], 2.0, 8.0) == (True, None)
+    assert reference_flag(5.0, [None], 2.0, 8.0) == (None, None)
+    assert reference_flag(None, [None], 2.0, 8.0) == (None, None)
