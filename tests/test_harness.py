@@ -137,6 +137,13 @@ def test_model_level_rows_and_references_stay_within_one_data_set(tmp_path: Path
     odd = _write(tmp_path, "m-ref-odd", "mnist", "dispersion-inversion", di("clean", 0.04, steps=10))
     with pytest.raises(ConfigError, match=r"m-ref-odd: dispersion-inversion ran with other parameters than on .*m-cuba \(steps\)"):
         defense_tables(runs[:2], references=[odd])
+    # a parameter resolved at run time (null in params) is compared by the value the detector recorded
+    old = _write(tmp_path, "m-ref-old", "mnist", "dispersion-inversion", {**di("clean", 0.04, tau=None), "tau": 0.1})
+    new = [_write(tmp_path, "m-new", "mnist", "dispersion-inversion", {**di("cuba-fra", 0.01, tau=0.1), "tau": 0.1})]
+    assert "flagged decided on 1 clean reference model(s)" in defense_tables(new, references=[old])
+    other = _write(tmp_path, "m-ref-tau", "mnist", "dispersion-inversion", {**di("clean", 0.04, tau=None), "tau": 0.5})
+    with pytest.raises(ConfigError, match=r"m-ref-tau: dispersion-inversion ran with other parameters .*\(tau\)"):
+        defense_tables(new, references=[other])
 
 
 def test_trigger_inversion_reference_rule() -> None:

@@ -141,12 +141,20 @@ def model_level_table(res: Results) -> list[str]:
 
 def _check_reference(ref: Path, f: dict[str, Any], target: dict[str, Any], name: str, run: Path) -> None:
     """A reference must have run the detector with the scored run's parameters (seed aside)."""
-    mine = {k: v for k, v in (f.get("params") or {}).items() if k not in _FREE_PARAMS}
-    theirs = {k: v for k, v in (target.get("params") or {}).items() if k not in _FREE_PARAMS}
+    mine, theirs = _effective_params(f), _effective_params(target)
     if mine != theirs:
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise ConfigError(f"--reference {ref}: {name} ran with other parameters than on {run} ({', '.join(diff)}); "
                           "a reference must be scored by the same detector settings")
+
+
+def _effective_params(f: dict[str, Any]) -> dict[str, Any]:
+    """The detector's parameters that must match between a reference and a scored run: those of
+    ``params`` less the free ones, a null one (resolved when the detector ran) replaced by the value
+    it recorded under the same name -- dispersion inversion before 2026-11-30 wrote ``tau: null`` in
+    ``params`` and the temperature it used, 0.1, as ``tau``; the same run today writes 0.1 in both."""
+    params = f.get("params") or {}
+    return {k: (f.get(k) if v is None and k in f else v) for k, v in params.items() if k not in _FREE_PARAMS}
 
 
 def apply_references(res: Results, refs: Results, defenses: dict[str, type]) -> list[str]:
