@@ -200,6 +200,20 @@ def test_push_away_finite_when_true_class_certain() -> None:
     loss = push_away_loss(z, torch.tensor([0]))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+    # by hand: log(1 - q_0) = log(2 e^0) - log(e^100 + 2) ~ log 2 - 100, and the true logit's gradient ~ q_0 = 1
+    assert loss.item() == pytest.approx(100 - math.log(2), rel=1e-6)
+    assert z.grad[0, 0].item() == pytest.approx(1.0, abs=1e-5) and z.grad[0, 1].item() == pytest.approx(-0.5, abs=1e-5)
+
+
+@pytest.mark.parametrize("margin", [10.0, 20.0, 40.0])
+def test_push_away_keeps_pushing_confident_images(margin: float) -> None:
+    """The loss must still move an image the model is sure of: a clamp of q_y away from 1 gave zero
+    gradient from a margin of about 16 (10 classes) on."""
+    z = torch.zeros(1, 10)
+    z[0, 3] = margin
+    z.requires_grad_(True)
+    push_away_loss(z, torch.tensor([3])).backward()
+    assert z.grad[0, 3].item() > 0.99
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))

@@ -60,9 +60,11 @@ def lnf_loss(logits: torch.Tensor, targets: torch.Tensor, tau: float, eps: float
 def push_away_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """-log(1 - q_y): lowers the true class, indifferent to which wrong class wins."""
     logq = F.log_softmax(logits.float(), dim=1)
-    log_qy = logq.gather(1, y[:, None]).squeeze(1)
-    # log(1 - q_y) computed stably as log(-expm1(log q_y)), clamped away from log(0)
-    return -torch.log(-torch.expm1(log_qy.clamp(max=-1e-6))).mean()
+    # log(1 - q_y) = log sum_{j != y} q_j, exactly and with a gradient at any margin: a clamp of q_y
+    # away from 1 (what this was until 2026-11-30) passed no gradient once q_y > 1 - 1e-6 (a logit margin
+    # of ~16 on 10 classes), so the most confidently classified images were never pushed away
+    others = logq.scatter(1, y[:, None], float("-inf"))
+    return -torch.logsumexp(others, dim=1).mean()
 
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
