@@ -217,3 +217,13 @@ def test_history_is_measured_on_the_validation_split() -> None:
     assert [h["split"] for h in res.history] == ["val", "val"]
     no_val = train(tiny_cfg(attack="cuba", epochs=1), tiny_data(), ENGINE)
     assert no_val.history[0]["split"] is None and "ca" not in no_val.history[0]
+
+
+def test_backdoor_count_is_a_share_of_each_process_slice() -> None:
+    """backdoor_ratio is the global share: under torchrun each process holds batch_size / world images,
+    so it twins ratio of its slice (before, ratio x the global batch: every image with 2 processes at 0.5)."""
+    from cuba.train import backdoor_count
+
+    assert backdoor_count(1.0, 128) == 128 and backdoor_count(0.5, 128) == 64
+    assert backdoor_count(0.5, 128, world=2) == 32 and backdoor_count(1.0, 128, world=4) == 32
+    assert backdoor_count(0.001, 64) == 1  # at least one twin

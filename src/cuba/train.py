@@ -250,12 +250,19 @@ def build(cfg: TrainConfig, data: ImageDataset, engine: Engine, d: Dist) -> tupl
     # step for SimpleCNN on MNIST). Only where it cannot change the model: no BatchNorm (whose
     # batch statistics would then differ) and no DDP (one forward per backward).
     step_fn = TrainStep(cfg, classifier, generator, opt, opt_g, sched, objective=OBJECTIVES.get(cfg.attack),
-                        n_bd=max(1, round(cfg.backdoor_ratio * cfg.batch_size)),
+                        n_bd=backdoor_count(cfg.backdoor_ratio, cfg.batch_size, d.world),
                         split_passes=batch_independent(classifier) and not d.enabled, fwd_f=fwd_f, fwd_g=fwd_g,
                         autocast=engine.autocast, finite=lambda loss: bool(torch.isfinite(all_mean(loss, d))))
     t = Training(cfg, data, engine, d, gen, classifier, generator, schedule, step_fn, poison,
                  data.x_train.to(engine.device), data.y_train.to(engine.device), augment_policy(cfg.augment, data.name))
     return t, loop
+
+
+def backdoor_count(ratio: float, batch_size: int, world: int = 1) -> int:
+    """How many images of each process's slice get a backdoor twin: ``ratio`` of the slice, which is
+    ``batch_size / world`` under torchrun (the global batch split evenly), so the global share stays
+    ``ratio`` whatever the number of processes; at least one."""
+    return max(1, round(ratio * batch_size / world))
 
 
 def _checkpoint(t: Training, loop: Loop, run_dir: Path, t0: float) -> None:
