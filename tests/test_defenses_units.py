@@ -38,13 +38,22 @@ def test_top_mask_keeps_the_most_salient_pixels() -> None:
     cams = torch.tensor([[[0.1, 0.9], [0.5, 0.2]]])
     assert top_mask(cams, 0.5).squeeze().tolist() == [[0.0, 1.0], [1.0, 0.0]]
     assert top_mask(cams, 0.01).sum() == 1  # at least one pixel
-
+    # Grad-CAM clips at 0: with fewer positive pixels than asked, the zeros tie -- still exactly k pixels
+    sparse = torch.zeros(1, 10, 10)
+    sparse[0, 2, 3] = 1.0
+    assert top_mask(sparse, 0.1).sum() == 10 and top_mask(sparse, 0.1)[0, 0, 2, 3] == 1
 
 def test_boundary_is_the_quadratic_through_the_bin_maxima() -> None:
-    # one point per bin at the bin's max: the fit must reproduce y = x^2 exactly
+    # each bin's highest point lies on y = x^2 (the others below it): the fit must reproduce it exactly
     xs = np.array([0.05, 0.35, 0.65, 0.95])
-    pts = np.c_[np.r_[xs, xs], np.r_[xs**2, xs**2 - 0.1]]
+    pts = np.c_[np.r_[xs, xs + 0.01], np.r_[xs**2, (xs + 0.01)**2 - 0.1]]
     assert np.allclose(fit_boundary(pts, bins=10), [1.0, 0.0, 0.0], atol=1e-9)
+    # confidences crowded near the top (as on MNIST, 0.86-0.95): the bins split their range, so a
+    # quadratic is fitted through 10 points, not a line through the 2 of fixed bins on [0, 1]
+    x = np.linspace(0.86, 0.95, 50)
+    crowded = np.c_[x, 1.0 - 30 * (x - 0.9) ** 2]
+    assert np.allclose(fit_boundary(crowded, bins=10), [-30.0, 54.0, -23.3], atol=1e-6)
+    assert np.allclose(fit_boundary(np.array([[0.9, 0.5], [0.9, 0.7]])), [0.0, 0.0, 0.7])  # one confidence: a level line
 
 
 def test_attention_map_by_hand() -> None:

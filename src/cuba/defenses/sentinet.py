@@ -10,8 +10,9 @@ patch in the same place). Each input becomes a point (average confidence, fooled
 The hold-out images that masks are pasted onto are the defender's clean training images; the
 boundary is fitted on clean *validation* inputs (:meth:`AttackRun.clean_val`; a model has fitted
 its training images, so their points sit higher and would bend the boundary to inputs it has
-memorised): split the confidence axis into ``bins`` bins, take the largest fooled rate per bin
-and fit a quadratic through those maxima; an input is flagged above it. Its height above the
+memorised): split the range of their average confidences into ``bins`` bins, take each bin's
+point with the largest fooled rate and fit a quadratic through those points; an input is flagged
+above it. Its height above the
 curve is the score. ``tpr_at_fpr_5pct`` uses a second threshold on that score, the empirical 95%
 quantile of the same validation inputs' scores (:func:`~cuba.defenses.rules.roc_summary`), with
 the FPR it realises on the clean test inputs beside it.
@@ -60,11 +61,13 @@ def gradcam(run: AttackRun, x: torch.Tensor, classes: torch.Tensor, stage: int =
 
 
 def top_mask(cams: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Per image, 1 on its ``fraction`` most salient pixels (at least one), else 0: (N, 1, H, W)."""
+    """Per image, 1 on exactly its ``fraction`` most salient pixels (at least one), else 0: (N, 1, H, W).
+    Exactly: a threshold at the k-th largest value would take every pixel tied with it, and Grad-CAM
+    maps are clipped at 0, so a map with fewer than k positive pixels would select the whole image."""
     flat = cams.flatten(1)
     k = max(1, round(fraction * flat.shape[1]))
-    thresh = flat.topk(k, dim=1).values[:, -1:]
-    return (flat >= thresh).float().view(cams.shape)[:, None]
+    mask = torch.zeros_like(flat).scatter_(1, flat.topk(k, dim=1).indices, 1.0)
+    return mask.view(cams.shape)[:, None]
 
 
 @torch.inference_mode()
@@ -91,15 +94,20 @@ def sentinet_points(run: AttackRun, x: torch.Tensor, holdout: torch.Tensor, frac
 
 
 def fit_boundary(points: np.ndarray, bins: int = 10) -> np.ndarray:
-    """Quadratic through the per-bin maximum fooled rate of clean points, binned along confidence."""
-    edges = np.linspace(0, 1, bins + 1)
-    idx = np.clip(np.digitize(points[:, 0], edges) - 1, 0, bins - 1)
+    """Quadratic through the highest point (largest fooled rate) of each bin of clean points, the bins
+    splitting the range of their average confidences. Over that range, not [0, 1]: a model's inert
+    confidences crowd near the top (0.86-0.95 on MNIST), and fixed bins on [0, 1] left 2-3 of them
+    populated, so the "quadratic" was a line through two points (until 2026-11-30)."""
+    lo, hi = float(points[:, 0].min()), float(points[:, 0].max())
+    edges = np.linspace(lo, hi, bins + 1) if hi > lo else np.array([lo, lo + 1.0])
+    idx = np.clip(np.digitize(points[:, 0], edges) - 1, 0, len(edges) - 2)
     xs, ys = [], []
-    for b in range(bins):
-        sel = idx == b
-        if sel.any():
-            xs.append(points[sel, 0].mean())
-            ys.append(points[sel, 1].max())
+    for b in range(len(edges) - 1):
+        sel = np.flatnonzero(idx == b)
+        if len(sel):
+            top = sel[np.argmax(points[sel, 1])]  # the bin's highest point, at its own confidence
+            xs.append(points[top, 0])
+            ys.append(points[top, 1])
     deg = min(2, len(xs) - 1)
     coeffs = np.polyfit(xs, ys, deg) if deg >= 1 else np.array([ys[0]])
     return np.pad(coeffs, (3 - len(coeffs), 0))
@@ -148,9 +156,9 @@ class SentiNet(Defense):
         reason = None
         if flat_share == 1.0:
             reason = "every Grad-CAM map is flat: the top-saliency mask covers the whole image, so nothing is localised"
-        elif np.polyval(coeffs, np.linspace(0, 1, 101)).min() >= 1.0 - 1e-9:
-            reason = ("the boundary sits at fooled rate 1 over the whole confidence range (every clean validation bin "
-                      "already fools all hold-out images): nothing can lie above it")
+        elif np.polyval(coeffs, np.linspace(p_calib[:, 0].min(), p_calib[:, 0].max(), 101)).min() >= 1.0 - 1e-9:
+            reason = ("the boundary sits at fooled rate 1 over the whole confidence range of the clean validation "
+                      "points (every bin already fools all hold-out images): nothing can lie above it")
         elif constant_scores(s_clean, s_bd):
             reason = "every test input has the same score: the detector ranks nothing"
         fields = {
