@@ -86,7 +86,7 @@ def test_defense_table_references_decide_the_flag_and_leave_the_scored_runs(tmp_
     assert "caught" in md.splitlines()[2] and "clear" in md.splitlines()[2]
     # without references the detector cannot decide: no verdict, no flag counts
     plain = defense_tables(runs[:2])
-    assert "| dispersion-inversion | low | 1.000 (1 vs 1) | 1.000 (1 vs 1) | – | – | – |" in plain
+    assert "| dispersion-inversion | low | 1.000 (1 vs 1) | 1.000 (1 vs 1) | 0/1 (1 undecided) | – | 0/1 (1 undecided) |" in plain
     with pytest.raises(ConfigError, match="a reference model must be clean, this one is 'cuba-fra'"):
         defense_tables(runs[1:], references=runs[:1])
 
@@ -228,3 +228,18 @@ def test_reference_flag_decides_only_what_censored_budgets_cannot_change() -> No
     assert reference_flag(4.0, [None, None], 2.0, 8.0) == (True, None)
     assert reference_flag(5.0, [None], 2.0, 8.0) == (None, None)
     assert reference_flag(None, [None], 2.0, 8.0) == (None, None)
+
+
+def test_flag_counts_keep_the_undecided_models_in_view() -> None:
+    """One flag among twelve models, eleven undecided, reads 1/12 (11 undecided), never 1/1; the
+    folded matrix calls it mixed (no colour of a win) and a clean column of undecided flags 'no verdict'."""
+    from cuba.defenses import DEFENSES
+    from cuba.defenses.model_level import flag_count
+    from cuba.defenses.summary import NO_VERDICT, summary_cell
+
+    di = DEFENSES["dispersion-inversion"]
+    cuba = [_f(0.01, True, "low") | {"setting": "cuba-fra"}] + [_f(0.5, None, "low") | {"setting": "cuba-fra"}] * 11
+    assert flag_count(cuba) == "1/12 (11 undecided)" and flag_count([]) == "–"
+    assert flag_count(cuba[:1] * 2) == "2/2"
+    assert summary_cell(di, cuba) == "mixed — caught 1/12, no verdict 11"
+    assert summary_cell(di, [_f(0.5, None, "low") | {"setting": "clean"}] * 3) == NO_VERDICT  # ran, undecided: not n/a

@@ -40,7 +40,10 @@ def test_table3_marks_asr_of_models_left_at_chance() -> None:
             {"run": "r", "setting": "cuba-fra", "defense": "nad", "step": 2, "ca": 0.10, "asr": 0.90, "asr_c": 0.0, "num_classes": 10}]
     md = table3_markdown(rows)
     assert "| r | ASR | 99.60 | 90.00 ‡ |" in md and md.endswith(AT_CHANCE_NOTE)
-    assert "| r | ASR-C (headline) | 99.50 | 0.00 |" in md  # ASR-C does not count the broken model's mistakes
+    # ASR-C does not count the broken model's mistakes, but rests on the few images it still gets right: marked too
+    assert "| r | ASR-C (headline) | 99.50 | 0.00 ‡ |" in md
+    assert "| paper (CIFAR-10 / ResNet18) |" not in md  # the paper's NAD rows only beside its model
+    assert "| paper (CIFAR-10 / ResNet18) | CA |  | 93.61 |" in table3_markdown([{**r, "paper_model": True} for r in rows])
     assert "| r | CA | 72.00 | 10.00 |" in md
     assert at_chance(0.19, 10) and not at_chance(0.21, 10) and not at_chance(0.1, None)
     rows[1]["ca"] = 0.5  # a working model: no mark, no note

@@ -110,6 +110,17 @@ def _groups(res: Results) -> dict[str, Results]:
     return out
 
 
+def flag_count(fields: list[dict[str, Any]]) -> str:
+    """"k/n" models flagged of the ``n`` scored, with how many the rule left undecided (``flagged``
+    null: no reference, or a budget beyond the schedule) -- never a count over the decided ones only,
+    which would read 1/1 for one flag among twelve models; "–" with no model."""
+    if not fields:
+        return "–"
+    undecided = sum(f.get("flagged") is None for f in fields)
+    text = f"{sum(bool(f.get('flagged')) for f in fields)}/{len(fields)}"
+    return text + (f" ({undecided} undecided)" if undecided else "")
+
+
 def model_level_table(res: Results) -> list[str]:
     """Markdown lines of the model-level table; [] when no model-level detector ran."""
     # models of known kind only: an imported model's label is what its audit asks, so it ranks nothing
@@ -132,8 +143,7 @@ def model_level_table(res: Results) -> list[str]:
                 auc, n_pos, n_neg = model_auroc(entries, positive)
                 cells.append(f"{'–' if auc is None else f'{auc:.3f}'} ({n_pos} vs {n_neg})")
             for kind in ("cuba", "other", "clean"):
-                mine = [f for s, f in entries if _kind(s) == kind and f.get("flagged") is not None]
-                cells.append(f"{sum(bool(f['flagged']) for f in mine)}/{len(mine)}" if mine else "–")
+                cells.append(flag_count([f for s, f in entries if _kind(s) == kind and not not_applicable(f)]))
             label = f"{name} ({group})" if len(groups) > 1 else name
             lines.append(f"| {label} | {entries[0][1].get('score_suspicious', '?')} | " + " | ".join(cells) + " |")
     return lines

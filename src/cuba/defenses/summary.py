@@ -8,7 +8,9 @@ runs share is dropped), and each cell says how the detector's **own rule**
 (:func:`cuba.defenses.verdict.verdict`) judged the models of that group:
 
 * ``caught — 3/3`` (or ``missed``, ``clear``, ``false alarm``) when every model got that verdict,
-  ``mixed — caught 2/3`` otherwise; report.html colours the first two by who won, mixed in amber;
+  ``mixed — caught 2/3`` otherwise, ``mixed — caught 1/3, no verdict 2`` when some models got none
+  (a flag left undecided by censored budgets; never read as a win); report.html colours the first
+  two by who won, mixed in amber;
 * input-level detectors add the mean AUROC and the mean of their rule's number over the group
   (e.g. FAR at FRR 1% on clean validation inputs), so a near miss shows as one;
 * ``n/a`` when the detector did not apply to any model of the group (an input-level detector on a
@@ -70,16 +72,18 @@ def summary_cell(defense: type | None, fields: list[dict[str, Any]]) -> str:
         return "–"
     judged = [v for v in (verdict(defense, f) for f in fields) if v is not None]
     applicable = [f for f in fields if not not_applicable(f)]
-    if not applicable or (not judged and all(f.get("setting") == "clean" for f in applicable)):
-        return "n/a"
+    model_level = any(f.get("level") == "model" for f in applicable)
+    if not applicable or (not judged and not model_level and all(f.get("setting") == "clean" for f in applicable)):
+        return "n/a"  # an input-level detector on a clean model has nothing to catch
     counts = {v: judged.count(v) for v in dict.fromkeys(judged)}
+    undecided = len(applicable) - len(judged)
     if not judged:  # a model-level flag with no reference to decide it, or a rule finer than its calibration
         head = NO_VERDICT
-    elif len(counts) == 1:
+    elif len(counts) == 1 and not undecided:
         head = f"{judged[0]}{VERDICT_SEP}{len(judged)}/{len(fields)}"
-    else:
+    else:  # verdicts disagree, or some models got none: not a win for either side
         best = next((v for v in counts if v in DEFENDER_WINS), judged[0])  # the defender's count first
-        head = f"{MIXED}{VERDICT_SEP}{best} {counts[best]}/{len(fields)}"
+        head = f"{MIXED}{VERDICT_SEP}{best} {counts[best]}/{len(fields)}" + (f", {NO_VERDICT} {undecided}" if undecided else "")
     auroc, value = group_means(defense, applicable)
     parts = [head]
     if auroc is not None:
@@ -123,9 +127,12 @@ def summary_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list
 
 
 def _caught(defense: type | None, fields: list[dict[str, Any]]) -> str:
-    """"k/n": caught k of the n models the rule judged; "–" when it judged none (no verdict, n/a)."""
+    """"k/n": caught k of the group's n models, with how many got no verdict; "–" when none got one."""
     judged = [v for v in (verdict(defense, f) for f in fields) if v is not None]
-    return f"{judged.count('caught')}/{len(judged)}" if judged else "–"
+    if not judged:
+        return "–"
+    undecided = sum(not not_applicable(f) for f in fields) - len(judged)
+    return f"{judged.count('caught')}/{len(fields)}" + (f" ({undecided} {NO_VERDICT})" if undecided else "")
 
 
 def change_cell(defense: type | None, base: list[dict[str, Any]], other: list[dict[str, Any]]) -> str:

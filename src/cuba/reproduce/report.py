@@ -28,7 +28,7 @@ import yaml
 
 from ..defenses.base import at_chance, headline_asr_key_of
 from ..runs import read_json, write_text
-from .tables import PROTOCOL_NOTE, blocked_notes, finished_runs, table2_markdown, table2_rows
+from .tables import DATA_COPIES, PROTOCOL_NOTE, blocked_notes, finished_runs, table2_markdown, table2_rows
 from ..formatting import pct
 
 REMOVAL = (("fine-pruning", "prune_ratio"), ("nad", "epoch"))
@@ -39,6 +39,13 @@ TABLE2_NOTE = ("DS floor: the DS of total collapse onto one class; DS uniform: t
                "e^entropy of the successful predictions per source class. A DS is read between the first two. "
                "A setting marked degenerate (CA at chance, or more than 10 points under the clean CA) has "
                "stopped classifying: its ASR/DS read n/a, not a backdoor. – : not recorded by an older run.")
+
+
+def _is_paper_nad_model(config: dict) -> bool:
+    """Whether a run is the model of the paper's NAD rows: CIFAR-10 (or its copy) with ResNet18."""
+    data, model = config.get("data", config), config.get("model", config)
+    stem = Path(str(data.get("dataset", ""))).stem
+    return DATA_COPIES.get(stem, (stem,))[0] == "cifar10" and model.get("model") == "resnet18"
 
 
 def table3_rows(out: Path) -> list[dict]:
@@ -54,7 +61,8 @@ def table3_rows(out: Path) -> list[dict]:
                 for r in js.get("rows", []):
                     rows.append({"run": run.path.name, "setting": run.label, "defense": name, "step": r[key],
                                  "ca": r["ca"], "asr": r["asr"], **({"asr_c": r["asr_c"]} if "asr_c" in r else {}),
-                                 "headline": headline, "num_classes": run.metrics.get("num_classes")})
+                                 "headline": headline, "num_classes": run.metrics.get("num_classes"),
+                                 "paper_model": _is_paper_nad_model(getattr(run, "config", {}))})
     return rows
 
 
@@ -70,7 +78,8 @@ PAPER_NAD = {2: (81.39, 93.61), 4: (80.91, 92.07), 6: (79.22, 89.85), 8: (76.40,
 
 AT_CHANCE_NOTE = ("‡ clean accuracy under twice chance (2/K): the repaired model has (nearly) stopped "
                   "classifying, so its ASR counts how often its few predicted classes fall in the target "
-                  "set (a constant predictor scores (K-1)/K under FRA), not a surviving backdoor.")
+                  "set (a constant predictor scores (K-1)/K under FRA), and its ASR-C rests on the few images "
+                  "it still gets right: neither is a surviving backdoor.")
 HEADLINE_NOTE = ("Headline: ASR-C for untargeted attacks (the row marked \"(headline)\": ASR over the backdoor "
                  "test images whose clean twin the same repaired model classifies correctly; plain ASR is at "
                  "least 1 - CA there once repair costs accuracy, backdoor or not), plain ASR for the targeted controls.")
@@ -90,7 +99,8 @@ def table3_markdown(rows: list[dict]) -> str:
         mine = [r for r in rows if r["defense"] == name]
         if not mine:
             continue
-        steps = sorted({r["step"] for r in mine} | (set(PAPER_NAD) if name == "nad" else set()))
+        paper = name == "nad" and any(r.get("paper_model") for r in mine)
+        steps = sorted({r["step"] for r in mine} | (set(PAPER_NAD) if paper else set()))
         head = f"| {name} | | " + " | ".join(f"{s:g}" for s in steps) + " |"
         lines = [head.replace("| | ", f"| {key.replace('_', ' ')} → | ", 1), "|---|---|" + "---|" * len(steps)]
         for run in dict.fromkeys(r["run"] for r in mine):
@@ -108,11 +118,12 @@ def table3_markdown(rows: list[dict]) -> str:
                 vals = []
                 for s in steps:
                     r = by_step.get(s)
-                    flag = r is not None and metric == "asr" and r["asr"] is not None and at_chance(r["ca"], r.get("num_classes"))
+                    flag = (r is not None and metric in ("asr", "asr_c") and r.get(metric) is not None
+                            and at_chance(r["ca"], r.get("num_classes")))
                     marked |= flag
                     vals.append("" if r is None else pct(r.get(metric)) + (" ‡" if flag else ""))
                 lines.append(f"| {run} | {label} | " + " | ".join(vals) + " |")
-        if name == "nad":
+        if paper:  # beside the paper's model only, as in Table II
             for i, metric in ((1, "CA"), (0, "ASR")):
                 vals = [f"{PAPER_NAD[s][i]:.2f}" if s in PAPER_NAD else "" for s in steps]
                 lines.append(f"| paper (CIFAR-10 / ResNet18) | {metric} | " + " | ".join(vals) + " |")
@@ -239,7 +250,8 @@ def write_report(out: Path, title: str = "cuba reproduction report", blocked: li
     # them are Table III, shown above
     blocks = dt.read_text().strip().split("\n\n") if dt is not None else [""]
     detection = blocks[0]
-    start = next((i for i, b in enumerate(blocks) if b.startswith(("Across seeds", "Model-level detectors", "Wall seconds"))), len(blocks))
+    start = next((i for i, b in enumerate(blocks)
+                  if b.startswith(("Across seeds", "Against ", "Model-level detectors", "Wall seconds"))), len(blocks))
     model_level = [_md_table_to_html(b) if b.lstrip().startswith("|") else f"<p>{html.escape(b)}</p>"
                    for b in blocks[start:]]
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>Run folder: {html.escape(str(out))}</p>",
