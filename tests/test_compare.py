@@ -302,3 +302,18 @@ def test_sweep_within_prefers_the_first_listed_value_close_to_the_top(tmp_path: 
     assert md.rstrip().endswith("best on validation: eps=0.02 (first as listed within 5 points of the top val DS)")
     with pytest.raises(ConfigError, match="--within must be >= 0"):
         run_sweep({"dataset": "digits"}, "eps", [0.02], [0], tmp_path, runner=runner, log=lambda s: None, within=-1)
+
+
+def test_a_seed_far_under_the_clean_ca_leaves_the_backdoor_means() -> None:
+    """Seeds at CA 99 / 99 / 75 against a clean 99: the mean (91) is within 10 points, but the 75-seed
+    wrecked its classifier, so its ASR/DS are not a result; CA keeps every seed."""
+    from pathlib import Path
+
+    from cuba.run_groups import Run, group_degeneracy
+
+    runs = [Run(Path(f"r{i}"), {"seed": i}, {"ca": ca, "num_classes": 10, "ds": 0.9}, "cuba-fra")
+            for i, ca in enumerate((0.99, 0.99, 0.75))]
+    deg = group_degeneracy(runs, clean_ca=0.99)
+    assert deg.reason is None and [r.seed for r in deg.kept] == [0, 1] and [r.seed for r, _ in deg.dropped] == [2]
+    assert deg.suffix("cuba-fra").startswith("cuba-fra (1/3 seeds degenerate: CA far below clean reference")
+    assert group_degeneracy(runs, clean_ca=0.99, attacked=False).dropped == []  # a clean group is its own reference

@@ -12,8 +12,9 @@ the groups being compared (``tau=0.04``), so a table never silently merges two s
 
 A model that stopped classifying has no backdoor to measure (:func:`degenerate_reason`): a run is
 degenerate when its metrics.json says so or, for older runs, when its CA is under twice chance
-(2/K); a whole attacked group is also degenerate when its mean CA is more than 10 points under the
-clean group of the same data set and model (:func:`clean_reference`, :func:`group_degeneracy`).
+(2/K), or (an attacked run) when its CA is more than 10 points under the clean group of the same
+data set and model; such seeds leave the group's ASR/DS, and a whole attacked group is degenerate
+when all its seeds are or its mean CA is that far under (:func:`clean_reference`, :func:`group_degeneracy`).
 """
 
 from __future__ import annotations
