@@ -276,3 +276,23 @@ def test_report_sets_groups_against_the_grids_baseline(tmp_path: Path) -> None:
     assert "| detector | adaptive-fra-w1 |" in md
     assert "| near-tie | caught 1/1 → 0/1; AUROC 1.000 → 0.300 (-0.700); FAR@FRR 1% 0.000 → 0.900 |" in md
     assert "<td>caught 1/1 → 0/1; AUROC 1.000 → 0.300 (-0.700); FAR@FRR 1% 0.000 → 0.900</td>" in page
+
+
+def test_table2_holds_each_setting_against_the_nearest_clean_runs(tmp_path: Path) -> None:
+    """Clean runs of another schedule are not folded into an attacked row's clean reference: clean at
+    10 epochs (CA 99) and at 1 epoch (CA 60) beside an attack at 10 epochs read clean CA 99.00, not 79.50."""
+    from cuba.config import make_config
+    from cuba.reproduce.tables import finished_runs, table2_rows
+    from cuba.runs import save_config, write_json
+
+    def run(name: str, ca: float, **cfg) -> None:
+        save_config(tmp_path / "runs" / name, make_config({"dataset": "digits", "model": "simplecnn", **cfg}))
+        write_json(tmp_path / "runs" / name / "metrics.json", {"dataset": "digits", "num_classes": 10, "ca": ca,
+                                                                "asr": 1.0, "ds": 0.9})
+
+    run("clean-e10", 0.99, attack="none", epochs=10)
+    run("clean-e1", 0.60, attack="none", epochs=1)
+    run("fra-e10", 0.985, attack="cuba", epochs=10)
+    rows = table2_rows(finished_runs(tmp_path))
+    assert [r["setting"] for r in rows] == ["cuba-fra"]  # the split clean groups are references, not rows
+    assert rows[0]["clean_ca"][0] == pytest.approx(99.0) and rows[0]["degenerate"] is None

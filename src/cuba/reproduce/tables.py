@@ -107,7 +107,8 @@ def split_settings(groups: dict[tuple[str, str, str], list[Run]]) -> dict[tuple[
     """Runs that share a label but not a setting (a grid's ``per_attack`` settings, e.g. the adaptive
     attacker at two weights) become separate rows, the label extended by the fields that tell them
     apart, e.g. ``cuba-adaptive-fra (adaptive_weight=1)``: folding them would average two attacks as
-    if they were seeds of one."""
+    if they were seeds of one. Clean runs are split the same way (``clean (epochs=1)``), and each
+    attacked row takes the nearest as its reference (:func:`_nearest_clean`)."""
     from ..run_groups import setting_key, varying_fields
     from ..formatting import fmt_value
 
@@ -116,7 +117,7 @@ def split_settings(groups: dict[tuple[str, str, str], list[Run]]) -> dict[tuple[
         # only fields every run records: a run folder from before a field existed is not another setting
         shared = set.intersection(*(set(r.config) for r in rs))
         keys = [setting_key(r.config, shared) for r in rs]
-        if label == "clean" or len(set(keys)) == 1:  # the clean reference stays one group
+        if len(set(keys)) == 1:
             out[(ds, model, label)] = rs
             continue
         varying = varying_fields(keys)
@@ -145,9 +146,9 @@ def table2_rows(runs: list[Run], blocked: list[dict] = ()) -> list[dict]:
     groups = split_settings(groups)
     rows = []
     for (ds, model, label), rs in sorted(groups.items()):
-        if label == "clean":
+        if _is_clean(label):
             continue
-        clean = groups.get((ds, model, "clean"), [])
+        clean = _nearest_clean(groups, ds, model, rs[0].config)
         deg = group_degeneracy(rs, mean_ca(clean))
         row = {"dataset": ds, "model": model, "setting": label, "n": len(rs), "degenerate": deg.reason,
                "n_degenerate": len(deg.dropped),
@@ -172,6 +173,22 @@ def table2_rows(runs: list[Run], blocked: list[dict] = ()) -> list[dict]:
                "epochs": _epochs(b.get("epochs"))}
         rows.append(_paper_columns(row))
     return rows
+
+
+def _is_clean(label: str) -> bool:
+    """"clean", or "clean (epochs=1)" when clean runs of one data set and model differ in a setting."""
+    return label.split(" (")[0] == "clean"
+
+
+def _nearest_clean(groups: dict[tuple[str, str, str], list[Run]], ds: str, model: str, config: dict) -> list[Run]:
+    """The clean runs an attacked setting is held against: of the clean groups on its data set and
+    model, the one whose config differs from ``config`` in the fewest settings (as ``cuba compare``
+    chooses), so clean runs of another schedule are not folded into its reference; [] when none."""
+    from ..run_groups import NOT_A_SETTING
+
+    cleans = [rs for (d, m, label), rs in groups.items() if d == ds and m == model and _is_clean(label)]
+    differ = lambda rs: sum(rs[0].config.get(k) != v for k, v in config.items() if k not in NOT_A_SETTING)  # noqa: E731
+    return min(cleans, key=differ) if cleans else []
 
 
 def _epochs(e: float | None) -> str:
