@@ -176,3 +176,42 @@ def test_a_second_writer_is_refused_while_the_first_runs(tmp_path: Path) -> None
     again = subprocess.run([sys.executable, "-m", "cuba", "train", "--dataset", "digits", "--epochs", "6", "--no-progress",
                             "--set", "generator_width=8", "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "is already finished" in again.stdout
+
+
+def test_resume_at_an_epoch_end_validates_with_the_annealed_trigger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint at the end of epoch 1 comes before that epoch's validation; the resumed run must
+    validate with the trigger bound the last step trained with (the schedule's), as the uninterrupted
+    run does, so history.json matches -- it used to see the generator's initial bound."""
+    from cuba.attack import losses
+    from cuba.config import make_config
+    from cuba.pipeline import run_training
+
+    base = {"dataset": "digits", "epochs": 2, "batch_size": 128, "checkpoint_every": 1.0, "progress": False,
+            "precision": "fp32", "val_fraction": 0.1, "warmup_epochs": 0.0, "gamma_ramp_epochs": 0.0, "seed": 3,
+            "generator_width": 8}
+    run_training(make_config({**base, "out": str(tmp_path / "full")}))
+
+    real, calls = losses.OBJECTIVES["cuba"], {"n": 0}
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_one(z, y, t, cfg):  # 10 steps per epoch (1,295 images, batch 128)
+        calls["n"] += 1
+        if calls["n"] > 10:
+            raise Stop
+        return real(z, y, t, cfg)
+
+    monkeypatch.setitem(losses.OBJECTIVES, "cuba", stop_after_epoch_one)
+    with pytest.raises(Stop):
+        run_training(make_config({**base, "out": str(tmp_path / "cut")}))
+    saved = load_checkpoint(tmp_path / "cut")
+    assert saved["state"]["in_epoch"] == 10  # saved at the epoch's end
+    # each process's own random streams (one here), restored by its rank on resume
+    assert len(saved["rank_rng"]) == 1 and torch.equal(saved["rank_rng"][0][0], saved["torch_rng"])
+    monkeypatch.setitem(losses.OBJECTIVES, "cuba", real)
+    run_training(make_config({**base, "out": str(tmp_path / "cut")}))
+    full, cut = (json.loads((tmp_path / n / "history.json").read_text()) for n in ("full", "cut"))
+    drop = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    diff = [(i, k) for i, (a, b) in enumerate(zip(full, cut)) for k in a if a[k] != b.get(k)]
+    assert drop(full) == drop(cut), diff

@@ -227,3 +227,23 @@ def test_backdoor_count_is_a_share_of_each_process_slice() -> None:
     assert backdoor_count(1.0, 128) == 128 and backdoor_count(0.5, 128) == 64
     assert backdoor_count(0.5, 128, world=2) == 32 and backdoor_count(1.0, 128, world=4) == 32
     assert backdoor_count(0.001, 64) == 1  # at least one twin
+
+
+def test_native_bf16_on_a_gpu_means_ampere_or_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not torch.cuda.is_bf16_supported(), which also accepts emulated bf16 and asks about the current GPU."""
+    import torch
+
+    from cuba.engine import cuda_has_bf16
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: asked.append(dev) or caps[0])
+    caps = [(7, 0)]  # V100: emulated bf16 only
+    assert not cuda_has_bf16(torch.device("cuda:1"))
+    caps = [(8, 0)]  # A100
+    assert cuda_has_bf16(torch.device("cuda:1")) and asked == [torch.device("cuda:1")] * 2
+
+
+def test_gather_objects_without_torchrun_is_the_object_alone() -> None:
+    from cuba.distributed import Dist, gather_objects
+
+    assert gather_objects({"a": 1}, Dist()) == [{"a": 1}]

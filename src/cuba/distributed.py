@@ -15,6 +15,7 @@ batch statistics, as DDP does by default.
 from __future__ import annotations
 
 import os
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,16 @@ def all_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
     v = value.detach().clone()
     dist.all_reduce(v)
     return v / d.world
+
+
+def gather_objects(obj: Any, d: Dist) -> list[Any]:
+    """Every rank's ``obj`` in rank order, on every rank; ``[obj]`` for one process. A collective:
+    every rank must call it."""
+    if not d.enabled:
+        return [obj]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def gather_rows(t: torch.Tensor, n_total: int, d: Dist) -> torch.Tensor:

@@ -61,10 +61,17 @@ def make_engine(device: str = "auto", precision: str = "auto", channels_last: bo
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"device: {device!r} was asked for but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if precision == "auto":
-        bf16 = (dev.type == "cuda" and torch.cuda.is_bf16_supported()) or (dev.type == "cpu" and cpu_has_bf16())
+        bf16 = (dev.type == "cuda" and cuda_has_bf16(dev)) or (dev.type == "cpu" and cpu_has_bf16())
     else:
         bf16 = precision == "bf16"
     return Engine(dev, bf16, channels_last)
+
+
+def cuda_has_bf16(dev: torch.device) -> bool:
+    """Native bf16 on the GPU ``dev`` (compute capability 8.0, Ampere, or later). Not
+    ``torch.cuda.is_bf16_supported()``: by default it also accepts emulated bf16 (slow on V100 / T4)
+    and it asks about the current GPU, not the requested one."""
+    return torch.cuda.get_device_capability(dev)[0] >= 8
 
 
 def seed_everything(seed: int) -> torch.Generator:

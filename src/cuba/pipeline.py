@@ -122,6 +122,8 @@ def _train_into(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> tuple[Path,
     if overwrite and (run_dir / CHECKPOINT).is_file():
         (run_dir / CHECKPOINT).unlink()
     if cfg.deterministic:
+        # cuBLAS refuses deterministic mode without a fixed workspace (a RuntimeError at its first call)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     d, device = setup(cfg.device)  # a torchrun launch joins its process group here
     engine = make_engine(device, cfg.precision, cfg.channels_last)

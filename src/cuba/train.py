@@ -35,7 +35,7 @@ from .attack import OBJECTIVES, POISON_ATTACKS, attack_targets, build_trigger, m
 from .config import ConfigError, TrainConfig
 from .data import ImageDataset
 from .data.augment import augment_batch, augment_policy
-from .distributed import Dist, all_mean
+from .distributed import Dist, all_mean, gather_objects
 from .engine import Engine, seed_everything
 from .evaluate import evaluate_models
 from .models import build_classifier
@@ -266,10 +266,17 @@ def backdoor_count(ratio: float, batch_size: int, world: int = 1) -> int:
 
 
 def _checkpoint(t: Training, loop: Loop, run_dir: Path, t0: float) -> None:
+    # each process's own random streams (under torchrun the ranks are seeded apart, so their
+    # augmentation differs): restoring rank 0's on every rank would make them draw alike after a resume
+    cuda = torch.cuda.is_available() and t.engine.device.type == "cuda"
+    rank_rng = gather_objects((torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None), t.d)
+    if not t.d.is_main:
+        return
     state = {"step": loop.step, "epoch": loop.epoch, "in_epoch": loop.in_epoch, "order": loop.order.cpu(),
              "history": loop.history, "targets": loop.targets, "elapsed": time.perf_counter() - t0}
     s = t.step_fn
-    save_checkpoint(run_dir, capture(t.classifier, t.generator, s.opt, s.opt_g, s.sched, t.gen, state))
+    payload = capture(t.classifier, t.generator, s.opt, s.opt_g, s.sched, t.gen, state)
+    save_checkpoint(run_dir, {**payload, "rank_rng": rank_rng})
 
 
 def _resume(t: Training, loop: Loop, run_dir: Path | None) -> Loop:
@@ -279,6 +286,17 @@ def _resume(t: Training, loop: Loop, run_dir: Path | None) -> Loop:
         return loop
     s = t.step_fn
     st = restore(saved, t.classifier, t.generator, s.opt, s.opt_g, s.sched, t.gen)
+    ranks = saved.get("rank_rng") or []
+    if len(ranks) == t.d.world:  # this process's own streams (a checkpoint from before them: rank 0's)
+        cpu_state, cuda_state = ranks[t.d.rank]
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None and t.engine.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_state, t.engine.device)
+    sch = t.schedule
+    if st["step"] > 0 and sch.learned and sch.joint(st["step"] - 1):
+        # the bound the last step trained with: a checkpoint at an epoch's end is followed by that
+        # epoch's validation, which must see the annealed trigger, not the generator's initial bound
+        t.generator.eps = sch.eps(st["step"] - 1)
     order = st["order"].to(t.engine.device) if st["order"] is not None else None
     tqdm.write(f"resumed from {run_dir / CHECKPOINT} at step {st['step']} (epoch {st['epoch']})")
     return Loop(st["step"], st["epoch"], st["in_epoch"], order, st["history"],
@@ -363,8 +381,8 @@ def train(cfg: TrainConfig, data: ImageDataset, engine: Engine, run_dir: Path | 
                 bar.update(1)
                 if parts:
                     bar.set_postfix({k_: f"{v:.3g}" for k_, v in parts.items()}, refresh=False)
-                if every and d.is_main and loop.step % every == 0 and loop.step < sch.total_steps:
-                    _checkpoint(t, loop, run_dir, t0)
+                if every and loop.step % every == 0 and loop.step < sch.total_steps:
+                    _checkpoint(t, loop, run_dir, t0)  # every rank: each hands over its random stream
             loop.in_epoch, loop.order, loop.epoch = 0, None, loop.epoch + 1
             if cfg.eval_each_epoch:
                 _evaluate_epoch(t, loop, t0)
