@@ -76,3 +76,22 @@ def restore(
     if payload["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["cuda_rng"])
     return payload["state"]
+
+
+def own_rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This process's random streams (CPU, and its GPU's). Under torchrun every rank is seeded apart
+    so their augmentation differs; the checkpoint keeps each rank's (``rank_rng``), since restoring
+    rank 0's everywhere would make the ranks draw alike after a resume."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def restore_own_rng(payload: dict[str, Any], rank: int, world: int, device: torch.device) -> None:
+    """Set this rank's streams from ``payload["rank_rng"]`` (:func:`own_rng_state` of every rank);
+    a checkpoint written before them, or by another number of processes, keeps what :func:`restore` set."""
+    ranks = payload.get("rank_rng") or []
+    if len(ranks) != world:
+        return
+    cpu_state, cuda_state = ranks[rank]
+    torch.set_rng_state(cpu_state)
+    if cuda_state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINT, capture, load_checkpoint, restore, save_checkpoint
+from .checkpoint import CHECKPOINT, capture, load_checkpoint, own_rng_state, restore, restore_own_rng, save_checkpoint
 from .attack.step import NonFiniteLossError, TrainStep
 from .attack import OBJECTIVES, POISON_ATTACKS, attack_targets, build_trigger, make_poison_plan, needs_reference_model
 from .config import ConfigError, TrainConfig
@@ -266,10 +266,7 @@ def backdoor_count(ratio: float, batch_size: int, world: int = 1) -> int:
 
 
 def _checkpoint(t: Training, loop: Loop, run_dir: Path, t0: float) -> None:
-    # each process's own random streams (under torchrun the ranks are seeded apart, so their
-    # augmentation differs): restoring rank 0's on every rank would make them draw alike after a resume
-    cuda = torch.cuda.is_available() and t.engine.device.type == "cuda"
-    rank_rng = gather_objects((torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None), t.d)
+    rank_rng = gather_objects(own_rng_state(t.engine.device), t.d)  # a collective: every rank is here
     if not t.d.is_main:
         return
     state = {"step": loop.step, "epoch": loop.epoch, "in_epoch": loop.in_epoch, "order": loop.order.cpu(),
@@ -286,12 +283,7 @@ def _resume(t: Training, loop: Loop, run_dir: Path | None) -> Loop:
         return loop
     s = t.step_fn
     st = restore(saved, t.classifier, t.generator, s.opt, s.opt_g, s.sched, t.gen)
-    ranks = saved.get("rank_rng") or []
-    if len(ranks) == t.d.world:  # this process's own streams (a checkpoint from before them: rank 0's)
-        cpu_state, cuda_state = ranks[t.d.rank]
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None and t.engine.device.type == "cuda":
-            torch.cuda.set_rng_state(cuda_state, t.engine.device)
+    restore_own_rng(saved, t.d.rank, t.d.world, t.engine.device)
     sch = t.schedule
     if st["step"] > 0 and sch.learned and sch.joint(st["step"] - 1):
         # the bound the last step trained with: a checkpoint at an epoch's end is followed by that
