@@ -152,11 +152,10 @@ def change_cell(defense: type | None, base: list[dict[str, Any]], other: list[di
 def change_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[str], defenses: dict[str, type],
                  baseline: str, against: str = "", strict: bool = True) -> list[str]:
     """Markdown lines: every detector with a rule, on each group whose run names hold ``against`` from a
-    dash on (every backdoored group by default), set against the ``baseline`` group (the runs whose names,
-    less the seed, end in it) -- e.g. what each detector
-    loses when CUBA FRA turns adaptive (issue 18, point 4). When ``baseline`` or ``against`` matches
-    no group: a ConfigError naming the groups (a typo), or with ``strict=False`` (a grid still
-    running) a line saying so."""
+    dash on (every backdoored group by default), set against the ``baseline`` group (the runs whose
+    names, less the seed, end in it) -- e.g. what each detector loses when CUBA FRA turns adaptive
+    (issue 18, point 4). When ``baseline`` or ``against`` matches no group: a ConfigError naming the
+    groups (a typo), or with ``strict=False`` (a grid still running) a line saying so."""
     runs = [r for r, _ in res]
     # matched on the whole name less the seed, at a dash: the shown groups lose whatever prefix all runs
     # share, which is "cuba-" itself when every run is a CUBA model
