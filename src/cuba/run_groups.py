@@ -257,5 +257,10 @@ def clean_reference(group: Group, groups: list[Group]) -> Group | None:
              and g.config.get("dataset") == cfg.get("dataset") and g.config.get("model") == cfg.get("model")]
     if not clean:
         return None
-    differ = lambda g: sum(g.config.get(k) != v for k, v in cfg.items() if k not in NOT_A_SETTING)  # noqa: E731
-    return min(clean, key=differ)
+    return min(clean, key=lambda g: setting_distance(g.config, cfg))
+
+
+def setting_distance(a: dict[str, Any], b: dict[str, Any]) -> int:
+    """How many settings of config ``b`` config ``a`` differs in (seeds and run-only fields aside): the
+    clean runs nearest an attacked setting are its reference."""
+    return sum(a.get(k) != v for k, v in b.items() if k not in NOT_A_SETTING)

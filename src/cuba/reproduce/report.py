@@ -28,7 +28,8 @@ import yaml
 
 from ..defenses.base import at_chance, headline_asr_key_of
 from ..runs import read_json, write_text
-from .tables import DATA_COPIES, PROTOCOL_NOTE, blocked_notes, finished_runs, table2_markdown, table2_rows
+from .tables import (PAPER_MODELS, PROTOCOL_NOTE, blocked_notes, finished_runs, paper_dataset, table2_markdown,
+                     table2_rows)
 from ..formatting import pct
 
 REMOVAL = (("fine-pruning", "prune_ratio"), ("nad", "epoch"))
@@ -44,8 +45,8 @@ TABLE2_NOTE = ("DS floor: the DS of total collapse onto one class; DS uniform: t
 def _is_paper_nad_model(config: dict) -> bool:
     """Whether a run is the model of the paper's NAD rows: CIFAR-10 (or its copy) with ResNet18."""
     data, model = config.get("data", config), config.get("model", config)
-    stem = Path(str(data.get("dataset", ""))).stem
-    return DATA_COPIES.get(stem, (stem,))[0] == "cifar10" and model.get("model") == "resnet18"
+    paper = paper_dataset(Path(str(data.get("dataset", ""))).stem)
+    return paper == "cifar10" and model.get("model") == PAPER_MODELS[paper]
 
 
 def table3_rows(out: Path) -> list[dict]:

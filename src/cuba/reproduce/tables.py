@@ -184,11 +184,10 @@ def _nearest_clean(groups: dict[tuple[str, str, str], list[Run]], ds: str, model
     """The clean runs an attacked setting is held against: of the clean groups on its data set and
     model, the one whose config differs from ``config`` in the fewest settings (as ``cuba compare``
     chooses), so clean runs of another schedule are not folded into its reference; [] when none."""
-    from ..run_groups import NOT_A_SETTING
+    from ..run_groups import setting_distance
 
     cleans = [rs for (d, m, label), rs in groups.items() if d == ds and m == model and _is_clean(label)]
-    differ = lambda rs: sum(rs[0].config.get(k) != v for k, v in config.items() if k not in NOT_A_SETTING)  # noqa: E731
-    return min(cleans, key=differ) if cleans else []
+    return min(cleans, key=lambda rs: setting_distance(rs[0].config, config)) if cleans else []
 
 
 def _epochs(e: float | None) -> str:
