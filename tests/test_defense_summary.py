@@ -10,7 +10,7 @@ import pytest
 from cuba.defenses import DEFENSES
 from cuba.config import ConfigError
 from cuba.defenses.summary import (MIXED, NO_VERDICT, change_cell, change_table, group_names, rule_label,
-                                    summary_cell, summary_table)
+                                    summary_cell, summary_table, win_shares)
 
 STRIP = DEFENSES["strip"]
 
@@ -123,3 +123,26 @@ def test_change_table_rows_columns_and_errors() -> None:
         change_table(res, ["strip"], DEFENSES, "cuba-fra", "ubw")
     # a grid still running: a line, not an error
     assert change_table(res, ["strip"], DEFENSES, "cuba-nra2", strict=False)[-1].startswith("Against cuba-nra2: not yet")
+
+
+def test_summary_table_keeps_a_detector_that_ran_without_deciding() -> None:
+    """Dispersion inversion undecided on every model (censored budgets) is a row of "no verdict", not
+    dropped: the reader must see that it ran and could not decide."""
+    res = [(Path(f"r/mnist-m-{g}-s0"), {"dispersion-inversion": model_fields(s, None)})
+           for g, s in (("clean", "clean"), ("cuba-fra", "cuba-fra"))]
+    lines = summary_table(res, ["dispersion-inversion"], DEFENSES)
+    assert lines[-1] == f"| dispersion-inversion | {NO_VERDICT} | {NO_VERDICT} |"
+
+
+def test_win_shares_of_the_folded_matrix() -> None:
+    rows, cols, share, text = win_shares(_groups_res(), ["strip", "mm-bd", "fine-pruning"], DEFENSES)
+    assert rows == ["strip", "mm-bd"]  # fine-pruning has no rule: no row
+    assert cols == ["clean", "cuba-fra", "cuba-adaptive-fra-w1"]
+    # STRIP: nothing to catch on the clean model; caught 1 of 2 FRA seeds (FAR 0.0 and 0.5), mean AUROC
+    # (1.0 + 0.9) / 2; missed both adaptive seeds, mean AUROC (0.4 + 0.3) / 2
+    assert share[0] == [None, 0.5, 0.0]
+    assert text[0] == ["n/a", "1/2\n0.95", "0/2\n0.35"]
+    # MM-BD: cleared the clean model, flagged 1 of 2 FRA and 2 of 2 adaptive models
+    assert share[1] == [1.0, 0.5, 1.0] and text[1] == ["1/1", "1/2", "2/2"]
+    undecided = [(Path("r/mnist-m-cuba-fra-s0"), {"mm-bd": model_fields("cuba-fra", None)})]
+    assert win_shares(undecided, ["mm-bd"], DEFENSES)[2:] == ([[None]], [[NO_VERDICT]])

@@ -211,6 +211,9 @@ def test_defend_cli_then_defense_table(badnets_run: Path, tmp_path: Path, capsys
     assert "| fine-pruning | prune_ratio 0: " in md and "| 0.5 | " in md
     assert "| strip |" not in md  # a defense that ran on none of the runs gets no row of dashes
     assert "| prune_ratio | BadNets (CA / ASR) |" in md  # a targeted control: plain ASR, and the title says so
+    assert main(["defense-table", str(badnets_run), "--plot", str(tmp_path / "m.png")]) == 0
+    assert "--plot: no detector's rule judged these runs; no figure written" in capsys.readouterr().out  # repairs only
+    assert not (tmp_path / "m.png").exists()
     assert main(["defense-table", str(tmp_path)]) == 2
     assert "has no defenses/<defense>/defense.json" in capsys.readouterr().err
     assert main(["defense-table", str(badnets_run), "--against", "cuba"]) == 2

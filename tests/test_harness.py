@@ -89,6 +89,12 @@ def test_defense_table_references_decide_the_flag_and_leave_the_scored_runs(tmp_
     assert "| dispersion-inversion | low | 1.000 (1 vs 1) | 1.000 (1 vs 1) | 0/1 (1 undecided) | – | 0/1 (1 undecided) |" in plain
     with pytest.raises(ConfigError, match="a reference model must be clean, this one is 'cuba-fra'"):
         defense_tables(runs[1:], references=runs[:1])
+    # the folded matrix as a heatmap: `cuba defense-table --plot`, the references deciding the flags
+    from cuba.cli import main
+
+    png = tmp_path / "matrix.png"
+    assert main(["defense-table", *map(str, runs[:2]), "--reference", *map(str, runs[2:]), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 0
 
 
 def test_model_auroc_keeps_unreached_models_as_least_suspicious() -> None:

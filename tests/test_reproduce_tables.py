@@ -276,6 +276,9 @@ def test_report_sets_groups_against_the_grids_baseline(tmp_path: Path) -> None:
     assert "| detector | adaptive-fra-w1 |" in md
     assert "| near-tie | caught 1/1 → 0/1; AUROC 1.000 → 0.300 (-0.700); FAR@FRR 1% 0.000 → 0.900 |" in md
     assert "<td>caught 1/1 → 0/1; AUROC 1.000 → 0.300 (-0.700); FAR@FRR 1% 0.000 → 0.900</td>" in page
+    # the folded matrix as a heatmap, embedded under the tables
+    assert (tmp_path / "figures" / "detector-matrix.png").stat().st_size > 0
+    assert "alt='The detector matrix folded over seeds" in page
 
 
 def test_table2_holds_each_setting_against_the_nearest_clean_runs(tmp_path: Path) -> None:

@@ -48,6 +48,11 @@ def cmd_defense_table(args: argparse.Namespace) -> int:
     if args.out:
         write_text(Path(args.out), md + "\n")
         print(f"\nwritten: {args.out}")
+    if args.plot:
+        from ..defenses.table import matrix_figure
+
+        fig = matrix_figure([Path(r) for r in args.runs], Path(args.plot), [Path(r) for r in args.reference or []])
+        print(f"written: {fig}" if fig else "--plot: no detector's rule judged these runs; no figure written")
     return 0
 
 
@@ -86,6 +91,8 @@ def add_parsers(sub: Any) -> None:
                          "(a group: run names less -s<seed> and their shared prefix)")
     dt.add_argument("--against", default=None, metavar="PREFIX",
                     help="with --baseline: only the groups whose run names hold this from a dash on, e.g. cuba-adaptive")
+    dt.add_argument("--plot", default=None, metavar="PNG",
+                    help="also draw the matrix folded over seeds as a heatmap (share of models each rule won on)")
     dt.set_defaults(func=cmd_defense_table)
     im = sub.add_parser("import-model", help="make a run folder from someone else's classifier weights (to audit it)")
     im.add_argument("weights", help=".safetensors, or a pickle .pt/.pth with --allow-pickle")

@@ -112,10 +112,12 @@ def summary_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list
     groups = group_names([r for r, _ in res])
     cols = sorted(dict.fromkeys(groups), key=lambda c: c != "clean")  # the clean reference point first
     rows = []
-    for name in order:
+    for name in _judging(res, order, defenses):
         cells = [summary_cell(defenses.get(name), [d[name] for (_, d), g in zip(res, groups) if g == col and name in d])
                  for col in cols]
-        if any(c not in ("–", "n/a", NO_VERDICT) for c in cells):  # a row of numbers, not only placeholders
+        # a detector that ran and could not decide stays (a reader must see it); one that applied to
+        # none of the runs goes
+        if any(c not in ("–", "n/a") for c in cells):
             rows.append(f"| {name} | " + " | ".join(cells) + " |")
     if not rows:
         return []
@@ -124,6 +126,37 @@ def summary_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list
     return ["", "Across seeds: each detector's own rule on every group of models (models in the group in brackets); "
             "input-level cells add the group's mean AUROC and the mean of the rule's number", "",
             "| detector | " + " | ".join(head) + " |", "|---|" + "---|" * len(cols), *rows]
+
+
+def win_shares(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[str],
+               defenses: dict[str, type]) -> tuple[list[str], list[str], list[list[float | None]], list[list[str]]]:
+    """The folded matrix as numbers for a heatmap: (detectors, groups, share, text). ``share[i][j]`` is
+    the fraction of group j's models on which detector i's own rule won for the defender (caught a
+    backdoor, cleared a clean model; a model left undecided counts as no win), None where the cell is
+    n/a or no model got a verdict; ``text[i][j]`` is "k/n", with the group's mean AUROC under it when
+    the detector has one (else "–", "n/a" or "no verdict", as in the table's cell). Rows and columns as in :func:`summary_table`."""
+    groups = group_names([r for r, _ in res])
+    cols = sorted(dict.fromkeys(groups), key=lambda c: c != "clean")
+    rows, shares, texts = [], [], []
+    for name in _judging(res, order, defenses):
+        share_row, text_row = [], []
+        for col in cols:
+            fields = [d[name] for (_, d), g in zip(res, groups) if g == col and name in d]
+            judged = [verdict(defenses.get(name), f) for f in fields]
+            wins = sum(v in DEFENDER_WINS for v in judged)
+            auroc, _ = group_means(defenses.get(name), fields)
+            if not any(v is not None for v in judged):  # the word the table's cell starts with
+                share_row.append(None)
+                cell = summary_cell(defenses.get(name), fields)
+                text_row.append(cell if cell in ("–", "n/a") else NO_VERDICT)
+                continue
+            share_row.append(wins / len(fields))
+            text_row.append(f"{wins}/{len(fields)}" + ("" if auroc is None else f"\n{auroc:.2f}"))
+        if any(t not in ("–", "n/a") for t in text_row):  # as in summary_table: an undecided detector stays
+            rows.append(name)
+            shares.append(share_row)
+            texts.append(text_row)
+    return rows, cols, shares, texts
 
 
 def _caught(defense: type | None, fields: list[dict[str, Any]]) -> str:
@@ -170,10 +203,13 @@ def change_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[
         return ["", f"Against {baseline}: not yet ({missing} among the finished runs)"]
     of = lambda name, g: [d[name] for (_, d), gg in zip(res, groups) if gg == g and name in d]  # noqa: E731
     rows = [f"| {name} | " + " | ".join(change_cell(defenses[name], of(name, baseline), of(name, c)) for c in cols) + " |"
-            for name in order if getattr(defenses.get(name), "rule", None) is not None or _model_level(of(name, baseline))]
+            for name in _judging(res, order, defenses)]
     return ["", f"Against {baseline}: each detector's own rule (models caught), mean AUROC and mean rule number, "
             f"{baseline} → the group", "", "| detector | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols), *rows]
 
 
-def _model_level(fields: list[dict[str, Any]]) -> bool:
-    return any(f.get("level") == "model" for f in fields)
+def _judging(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[str], defenses: dict[str, type]) -> list[str]:
+    """The detectors of ``order`` with a yes/no rule: an input-level ``rule``, or a model-level flag in
+    any run. Fine-pruning and NAD repair rather than detect: not among them."""
+    return [n for n in order if getattr(defenses.get(n), "rule", None) is not None
+            or any(d[n].get("level") == "model" for _, d in res if n in d)]

@@ -21,8 +21,8 @@ from typing import Any
 
 from ..runs import read_json
 from .base import ASR_NAMES, IMPORTED, headline_asr_key_of, headline_value, not_applicable, pct
-from .model_level import apply_references, model_level_table
-from .summary import change_table, summary_table
+from .model_level import Results, apply_references, model_level_table
+from .summary import change_table, summary_table, win_shares
 from .verdict import VERDICT_SEP, verdict
 
 FALLBACK_NOTE = ("† ASR-C not recorded (defense.json written before it): plain ASR shown, which for an "
@@ -91,6 +91,40 @@ def cost_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[st
             "bound)", "", "| defense | runs | median s | max s | total s |", "|---|---|---|---|---|", *rows]
 
 
+def _scored(run_dirs: list[Path], references: list[Path] | None,
+            names: list[str] | None = None) -> tuple[Results, list[str], list[str] | None]:
+    """(results of the runs less the references, the reference notes, their names): the references
+    decide the inversion detectors' flags in place (:func:`cuba.defenses.model_level.apply_references`)."""
+    from . import DEFENSES
+
+    ref_set = {Path(p).resolve() for p in references or []}
+    kept = [(i, r) for i, r in enumerate(run_dirs) if Path(r).resolve() not in ref_set]
+    if names:
+        names = [names[i] for i, _ in kept]
+    res = load_results([r for _, r in kept])
+    return res, apply_references(res, load_results(list(references or [])), DEFENSES), names
+
+
+def _found(res: Results) -> list[str]:
+    """The defenses that ran on at least one of the runs (a row of dashes says nothing): registered
+    ones in registration order, then any other defense.json found (e.g. a removed defense)."""
+    from . import DEFENSES
+
+    ran = {n for _, d in res for n in d}
+    return [n for n in DEFENSES if n in ran] + sorted(ran - set(DEFENSES))
+
+
+def matrix_figure(run_dirs: list[Path], path: Path, references: list[Path] | None = None) -> Path | None:
+    """The folded matrix as a heatmap (:func:`cuba.defenses.plots.plot_detector_matrix`) at ``path``;
+    None when no detector's rule judged any of the runs."""
+    from . import DEFENSES
+    from .plots import plot_detector_matrix
+
+    res, _, _ = _scored(run_dirs, references)
+    rows, cols, share, text = win_shares(res, _found(res), DEFENSES)
+    return plot_detector_matrix(rows, cols, share, text, Path(path)) if rows else None
+
+
 def defense_tables(run_dirs: list[Path], names: list[str] | None = None,
                    references: list[Path] | None = None, compare: dict[str, str] | None = None,
                    strict: bool = True) -> str:
@@ -98,18 +132,10 @@ def defense_tables(run_dirs: list[Path], names: list[str] | None = None,
     adds :func:`cuba.defenses.summary.change_table`, ``strict`` as there."""
     from . import DEFENSES  # here: the package imports this module's siblings
 
-    ref_set = {Path(p).resolve() for p in references or []}
-    kept = [(i, r) for i, r in enumerate(run_dirs) if Path(r).resolve() not in ref_set]
-    if names:
-        names = [names[i] for i, _ in kept]
-    res = load_results([r for _, r in kept])
-    notes = apply_references(res, load_results(list(references or [])), DEFENSES)
+    res, notes, names = _scored(run_dirs, references, names)
     cols = names or [_column(r, d) for r, d in res]
     lines = ["| defense | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    # the defenses that ran on at least one of the runs (a row of dashes says nothing), registered
-    # ones in registration order, then any other defense.json found (e.g. a removed defense)
-    ran = {n for _, d in res for n in d}
-    found = [n for n in DEFENSES if n in ran] + sorted(ran - set(DEFENSES))
+    found = _found(res)
     for name in found:
         cells = []
         for _, d in res:

@@ -220,6 +220,14 @@ def _md_table_to_html(md: str) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _defended(out: Path, references: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """(scored runs, reference runs): the finished runs with a defense.json, the grid's reference
+    models (named in ``references``) apart."""
+    defended = [r.path for r in finished_runs(out) if any((r.path / "defenses").glob("*/defense.json"))]
+    refs = [p for p in defended if p.name in set(references)]
+    return [p for p in defended if p not in refs], refs
+
+
 def write_defense_table(out: Path, references: Sequence[str] = (), compare: dict[str, str] | None = None) -> Path | None:
     """``defenses.md``: every defense's headline numbers (AUROC, anomaly index, ...) per defended run;
     the finished runs named in ``references`` (the grid's reference models) calibrate the inversion
@@ -227,13 +235,26 @@ def write_defense_table(out: Path, references: Sequence[str] = (), compare: dict
     ``compare`` adds the table against a baseline group, or a line saying it is not there yet."""
     from ..defenses.table import defense_tables
 
-    defended = [r.path for r in finished_runs(out) if any((r.path / "defenses").glob("*/defense.json"))]
-    refs = [p for p in defended if p.name in set(references)]
-    scored = [p for p in defended if p not in refs]
+    scored, refs = _defended(out, references)
     if not scored:
         return None
     write_text(out / "defenses.md", defense_tables(scored, [p.name for p in scored], refs, compare, strict=False) + "\n")
     return out / "defenses.md"
+
+
+def _img(path: Path, caption: str) -> str:
+    """A figure embedded in the page (report.html is one offline file)."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _matrix_figure(out: Path, references: Sequence[str]) -> Path | None:
+    """OUT/figures/detector-matrix.png from the runs defenses.md was made of (None when no rule judged any)."""
+    from ..defenses.table import matrix_figure
+
+    scored, refs = _defended(out, references)
+    return matrix_figure(scored + refs, out / "figures" / "detector-matrix.png", refs)
 
 
 def write_report(out: Path, title: str = "cuba reproduction report", blocked: list[dict] = (),
@@ -247,6 +268,7 @@ def write_report(out: Path, title: str = "cuba reproduction report", blocked: li
     t2 = table2_markdown(t2_rows)
     t3 = (out / "table3.md").read_text()
     dt = write_defense_table(out, references, compare)
+    heatmap = _matrix_figure(out, references) if dt is not None else None
     # the headline table, then the model-level AUROCs and their notes; the removal curves between
     # them are Table III, shown above
     blocks = dt.read_text().strip().split("\n\n") if dt is not None else [""]
@@ -268,12 +290,10 @@ def write_report(out: Path, title: str = "cuba reproduction report", blocked: li
              "<p>Definitions: the manual, docs/reference/defenses.md. CA/ASR in %; times are wall seconds. Green: the "
              "detector's own rule caught the backdoor (input-level: it lets at most 5% of backdoor inputs through) or "
              "cleared a clean model; red: it missed the backdoor or flagged a clean model; grey: not applicable.</p>" + _md_table_to_html(detection),
-             *model_level,
+             *model_level, *([_img(heatmap, "The detector matrix folded over seeds: the share of each group's models "
+                                  "on which a detector's own rule won for the defender; under it the mean AUROC")] if heatmap else []),
              "<h2>Figures</h2>"]
-    for caption, path in collect_figures(out):
-        data = base64.b64encode(path.read_bytes()).decode()
-        parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts += [_img(path, caption) for caption, path in collect_figures(out)]
     parts.append("<h2>Runs and their configs</h2>")
     for run in finished_runs(out):
         cfg = html.escape(yaml.safe_dump(run.config, sort_keys=False))
