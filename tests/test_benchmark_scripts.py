@@ -169,3 +169,19 @@ def test_di_mass_scores_the_whole_curve(tmp_path: Path, capsys: pytest.CaptureFi
     assert out["dev_mass_auroc"] is None
     masses = {m["run"]: m["mass"] for m in out["models"]}
     assert masses["digits-simplecnn-cuba-fra-s0"] == pytest.approx(0.3) and masses["digits-simplecnn-clean-s4"] is None
+
+
+def test_rusage_reports_the_childs_cost_and_exit_code() -> None:
+    import re
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(BENCH / "rusage.py"), sys.executable, "-c", "x = bytearray(50_000_000)"],
+                         capture_output=True, text=True)
+    m = re.fullmatch(r"wall [\d.]+ user [\d.]+ sys [\d.]+ minflt (\d+) maxrss_MB (\d+) rc 0\n", out.stdout)
+    assert out.returncode == 0 and m is not None
+    assert int(m[2]) >= 48  # the child's 50 MB buffer is in its peak resident size
+    failed = subprocess.run([sys.executable, str(BENCH / "rusage.py"), sys.executable, "-c", "raise SystemExit(3)"],
+                            capture_output=True, text=True)
+    assert failed.returncode == 3 and failed.stdout.endswith("rc 3\n")
+    usage = subprocess.run([sys.executable, str(BENCH / "rusage.py")], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: python benchmarks/rusage.py COMMAND" in usage.stderr

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory
 from .config import DEVICES, ConfigError
 
 
@@ -49,7 +50,10 @@ def cpu_has_bf16() -> bool:
 
 def make_engine(device: str = "auto", precision: str = "auto", channels_last: bool = True) -> Engine:
     """The run's device and precision. A device that is not there is a :class:`ConfigError`
-    (the CLI prints it as one line) rather than a CUDA error in the middle of a run."""
+    (the CLI prints it as one line) rather than a CUDA error in the middle of a run. Every run and
+    defense comes through here, so the host allocator policy is applied here, once per process
+    (:func:`cuba.allocator.keep_freed_memory`)."""
+    keep_freed_memory()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
