@@ -14,7 +14,7 @@ import pytest
 from cuba import allocator
 from cuba.config import ConfigError
 
-GLIBC = hasattr(os, "confstr") and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+GLIBC = allocator._glibc()
 
 PROBE = """
 import resource, torch
@@ -48,6 +48,35 @@ def test_kept_memory_is_reused_without_page_faults() -> None:
     assert state == "system" and faults > 100_000  # fresh pages for each 103 MB block (measured 250,891)
 
 
+RSS_PROBE = """
+import torch
+from cuba.allocator import keep_freed_memory, release_freed_memory
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+state = keep_freed_memory()
+base = rss_mb()
+for _ in range(20):  # the worst pattern: one aligned 98 MiB block at a time, small ones kept between
+    t = torch.empty(98 * 2**20 // 4)
+    t.fill_(1.0)
+    del t
+grown = rss_mb() - base
+release_freed_memory()
+print(state, round(grown), round(rss_mb() - base))
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="the policy tunes glibc's malloc; elsewhere it is a no-op")
+def test_kept_memory_is_bounded_and_released() -> None:
+    """What the policy costs, pinned: the heap keeps a few blocks of the largest size (aligned blocks
+    merge only after several rounds) and never more than 8 of 20; malloc_trim hands them back."""
+    env = {**os.environ, allocator.ENV: "keep"}
+    state, grown, after = subprocess.run([sys.executable, "-c", RSS_PROBE], env=env, capture_output=True, text=True,
+                                         check=True).stdout.split()
+    assert state == "kept"
+    assert int(grown) <= 8 * 98 + 50
+    assert int(after) <= 150  # released: back to about where it started
+
+
 def test_policy_choices_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(allocator, "_state", None)
     monkeypatch.setenv(allocator.ENV, "system")
@@ -59,5 +88,24 @@ def test_policy_choices_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         allocator.keep_freed_memory()
     monkeypatch.setattr(allocator, "_state", None)
     monkeypatch.setattr(allocator, "_glibc", lambda: False)
-    monkeypatch.setenv(allocator.ENV, "keep")
+    monkeypatch.setenv(allocator.ENV, "")  # empty: the default
     assert allocator.keep_freed_memory() == "unsupported"
+    monkeypatch.setattr(allocator, "_state", None)
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert allocator.keep_freed_memory() == "preloaded"  # glibc's settings would not reach jemalloc
+    monkeypatch.setattr(allocator, "_state", None)
+    assert allocator.current() == "untouched"
+
+
+def test_only_a_cpu_engine_applies_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cuba import engine
+
+    calls: list[str] = []
+    monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append("keep") or "kept")
+    monkeypatch.setattr(engine, "release_freed_memory", lambda: calls.append("release"))
+    engine.make_engine("cpu", "fp32")
+    assert calls == ["keep", "release"]  # applied, and the previous phase's kept memory handed back
+    monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(engine, "cuda_has_bf16", lambda dev: False)
+    engine.make_engine("cuda", "fp32")
+    assert calls == ["keep", "release"]  # a GPU engine leaves host malloc alone

@@ -10,7 +10,7 @@ import pytest
 from cuba.defenses import DEFENSES
 from cuba.config import ConfigError
 from cuba.defenses.summary import (MIXED, NO_VERDICT, change_cell, change_table, group_names, rule_label,
-                                    summary_cell, summary_table, win_shares)
+                                    heat_cell, summary_cell, summary_table, win_shares)
 
 STRIP = DEFENSES["strip"]
 
@@ -141,8 +141,27 @@ def test_win_shares_of_the_folded_matrix() -> None:
     # STRIP: nothing to catch on the clean model; caught 1 of 2 FRA seeds (FAR 0.0 and 0.5), mean AUROC
     # (1.0 + 0.9) / 2; missed both adaptive seeds, mean AUROC (0.4 + 0.3) / 2
     assert share[0] == [None, 0.5, 0.0]
-    assert text[0] == ["n/a", "1/2\n0.95", "0/2\n0.35"]
+    assert text[0] == ["n/a", "won 1/2\nAUROC 0.95", "won 0/2\nAUROC 0.35"]
     # MM-BD: cleared the clean model, flagged 1 of 2 FRA and 2 of 2 adaptive models
-    assert share[1] == [1.0, 0.5, 1.0] and text[1] == ["1/1", "1/2", "2/2"]
-    undecided = [(Path("r/mnist-m-cuba-fra-s0"), {"mm-bd": model_fields("cuba-fra", None)})]
-    assert win_shares(undecided, ["mm-bd"], DEFENSES)[2:] == ([[None]], [[NO_VERDICT]])
+    assert share[1] == [1.0, 0.5, 1.0] and text[1] == ["won 1/1", "won 1/2", "won 2/2"]
+
+
+def test_heat_cell_undecided_and_imported_models() -> None:
+    md = DEFENSES["mm-bd"]
+    assert heat_cell(md, [model_fields("cuba-fra", None)]) == (None, NO_VERDICT)
+    # 1 missed, 2 undecided: the share is over the decided model (a loss), the text counts the others
+    # -- the table calls this cell mixed, the figure hatches it
+    assert heat_cell(md, [model_fields("cuba-fra", False)] + [model_fields("cuba-fra", None)] * 2) == (
+        0.0, f"won 0/3\n{NO_VERDICT} 2")
+    assert heat_cell(md, [model_fields("cuba-fra", True), model_fields("cuba-fra", None)])[0] == 1.0
+    # an imported model: nobody knows the truth, so no colour of a win or a loss
+    assert heat_cell(md, [model_fields("imported", True), model_fields("imported", False)]) == (None, "flagged 1/2")
+    assert heat_cell(STRIP, []) == (None, "–")
+
+
+def test_matrix_figure_hatches_the_undecided(tmp_path: Path) -> None:
+    from cuba.defenses.plots import plot_detector_matrix
+
+    path = plot_detector_matrix(["mm-bd"], ["clean", "cuba-fra"], [[1.0, 0.0]], [["won 1/1", f"won 0/3\n{NO_VERDICT} 2"]],
+                                tmp_path / "m.png")
+    assert path.stat().st_size > 0

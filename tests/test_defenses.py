@@ -214,6 +214,8 @@ def test_defend_cli_then_defense_table(badnets_run: Path, tmp_path: Path, capsys
     assert main(["defense-table", str(badnets_run), "--plot", str(tmp_path / "m.png")]) == 0
     assert "--plot: no detector's rule judged these runs; no figure written" in capsys.readouterr().out  # repairs only
     assert not (tmp_path / "m.png").exists()
+    assert main(["defense-table", str(badnets_run), "--plot", str(tmp_path / "m.txt")]) == 2  # one line, no traceback
+    assert "--plot " in capsys.readouterr().err
     assert main(["defense-table", str(tmp_path)]) == 2
     assert "has no defenses/<defense>/defense.json" in capsys.readouterr().err
     assert main(["defense-table", str(badnets_run), "--against", "cuba"]) == 2

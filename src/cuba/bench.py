@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .allocator import keep_freed_memory
+from . import allocator
 from .config import make_config
 from .data import ImageDataset
 from .engine import make_engine
@@ -140,7 +140,7 @@ def run_bench(quick: bool = False, device: str = "auto", batch: int = 128, repea
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     out: dict[str, Any] = {"device": str(make_engine(device).device), "bf16": make_engine(device).bf16,
                            "threads": torch.get_num_threads(), "batch_size": batch, "repeats": repeats, "torch": torch.__version__,
-                           "host_allocator": keep_freed_memory()}  # make_engine applied it; "kept", "system" or "unsupported"
+                           "host_allocator": allocator.current()}  # set by a CPU engine, just made above
     for name, model, ch, size, aug, quick_steps, full_steps in CASES:
         n_steps = quick_steps if quick else full_steps
         n = n_steps * batch + batch  # one pass plus a spare batch: every step sees new images

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .allocator import keep_freed_memory
+from .allocator import keep_freed_memory, release_freed_memory
 from .config import DEVICES, ConfigError
 
 
@@ -51,9 +51,9 @@ def cpu_has_bf16() -> bool:
 def make_engine(device: str = "auto", precision: str = "auto", channels_last: bool = True) -> Engine:
     """The run's device and precision. A device that is not there is a :class:`ConfigError`
     (the CLI prints it as one line) rather than a CUDA error in the middle of a run. Every run and
-    defense comes through here, so the host allocator policy is applied here, once per process
-    (:func:`cuba.allocator.keep_freed_memory`)."""
-    keep_freed_memory()
+    defense comes through here, so a CPU engine applies the host allocator policy here (once per
+    process, :func:`cuba.allocator.keep_freed_memory`) and hands back what the previous phase kept
+    (:func:`cuba.allocator.release_freed_memory`); a GPU run's large blocks live on the GPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -64,6 +64,9 @@ def make_engine(device: str = "auto", precision: str = "auto", channels_last: bo
         raise ConfigError(f"device: {device!r} was asked for but no CUDA GPU is available (use --device cpu or auto)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"device: {device!r} was asked for but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type == "cpu":
+        keep_freed_memory()
+        release_freed_memory()
     if precision == "auto":
         bf16 = (dev.type == "cuda" and cuda_has_bf16(dev)) or (dev.type == "cpu" and cpu_has_bf16())
     else:

@@ -43,6 +43,8 @@ def cmd_defense_table(args: argparse.Namespace) -> int:
     if args.against is not None and args.baseline is None:
         raise ConfigError("--against: needs --baseline (the group the others are set against)")
     compare = {"baseline": args.baseline, "against": args.against or ""} if args.baseline else None
+    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise ConfigError(f"--plot {args.plot}: the figure's file must end in .png, .pdf or .svg")
     md = defense_tables([Path(r) for r in args.runs], names, [Path(r) for r in args.reference or []], compare)
     print(md)
     if args.out:

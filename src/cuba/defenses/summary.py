@@ -30,7 +30,7 @@ from typing import Any
 
 from ..config import ConfigError
 from .base import not_applicable
-from .verdict import DEFENDER_WINS, VERDICT_SEP, verdict
+from .verdict import AUDIT_VERDICTS, DEFENDER_WINS, VERDICT_SEP, verdict
 
 MIXED = "mixed"
 """The word of a cell whose models got different verdicts (report.html: amber)."""
@@ -130,33 +130,41 @@ def summary_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list
 
 def win_shares(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[str],
                defenses: dict[str, type]) -> tuple[list[str], list[str], list[list[float | None]], list[list[str]]]:
-    """The folded matrix as numbers for a heatmap: (detectors, groups, share, text). ``share[i][j]`` is
-    the fraction of group j's models on which detector i's own rule won for the defender (caught a
-    backdoor, cleared a clean model; a model left undecided counts as no win), None where the cell is
-    n/a or no model got a verdict; ``text[i][j]`` is "k/n", with the group's mean AUROC under it when
-    the detector has one (else "–", "n/a" or "no verdict", as in the table's cell). Rows and columns as in :func:`summary_table`."""
+    """The folded matrix as numbers for a heatmap: (detectors, groups, share, text), rows and columns
+    as in :func:`summary_table`; each cell from :func:`heat_cell`."""
     groups = group_names([r for r, _ in res])
     cols = sorted(dict.fromkeys(groups), key=lambda c: c != "clean")
     rows, shares, texts = [], [], []
     for name in _judging(res, order, defenses):
-        share_row, text_row = [], []
-        for col in cols:
-            fields = [d[name] for (_, d), g in zip(res, groups) if g == col and name in d]
-            judged = [verdict(defenses.get(name), f) for f in fields]
-            wins = sum(v in DEFENDER_WINS for v in judged)
-            auroc, _ = group_means(defenses.get(name), fields)
-            if not any(v is not None for v in judged):  # the word the table's cell starts with
-                share_row.append(None)
-                cell = summary_cell(defenses.get(name), fields)
-                text_row.append(cell if cell in ("–", "n/a") else NO_VERDICT)
-                continue
-            share_row.append(wins / len(fields))
-            text_row.append(f"{wins}/{len(fields)}" + ("" if auroc is None else f"\n{auroc:.2f}"))
-        if any(t not in ("–", "n/a") for t in text_row):  # as in summary_table: an undecided detector stays
+        cells = [heat_cell(defenses.get(name), [d[name] for (_, d), g in zip(res, groups) if g == col and name in d])
+                 for col in cols]
+        if any(t not in ("–", "n/a") for _, t in cells):  # as in summary_table: an undecided detector stays
             rows.append(name)
-            shares.append(share_row)
-            texts.append(text_row)
+            shares.append([c[0] for c in cells])
+            texts.append([c[1] for c in cells])
     return rows, cols, shares, texts
+
+
+def heat_cell(defense: type | None, fields: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """(share, text) of one heatmap cell. ``share``: of the group's models the rule decided, the
+    fraction on which it won for the defender (caught a backdoor, cleared a clean model); None -- grey
+    -- when it decided none, or on imported models, where nobody knows which verdict is a win.
+    ``text``: "won k/n" over the group's n models, "no verdict u" when u were left undecided (the
+    table's "mixed"), and the mean AUROC for an input-level detector; "–", "n/a" or "no verdict" as
+    the table's cell when there is nothing to count."""
+    verdicts = [verdict(defense, f) for f in fields]
+    decided = [v for v in verdicts if v is not None]
+    if not decided:
+        cell = summary_cell(defense, fields)
+        return None, cell if cell in ("–", "n/a") else NO_VERDICT
+    undecided = sum(not not_applicable(f) for f in fields) - len(decided)
+    auroc, _ = group_means(defense, fields)
+    audit = [v for v in decided if v in AUDIT_VERDICTS]
+    lines = ([f"{AUDIT_VERDICTS[0]} {audit.count(AUDIT_VERDICTS[0])}/{len(fields)}"] if audit
+             else [f"won {sum(v in DEFENDER_WINS for v in decided)}/{len(fields)}"])
+    lines += [f"{NO_VERDICT} {undecided}"] * bool(undecided) + ([] if auroc is None else [f"AUROC {auroc:.2f}"])
+    share = None if audit else sum(v in DEFENDER_WINS for v in decided) / len(decided)
+    return share, "\n".join(lines)
 
 
 def _caught(defense: type | None, fields: list[dict[str, Any]]) -> str:

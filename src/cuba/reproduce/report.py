@@ -254,7 +254,11 @@ def _matrix_figure(out: Path, references: Sequence[str]) -> Path | None:
     from ..defenses.table import matrix_figure
 
     scored, refs = _defended(out, references)
-    return matrix_figure(scored + refs, out / "figures" / "detector-matrix.png", refs)
+    path = out / "figures" / "detector-matrix.png"
+    fig = matrix_figure(scored + refs, path, refs)
+    if fig is None:
+        path.unlink(missing_ok=True)  # a figure from an earlier report would show runs no longer judged
+    return fig
 
 
 def write_report(out: Path, title: str = "cuba reproduction report", blocked: list[dict] = (),
