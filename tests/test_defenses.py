@@ -80,7 +80,7 @@ def badnets_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_neural_cleanse_flags_the_badnets_target_batched_like_one_by_one(badnets_run: Path, tmp_path: Path) -> None:
     run = load_attack_run(badnets_run, device="cpu")
-    kw = dict(epochs=25, batches_per_epoch=5, batch_size=16, n_pool=300)
+    kw = dict(epochs=25, batches_per_epoch=5, batch_size=16, n_pool=300, early_stop=10)  # the budget option: fast here
     run_defense("neural-cleanse", run, tmp_path, **kw)
     f = json.loads((tmp_path / "neural-cleanse" / "defense.json").read_text())
     assert f["flagged_classes"] == [0] and f["anomaly_index"] > 2, f["l1_norms"]
