@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from cuba.reproduce import expand, is_done, load_grid
+from cuba.reproduce.runner import cell_dir
 
 KEEP = ("config.yaml", "status.json", "metrics.json", "history.json")
 
@@ -40,7 +41,7 @@ def save(grid: str, out: Path, dest: Path) -> list[str]:
     for cell in expand(load_grid(grid)):
         if not is_done(out, cell):
             continue
-        src, dst = out / "runs" / cell.name, dest / "runs" / cell.name
+        src, dst = cell_dir(out, cell), cell_dir(dest, cell)
         if dst.exists():
             shutil.rmtree(dst)
         for rel in result_files(src):

@@ -68,7 +68,7 @@ print(state, round(grown), round(rss_mb() - base))
 @pytest.mark.skipif(not GLIBC, reason="the policy tunes glibc's malloc; elsewhere it is a no-op")
 def test_kept_memory_is_bounded_and_released() -> None:
     """What the policy costs, pinned: the heap keeps a few blocks of the largest size (aligned blocks
-    merge only after several rounds), never half of the 20; malloc_trim hands them back. Measured:
+    merge only after several rounds), never more than half of the 20; malloc_trim hands them back. Measured:
     at most 8 blocks on an AVX2 EPYC; 6 alone and once 9 inside the CI suite on an AMX Xeon
     (2026-12-01) -- how many depends on the heap's state, so the bound is half, not one value."""
     env = {**os.environ, allocator.ENV: "keep"}
