@@ -260,6 +260,32 @@ def test_run_folder_has_its_validation_split(cuba_run: Path) -> None:
     assert all(h["split"] == "val" for h in read_json(cuba_run / "history.json"))
 
 
+def test_a_run_is_reloaded_with_the_validation_images_it_recorded(cuba_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    from cuba.data import DataError
+    from cuba.defenses.base import load_attack_run
+    from cuba.runs import RunFolder
+
+    run = tmp_path / "run"
+    shutil.copytree(cuba_run, run)
+    split = read_json(run / "split.json")
+    assert split["val_group_size"] == 1  # digits has no tracks
+    # a run trained under an older rule for drawing the split: its readers must hold out what it held out
+    split["val_indices"] = list(range(0, 1420, 10))
+    (run / "split.json").write_text(json.dumps(split))
+    folder = RunFolder(run)
+    data = folder.data(folder.config())
+    assert data.val_indices.tolist() == split["val_indices"] and len(data.y_train) == 256
+    assert load_attack_run(run, device="cpu").data.val_indices.equal(torch.tensor(split["val_indices"]))
+    split["val_indices"] = [0, 5000]
+    (run / "split.json").write_text(json.dumps(split))
+    with pytest.raises(DataError, match="recorded validation indices reach 5000, but the training set has 1437 images"):
+        folder.data(folder.config())
+
+
 def test_validation_split_is_the_same_for_every_seed_and_budget() -> None:
     from cuba.config import make_config
     from cuba.data import data_for as load_data

@@ -235,3 +235,48 @@ def test_subset_of_a_long_tailed_set_leaves_no_class_empty() -> None:
     small = ds.subset(n_train=64, seed=0)
     assert len(small.y_train) == 64 and torch.unique(small.y_train).numel() == 43
     validate_dataset(small)
+
+
+def test_validation_split_image_by_image_is_unchanged_by_groups() -> None:
+    from cuba.data.split import indices_hash, stratified_split
+
+    # pinned from the split as drawn before groups existed: every ungrouped data set (MNIST, digits,
+    # CIFAR) must keep holding out the same images, or old runs' validation numbers stop comparing
+    y = torch.arange(500) % 7
+    y[:3] = 6
+    rest, val = stratified_split(y, 0.1)
+    assert indices_hash(val) == "4ded0dd755fc76175b183916d73b363712d57ae0784630c1958e54d77631b127"
+    assert len(rest) + len(val) == 500 and not set(rest.tolist()) & set(val.tolist())
+    with pytest.raises(ValueError, match="group_size must be a positive number of images, got 0"):
+        stratified_split(y, 0.1, group_size=0)
+
+
+def test_grouped_validation_split_holds_out_whole_tracks() -> None:
+    from cuba.data.split import stratified_split
+
+    # GTSRB-like: classes stored one after another in tracks of 30 frames; class 2 ends on a short track
+    sizes = [300, 90, 59, 30]
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+    rest, val = stratified_split(y, 0.1, group_size=30)
+    assert len(rest) + len(val) == len(y) and not set(rest.tolist()) & set(val.tolist())
+    start = 0
+    for c, n in enumerate(sizes):
+        pos = [i - start for i in val.tolist() if start <= i < start + n]
+        tracks = {p // 30 for p in pos}
+        # whole tracks only: every frame of a chosen track is held out, none of the others
+        assert sorted(pos) == [p for p in range(n) if p // 30 in tracks]
+        expected = {300: 1, 90: 1, 59: 1, 30: 0}[n]  # round(0.1 * 10) = 1; at least one; never a class's only track
+        assert len(tracks) == expected, (c, tracks)
+        start += n
+
+
+def test_gtsrb_validation_split_is_grouped_by_track_and_others_are_not() -> None:
+    y = torch.arange(120) // 60  # two classes of 60 images: two tracks each
+    x = torch.zeros(120, 3, 4, 4, dtype=torch.uint8)
+    gtsrb = ImageDataset("gtsrb", x, y, x[:2], y[:2] * 0, ["a", "b"]).with_validation(0.3)
+    idx = gtsrb.val_indices.tolist()
+    tracks = sorted({i // 30 for i in idx})  # one of each class's two tracks, whole
+    assert len(tracks) == 2 and tracks[0] in (0, 1) and tracks[1] in (2, 3)
+    assert idx == [i for i in range(120) if i // 30 in tracks]
+    plain = ImageDataset("digits", x, y, x[:2], y[:2] * 0, ["a", "b"]).with_validation(0.3)
+    assert len(plain.val_indices) == 36  # round(0.3 * 60) images per class, drawn one by one

@@ -51,11 +51,10 @@ class Run:
 
     def models(self, device: str = "cpu") -> tuple[nn.Module, nn.Module | None]:
         """(classifier, trigger generator or None), in eval mode, fp32."""
-        from .data import data_for
         from .engine import make_engine
 
         folder = RunFolder(self.path)
-        return folder.models(self.config, data_for(self.config), make_engine(device, "fp32", channels_last=False))
+        return folder.models(self.config, folder.data(self.config), make_engine(device, "fp32", channels_last=False))
 
 
 def _model_path(classifier: Any) -> str:

@@ -17,7 +17,7 @@ from .config import ConfigError, TrainConfig, setting_differences
 from .data import ImageDataset, data_for
 from .distributed import finish, setup
 from .engine import Engine, make_engine
-from .data.split import VAL_SEED, indices_hash
+from .data.split import VAL_GROUPS, VAL_SEED, indices_hash
 from .metrics import at_chance
 from .evaluate import evaluate_models, metrics_from_predictions, predict
 from .figures import plot_confidences, plot_histograms, plot_triggers
@@ -42,7 +42,8 @@ def split_record(data: ImageDataset, cfg: TrainConfig) -> dict[str, Any]:
     val = data.val_indices
     return {
         "val_fraction": cfg.val_fraction, "val_seed": VAL_SEED if val is not None else None,
-        "stratified": True, "n_train_full": data.n_train_full or len(data.y_train),
+        "stratified": True, "val_group_size": VAL_GROUPS.get(data.name, 1) if val is not None else None,
+        "n_train_full": data.n_train_full or len(data.y_train),
         "n_val": 0 if val is None else len(val), "n_train": len(data.y_train), "n_test": len(data.y_test),
         "n_train_subset_seed": cfg.seed if cfg.n_train else None,
         "val_indices_sha256": indices_hash(val) if val is not None else None,
@@ -79,7 +80,7 @@ def draw_figures(run_dir: Path, device: str = "auto") -> list[Path]:
     run = RunFolder(run_dir).require("predictions.npz", finished=True)
     cfg = run.config()
     engine = make_engine(device, "fp32", channels_last=False)  # figures show fp32 numbers, like evaluation
-    data = data_for(cfg)
+    data = run.data(cfg)
     classifier, generator = run.models(cfg, data, engine)
     pred, targets = run.predictions()
     return _figures(run.path, cfg, data, classifier, generator, engine, pred, targets)
@@ -204,7 +205,7 @@ def evaluate_run(run_dir: Path, from_predictions: bool = False, device: str = "a
         pred, targets = run.predictions()
     else:
         engine = make_engine(device, cfg.precision, cfg.channels_last)
-        data = data_for(cfg)
+        data = run.data(cfg)
         classifier, generator, engine = run.models_in_layout(cfg, data, engine)
         targets = run.targets()
         pred = predict(classifier, generator, data, engine, cfg.eval_batch_size, stealth=True, progress=cfg.progress)

@@ -268,6 +268,16 @@ class RunFolder:
         """The (K, K) target sets the run trained with (stored in predictions.npz), or None."""
         return load_predictions(self.path)[1] if self.has("predictions.npz") else None
 
+    def data(self, cfg: TrainConfig) -> Any:
+        """The run's data set, holding out the very images its split.json recorded (when it has
+        one), not whatever the current rule would draw: GTSRB's split became track-aware after
+        runs had been trained on the image-by-image one, and a defense calibrated on a new draw
+        would read images the model trained on as held-out ones."""
+        from .data import data_for
+
+        recorded = read_json(self.path / "split.json").get("val_indices") if self.has("split.json") else None
+        return data_for(cfg, val_indices=recorded)
+
     def models(self, cfg: TrainConfig, data: Any, engine: Any) -> tuple[nn.Module, nn.Module | None]:
         """The classifier (and trigger generator) rebuilt from the config and the safetensors
         weights, on the engine's device, in eval mode."""

@@ -68,16 +68,30 @@ class ImageDataset:
             raise DataError(f"{self.name}: has no validation split (val_fraction 0)")
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
 
-    def with_validation(self, fraction: float, seed: int | None = None) -> "ImageDataset":
+    def with_validation(self, fraction: float, seed: int | None = None,
+                        indices: torch.Tensor | None = None) -> "ImageDataset":
         """This data set with a stratified validation split of ``fraction`` carved from its training
-        images (:func:`cuba.data.split.stratified_split`); ``fraction`` 0 returns it unchanged."""
-        from .split import VAL_SEED, stratified_split
+        images (:func:`cuba.data.split.stratified_split`), whole tracks at a time where the data set
+        has them (:data:`cuba.data.split.VAL_GROUPS`); ``fraction`` 0 returns it unchanged.
+        ``indices``: hold out exactly these training images instead of drawing them (a finished
+        run's ``split.json``: whatever the current rule draws, a run is judged on what it did not see)."""
+        from .split import VAL_GROUPS, VAL_SEED, stratified_split
 
         if self.y_val is not None:
             raise DataError(f"{self.name}: already has a validation split")
-        if fraction == 0:
+        if indices is not None:
+            val = torch.as_tensor(indices, dtype=torch.long).unique()
+            if len(val) and (int(val.min()) < 0 or int(val.max()) >= len(self.y_train)):
+                raise DataError(f"{self.name}: recorded validation indices reach {int(val.max())}, but the training set "
+                                f"has {len(self.y_train)} images: the run was trained on another copy of the data set")
+            keep = torch.ones(len(self.y_train), dtype=torch.bool)
+            keep[val] = False
+            rest = keep.nonzero().flatten()
+        elif fraction == 0:
             return self
-        rest, val = stratified_split(self.y_train, fraction, VAL_SEED if seed is None else seed)
+        else:
+            rest, val = stratified_split(self.y_train, fraction, VAL_SEED if seed is None else seed,
+                                         VAL_GROUPS.get(self.name, 1))
         return ImageDataset(self.name, self.x_train[rest], self.y_train[rest], self.x_test, self.y_test, list(self.classes),
                             self.x_train[val], self.y_train[val], val, len(self.y_train))
 

@@ -294,13 +294,16 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def data_for(cfg: Any) -> "ImageDataset":
+def data_for(cfg: Any, val_indices: Any = None) -> "ImageDataset":
     """A run's data (``cfg``: a :class:`cuba.config.TrainConfig`): the validation split is carved
-    from the full training set first (a fixed seed of its own), then ``n_train`` / ``n_test``
-    subsets are drawn with the run's seed. The one way training, evaluation, the defenses and
-    import-model get a run's images, so all of them see the same split."""
+    from the full training set first (a fixed seed of its own; or exactly ``val_indices``, a
+    finished run's recorded split: :meth:`cuba.runs.RunFolder.data`), then ``n_train`` /
+    ``n_test`` subsets are drawn with the run's seed. The one way training, evaluation, the
+    defenses and import-model get a run's images, so all of them see the same split."""
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
-    if cfg.val_fraction > 0:
+    if val_indices is not None and len(val_indices):
+        data = data.with_validation(cfg.val_fraction, indices=val_indices)
+    elif cfg.val_fraction > 0:
         data = data.with_validation(cfg.val_fraction)
     if cfg.n_train or cfg.n_test:
         data = data.subset(cfg.n_train, cfg.n_test, seed=cfg.seed)

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..attack import PatchTrigger, attack_targets
 from ..config import ConfigError, TrainConfig
-from ..data import ImageDataset, data_for
+from ..data import ImageDataset
 from ..engine import Engine, make_engine
 from ..metrics import at_chance, attack_success_rate  # at_chance re-exported: report.py reads it from here
 from ..runs import write_json
@@ -194,7 +194,7 @@ def load_attack_run(run_dir: str | Path, device: str = "auto", data: ImageDatase
     if data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
     engine = make_engine(device, "fp32", channels_last=channels_last)
-    data = data if data is not None else data_for(cfg)
+    data = data if data is not None else run.data(cfg)
     classifier, trigger, engine = run.models_in_layout(cfg, data, engine)
     for m in (classifier, trigger):
         if m is not None:
