@@ -165,3 +165,40 @@ def test_matrix_figure_hatches_the_undecided(tmp_path: Path) -> None:
     path = plot_detector_matrix(["mm-bd"], ["clean", "cuba-fra"], [[1.0, 0.0]], [["won 1/1", f"won 0/3\n{NO_VERDICT} 2"]],
                                 tmp_path / "m.png")
     assert path.stat().st_size > 0
+
+
+def test_cells_say_how_many_models_a_detector_did_not_apply_to() -> None:
+    md = DEFENSES["mm-bd"]
+    na = {"setting": "cuba-fra", "level": "model", "applicable": False, "reason": "a class statistic <= 0"}
+    fields = [model_fields("cuba-fra", True), model_fields("cuba-fra", True), na]
+    # caught 2 of 3 is not "every model": the third was n/a, and the cell says so
+    assert summary_cell(md, fields) == "caught — 2/3, n/a 1"
+    assert summary_cell(md, [model_fields("cuba-fra", True), model_fields("cuba-fra", None), na]) == (
+        f"{MIXED} — caught 1/3, {NO_VERDICT} 1, n/a 1")
+    # the heatmap: the colour is over the decided models, the text counts the rest
+    assert heat_cell(md, fields) == (1.0, "won 2/3\nn/a 1")
+
+
+def test_change_table_baseline_must_name_one_group() -> None:
+    two_models = [(Path(f"r/mnist-{m}-{g}-s{s}"), {"strip": strip_fields(g, 0.0, 1.0)})
+                  for m in ("simplecnn", "resnet18") for g in ("clean", "cuba-fra", "cuba-adaptive-fra-w1") for s in (0, 1)]
+    with pytest.raises(ConfigError, match=r"--baseline 'cuba-fra' matches 2 groups \(mnist-simplecnn-cuba-fra, "
+                                          r"mnist-resnet18-cuba-fra\); name one of them whole"):
+        change_table(two_models, ["strip"], DEFENSES, "cuba-fra")
+    lines = change_table(two_models, ["strip"], DEFENSES, "simplecnn-cuba-fra")
+    # neither model's clean group is a column; the baseline holds the two simplecnn seeds only
+    assert lines[3] == "| detector | simplecnn-cuba-adaptive-fra-w1 | resnet18-cuba-fra | resnet18-cuba-adaptive-fra-w1 |"
+    assert lines[5].startswith("| strip | caught 2/2 → 2/2")
+    res = _groups_res() + [(Path("r/mnist-m-push-away-fra-s0"), {"strip": strip_fields("push-away-fra", 0.0, 1.0)})]
+    with pytest.raises(ConfigError, match=r"--baseline 'fra' matches 2 groups \(mnist-m-cuba-fra, mnist-m-push-away-fra\)"):
+        change_table(res, ["strip"], DEFENSES, "fra")
+
+
+def test_model_level_table_never_reads_a_folder_name_as_a_setting(tmp_path: Path) -> None:
+    from cuba.defenses.model_level import model_level_table
+
+    # hand-made files without "setting": a clean folder name must not count as a backdoor
+    runs = [(tmp_path / f"mnist-m-{g}-s{s}", {"mm-bd": {k: v for k, v in model_fields(g, g != "clean").items()
+                                                         if k != "setting"}})
+            for g in ("clean", "cuba-fra") for s in (0, 1)]
+    assert model_level_table(runs) == []  # no known setting: nothing to rank

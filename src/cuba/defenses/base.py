@@ -42,7 +42,7 @@ from ..attack import PatchTrigger, attack_targets
 from ..config import ConfigError, TrainConfig
 from ..data import ImageDataset
 from ..engine import Engine, make_engine
-from ..metrics import at_chance, attack_success_rate  # at_chance re-exported: report.py reads it from here
+from ..metrics import at_chance, attack_success_rate  # noqa: F401 - at_chance re-exported: report.py reads it from here
 from ..runs import write_json
 # the score statistics live in .rules; re-exported here, where detectors and the add-a-defense tutorial import them
 from .headlines import ASR_NAMES, headline_asr_key, headline_asr_key_of, headline_value, pct, removal_headline

@@ -39,10 +39,24 @@ _FREE_PARAMS = frozenset({"seed", "reference_budgets", "reference_budget"})
 
 
 def _kind(setting: str) -> str:
-    """clean / cuba / other backdoor; "unknown" for an imported model, which no AUROC can label."""
-    if setting == IMPORTED:
+    """clean / cuba / other backdoor; "unknown" for an imported model or one of no known setting, which
+    no AUROC can label."""
+    if setting in (IMPORTED, "?"):
         return "unknown"
     return "clean" if setting == "clean" else "cuba" if setting.startswith("cuba") else "other"
+
+
+def _setting(run_dir: Path, f: dict[str, Any]) -> str:
+    """The setting a defense.json names, else (a hand-made or foreign file) its run's config label,
+    else "?" -- never the folder name, which would read as a backdoor whatever the model is."""
+    if f.get("setting"):
+        return str(f["setting"])
+    from ..runs import RunFolder
+
+    try:
+        return RunFolder(run_dir).config().label() if (Path(run_dir) / "config.yaml").is_file() else "?"
+    except Exception:  # noqa: BLE001 - an unreadable config leaves the model unlabelled, not the table unwritten
+        return "?"
 
 
 def model_group(run_dir: Path) -> str:
@@ -124,8 +138,8 @@ def flag_count(fields: list[dict[str, Any]]) -> str:
 def model_level_table(res: Results) -> list[str]:
     """Markdown lines of the model-level table; [] when no model-level detector ran."""
     # models of known kind only: an imported model's label is what its audit asks, so it ranks nothing
-    names = sorted({n for _, d in res for n, f in d.items()
-                    if f.get("level") == "model" and _kind(str(f.get("setting", "?"))) != "unknown"})
+    names = sorted({n for r, d in res for n, f in d.items()
+                    if f.get("level") == "model" and _kind(_setting(r, f)) != "unknown"})
     if not names:
         return []
     groups = _groups(res)
@@ -135,7 +149,7 @@ def model_level_table(res: Results) -> list[str]:
              "flagged: other backdoors | flagged: clean |", "|---|---|---|---|---|---|---|"]
     for name in names:
         for group, members in groups.items():
-            entries = [(str(d[name].get("setting", r.name)), d[name]) for r, d in members if name in d]
+            entries = [(_setting(r, d[name]), d[name]) for r, d in members if name in d]
             if not entries:
                 continue
             cells = []

@@ -222,7 +222,7 @@ def plot_detector_matrix(rows: Sequence[str], cols: Sequence[str], share: Sequen
     """The detector matrix folded over seeds as a heatmap (:func:`cuba.defenses.summary.win_shares`):
     green where a detector's own rule won for the defender on every model of a group it decided, red
     where on none, grey where it decided nothing (n/a, no verdict, imported models), hatched where
-    some models were left undecided; each cell's text says on how many models it won and, for an
+    some models were left undecided or the detector did not apply to them; each cell's text says on how many models it won and, for an
     input-level detector, the mean AUROC. A reader sees at a glance which detector holds against which attack."""
     values = np.array([[np.nan if v is None else v for v in r] for r in share], dtype=float)
     fig, ax = plt.subplots(figsize=(max(5.0, 2.5 + 1.05 * len(cols)), 1.2 + 0.55 * len(rows)))
@@ -231,11 +231,11 @@ def plot_detector_matrix(rows: Sequence[str], cols: Sequence[str], share: Sequen
     for i, row in enumerate(text):
         for j, t in enumerate(row):
             ax.text(j, i, t, ha="center", va="center", fontsize=7)
-            if share[i][j] is not None and "\nno verdict" in t:  # some models undecided: the table's "mixed"
+            if share[i][j] is not None and ("\nno verdict" in t or "\nn/a" in t):  # some models not decided
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", lw=0, color="0.35"))
     ax.set_xticks(np.arange(len(cols)), labels=list(cols), rotation=35, ha="right", fontsize=8)
     ax.set_yticks(np.arange(len(rows)), labels=list(rows), fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02).set_label("share of decided models where the rule won", fontsize=8)
     ax.set_title(title or "each detector's own rule, folded over seeds\n(won on k of the group's n models; hatched: some "
-                 "undecided; input-level: mean AUROC)", fontsize=9)
+                 "undecided or n/a; input-level: mean AUROC)", fontsize=9)
     return _save(fig, path)

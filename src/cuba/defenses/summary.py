@@ -77,13 +77,15 @@ def summary_cell(defense: type | None, fields: list[dict[str, Any]]) -> str:
         return "n/a"  # an input-level detector on a clean model has nothing to catch
     counts = {v: judged.count(v) for v in dict.fromkeys(judged)}
     undecided = len(applicable) - len(judged)
+    na = f", n/a {len(fields) - len(applicable)}" if len(applicable) < len(fields) else ""  # said, not hidden in k/n
     if not judged:  # a model-level flag with no reference to decide it, or a rule finer than its calibration
         head = NO_VERDICT
     elif len(counts) == 1 and not undecided:
-        head = f"{judged[0]}{VERDICT_SEP}{len(judged)}/{len(fields)}"
+        head = f"{judged[0]}{VERDICT_SEP}{len(judged)}/{len(fields)}{na}"
     else:  # verdicts disagree, or some models got none: not a win for either side
         best = next((v for v in counts if v in DEFENDER_WINS), judged[0])  # the defender's count first
-        head = f"{MIXED}{VERDICT_SEP}{best} {counts[best]}/{len(fields)}" + (f", {NO_VERDICT} {undecided}" if undecided else "")
+        head = (f"{MIXED}{VERDICT_SEP}{best} {counts[best]}/{len(fields)}"
+                + (f", {NO_VERDICT} {undecided}" if undecided else "") + na)
     auroc, value = group_means(defense, applicable)
     parts = [head]
     if auroc is not None:
@@ -150,7 +152,7 @@ def heat_cell(defense: type | None, fields: list[dict[str, Any]]) -> tuple[float
     fraction on which it won for the defender (caught a backdoor, cleared a clean model); None -- grey
     -- when it decided none, or on imported models, where nobody knows which verdict is a win.
     ``text``: "won k/n" over the group's n models, "no verdict u" when u were left undecided (the
-    table's "mixed"), and the mean AUROC for an input-level detector; "–", "n/a" or "no verdict" as
+    table's "mixed"), "n/a m" when the detector did not apply to m of them, and the mean AUROC for an input-level detector; "–", "n/a" or "no verdict" as
     the table's cell when there is nothing to count."""
     verdicts = [verdict(defense, f) for f in fields]
     decided = [v for v in verdicts if v is not None]
@@ -162,7 +164,9 @@ def heat_cell(defense: type | None, fields: list[dict[str, Any]]) -> tuple[float
     audit = [v for v in decided if v in AUDIT_VERDICTS]
     lines = ([f"{AUDIT_VERDICTS[0]} {audit.count(AUDIT_VERDICTS[0])}/{len(fields)}"] if audit
              else [f"won {sum(v in DEFENDER_WINS for v in decided)}/{len(fields)}"])
-    lines += [f"{NO_VERDICT} {undecided}"] * bool(undecided) + ([] if auroc is None else [f"AUROC {auroc:.2f}"])
+    n_na = sum(bool(not_applicable(f)) for f in fields)
+    lines += [f"{NO_VERDICT} {undecided}"] * bool(undecided) + [f"n/a {n_na}"] * bool(n_na)
+    lines += [] if auroc is None else [f"AUROC {auroc:.2f}"]
     share = None if audit else sum(v in DEFENDER_WINS for v in decided) / len(decided)
     return share, "\n".join(lines)
 
@@ -201,9 +205,14 @@ def change_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[
     # matched on the whole name less the seed, at a dash: the shown groups lose whatever prefix all runs
     # share, which is "cuba-" itself when every run is a CUBA model
     full, shown = _seedless(runs), group_names(runs)
-    groups = [baseline if f"-{f}".endswith(f"-{baseline}") else g for f, g in zip(full, shown)]
     known = list(dict.fromkeys(shown))
-    cols = list(dict.fromkeys(g for f, g in zip(full, groups) if g not in (baseline, "clean") and f"-{against}" in f"-{f}"))
+    hits = list(dict.fromkeys(f for f in full if f"-{f}".endswith(f"-{baseline}")))
+    if len(hits) > 1:  # e.g. "fra" (cuba-fra, push-away-fra, ...) or cuba-fra of two models: never merged
+        raise ConfigError(f"defense-table: --baseline {baseline!r} matches {len(hits)} groups ({', '.join(hits)}); "
+                          "name one of them whole")
+    groups = [baseline if f in hits else g for f, g in zip(full, shown)]
+    cols = list(dict.fromkeys(g for f, g in zip(full, groups)
+                              if g != baseline and not f"-{f}".endswith("-clean") and f"-{against}" in f"-{f}"))
     if baseline not in groups or not cols:
         missing = f"no group {baseline!r}" if baseline not in groups else f"no group matches {against!r}"
         if strict:

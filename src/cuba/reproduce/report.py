@@ -294,8 +294,10 @@ def write_report(out: Path, title: str = "cuba reproduction report", blocked: li
              "<p>Definitions: the manual, docs/reference/defenses.md. CA/ASR in %; times are wall seconds. Green: the "
              "detector's own rule caught the backdoor (input-level: it lets at most 5% of backdoor inputs through) or "
              "cleared a clean model; red: it missed the backdoor or flagged a clean model; grey: not applicable.</p>" + _md_table_to_html(detection),
-             *model_level, *([_img(heatmap, "The detector matrix folded over seeds: the share of each group's models "
-                                  "on which a detector's own rule won for the defender; under it the mean AUROC")] if heatmap else []),
+             *model_level, *([_img(heatmap, "The detector matrix folded over seeds: colour, the share of each group's "
+                                  "models the detector's own rule decided on which it won for the defender (hatched: "
+                                  "some models undecided or n/a); text, won k of the group's n models, how many got no "
+                                  "verdict or were n/a, and the mean AUROC")] if heatmap else []),
              "<h2>Figures</h2>"]
     parts += [_img(path, caption) for caption, path in collect_figures(out)]
     parts.append("<h2>Runs and their configs</h2>")
