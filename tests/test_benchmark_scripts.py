@@ -223,3 +223,32 @@ def test_grid_results_saves_done_cells_without_weights_and_restores(tmp_path: Pa
     with pytest.raises(SystemExit):
         runpy.run_path(str(BENCH / "grid_results.py"), run_name="__main__")
     assert "no runs/ folder to restore from" in capsys.readouterr().err
+
+
+def test_gtsrb_val_leak_sees_the_tracks(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    import numpy as np
+
+    # GTSRB-like: per class 10 tracks of 30 near-identical frames (a random sign + noise of a few
+    # grey levels); the test set is new tracks. A split drawn image by image leaves every held-out
+    # frame's twins in training; one drawn track by track does not, like the test set.
+    rng = np.random.default_rng(0)
+
+    def tracks(n_tracks: int) -> tuple[np.ndarray, np.ndarray]:
+        x, y = [], []
+        for c in range(2):
+            for _ in range(n_tracks):
+                base = rng.integers(40, 216, (1, 8, 8, 3))
+                x.append(np.clip(base + rng.integers(-3, 4, (30, 8, 8, 3)), 0, 255))
+                y += [c] * 30
+        return np.concatenate(x).astype(np.uint8), np.array(y, dtype=np.int64)
+
+    (xtr, ytr), (xte, yte) = tracks(10), tracks(2)
+    np.savez(tmp_path / "gtsrb.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    monkeypatch.setattr(sys, "argv", ["gtsrb_val_leak.py", "--data-dir", str(tmp_path)])
+    runpy.run_path(str(BENCH / "gtsrb_val_leak.py"), run_name="__main__")
+    medians = [float(m) for m in re.findall(r"median ([\d.]+) grey levels", capsys.readouterr().out)]
+    by_image, by_track, test = medians
+    assert by_image < 5 < by_track and abs(by_track - test) < 0.3 * test  # by hand: twins differ by RMS ~2.8 (noise), two signs by ~70
