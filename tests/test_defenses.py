@@ -78,21 +78,27 @@ def badnets_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_neural_cleanse_flags_the_badnets_target_batched_like_one_by_one(badnets_run: Path, tmp_path: Path) -> None:
+def test_neural_cleanse_flags_the_badnets_target(badnets_run: Path, tmp_path: Path) -> None:
     run = load_attack_run(badnets_run, device="cpu")
     kw = dict(epochs=25, batches_per_epoch=5, batch_size=16, n_pool=300, early_stop=10)  # the budget option: fast here
     run_defense("neural-cleanse", run, tmp_path, **kw)
     f = json.loads((tmp_path / "neural-cleanse" / "defense.json").read_text())
     assert f["flagged_classes"] == [0] and f["anomaly_index"] > 2, f["l1_norms"]
     assert len(f["l1_norms"]) == 10 and (tmp_path / "neural-cleanse" / "neural_cleanse.png").is_file()
+    with pytest.raises(ConfigError, match=r"^precision: must be auto or fp32 or bf16, got 'fp16'"):
+        NeuralCleanse(precision="fp16")
+
+
+@pytest.mark.slow  # two more full reversals (about 17 s of 2 cores): the slow tier, not the README's
+def test_neural_cleanse_batched_equals_one_by_one_in_fp32(badnets_run: Path) -> None:
+    run = load_attack_run(badnets_run, device="cpu")
+    kw = dict(epochs=25, batches_per_epoch=5, batch_size=16, n_pool=300, early_stop=10)
     # in fp32, batched and one-by-one follow the same per-class trajectories (same mini-batches,
     # element-wise Adam, per-class early stop): equal up to summation order
     one = NeuralCleanse(batched=False, precision="fp32", **kw).reverse(run)
     together = NeuralCleanse(batched=True, precision="fp32", **kw).reverse(run)
     assert np.allclose(one["norm"].numpy(), together["norm"].numpy(), rtol=1e-3, atol=1e-3)
     assert anomaly_indices(one["norm"])[2] == [0]  # the default (bf16 where native) gives the fp32 verdict
-    with pytest.raises(ConfigError, match=r"^precision: must be auto or fp32 or bf16, got 'fp16'"):
-        NeuralCleanse(precision="fp16")
 
 
 def test_neural_cleanse_batches_by_device(badnets_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -130,6 +130,7 @@ def test_gamma_ramp_changes_training() -> None:
     assert any(not torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.slow  # torch.compile's first build is about 15 s of 2 cores: the slow tier, not the README's
 def test_compile_flag_trains_the_same_model_shape() -> None:
     pytest.importorskip("torch._inductor")
     import shutil
