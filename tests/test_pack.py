@@ -91,6 +91,21 @@ def test_pack_refuses_an_unfinished_run(tmp_path: Path, capsys: pytest.CaptureFi
     assert "is not a finished run folder (no metrics.json, classifier.safetensors)" in capsys.readouterr().err
 
 
+def test_default_pack_name_keeps_the_whole_run_name_and_never_overwrites(packed: tuple[Path, Path], tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    run = tmp_path / "tau=0.1-s0"  # a sweep's folder name: a dot inside
+    shutil.copytree(packed[0], run)
+    monkeypatch.chdir(tmp_path)
+    assert main(["pack", str(run)]) == 0
+    assert is_pack(tmp_path / "tau=0.1-s0.cuba") and not (tmp_path / "tau=0.cuba").exists()
+    capsys.readouterr()
+    assert main(["pack", str(run)]) == 2
+    assert "tau=0.1-s0.cuba exists; remove it first, or give another file name with --out" in capsys.readouterr().err
+
+
 def test_data_found_by_file_name_under_data_dir(tmp_path: Path) -> None:
     from cuba.data.sources import find_path
 

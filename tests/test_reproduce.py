@@ -103,6 +103,14 @@ def test_submitit_local_executor(tmp_path: Path) -> None:
     assert (tmp_path / "submitit").is_dir()
 
 
+def test_parallel_executor_without_submitit_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit now raises ImportError
+    cells = expand({**TINY, "attacks": ["none"], "defenses": []})
+    with pytest.raises(ConfigError, match=r"--executor local needs submitit: pip install -e \"\.\[cluster\]\""):
+        run_grid(cells, tmp_path, executor="local", jobs=2, log=lambda s: None)
+    assert not any(is_done(tmp_path, c) for c in cells)
+
+
 @pytest.mark.slow  # a grid killed and re-run in subprocesses
 def test_killed_reproduce_finishes_without_redoing_cells(tmp_path: Path) -> None:
     grid = tmp_path / "grid.yaml"

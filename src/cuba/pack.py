@@ -99,6 +99,8 @@ def pack_run(run_dir: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and out.is_dir():
         raise PackError(f"{out} is a folder; give the pack's file name, e.g. {out / 'model.cuba'}")
+    if out.exists():  # a pack is what others were given: never replaced without being asked
+        raise PackError(f"{out} exists; remove it first, or give another file name with --out")
     blobs = {name: (run.path / name).read_bytes() for name in MEMBERS if run.has(name)}
     blobs[CARD] = model_card(run).encode()
     import torch

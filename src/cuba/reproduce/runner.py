@@ -172,7 +172,13 @@ def run_grid(
             # in this process the run's own bar shows under the grid's (progress is not part of a setting)
             run_cell({**cell.values, "progress": True}, cell.defenses, str(cell_dir(out, cell)))
         return pending
-    import submitit
+    try:
+        import submitit
+    except ImportError:
+        from ..config import ConfigError
+
+        raise ConfigError(f"--executor {executor} needs submitit: pip install -e \".[cluster]\" "
+                          "(or use --executor sequential)") from None
 
     folder = Path(out) / "submitit"
     if executor == "local":
