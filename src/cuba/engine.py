@@ -64,6 +64,8 @@ def make_engine(device: str = "auto", precision: str = "auto", channels_last: bo
         raise ConfigError(f"device: {device!r} was asked for but no CUDA GPU is available (use --device cpu or auto)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"device: {device!r} was asked for but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device: {device!r} was asked for but this machine has no Apple GPU (use --device cpu or auto)")
     if dev.type == "cpu":
         keep_freed_memory()
         release_freed_memory()

@@ -153,7 +153,12 @@ def plot_sweep(rows: list[dict], field: str, path: Path) -> Path:
     Dots rather than mean ± std error bars: a sweep's failures are bimodal (one seed collapses,
     the others do not), which a std bar hides and even draws above 100%. Log x-axis for wide ranges.
     """
-    xs = np.array([float(r[field]) for r in rows])
+    labels = [str(r[field]) for r in rows]
+    try:
+        xs = np.array([float(r[field]) for r in rows])
+        numeric = True
+    except (TypeError, ValueError):  # a field of names (generator_mode, attack): one position per value
+        xs, numeric = np.arange(len(rows), dtype=float), False
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.0))
     has_val = any(not np.isnan(r.get("val.ds", (np.nan,))[0]) for r in rows)
     for ax, (key, title) in zip(axes, (("ds", "DS %"), ("asr", "ASR %"), ("ca", "CA %"))):
@@ -164,7 +169,9 @@ def plot_sweep(rows: list[dict], field: str, path: Path) -> Path:
             vals = r.get(f"{key}_values", [])
             ax.scatter([x] * len(vals), vals, s=14, color="0.4", alpha=0.7, zorder=3,
                        label="one seed" if x == xs[0] else None)
-        if len(xs) > 1 and xs.min() > 0 and xs.max() / xs.min() > 20:
+        if not numeric:
+            ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=7)
+        elif len(xs) > 1 and xs.min() > 0 and xs.max() / xs.min() > 20:
             ax.set_xscale("log")
         ax.set_xlabel(field)
         ax.set_title(title, fontsize=9)

@@ -66,6 +66,10 @@ def import_model(
     from .pipeline import evaluate_run
     from .runs import save_config, save_weights, write_json
 
+    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        # never over a trained run (its config, metrics and predictions would be replaced, its
+        # generator and targets left behind), nor over anything else the user keeps there
+        raise ConfigError(f"--out {out} exists and is not an empty folder; give a new folder for the imported model")
     cfg = make_config({"dataset": dataset, "data_dir": data_dir, "model": model, "attack": "none", "out": str(out), "progress": False})
     state = read_state_dict(weights, allow_pickle)
     data = data_for(cfg)
@@ -76,7 +80,8 @@ def import_model(
     try:
         target.load_state_dict(state)
     except RuntimeError as e:
-        raise DataError(f"{weights} does not fit {model} on {data.name}: {str(e).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise DataError(f"{weights} does not fit {model} on {data.name}: {' '.join(lines[:2])}") from None
     run_dir = Path(out)
     save_config(run_dir, cfg)
     save_weights(run_dir / "classifier.safetensors", clf)

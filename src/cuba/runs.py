@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -65,9 +66,10 @@ def is_finished(run_dir: str | Path) -> bool:
     if not status.is_file():
         return True
     try:
-        return json.loads(status.read_text()).get("state") == "finished"
+        state = json.loads(status.read_text())
     except (OSError, ValueError):
         return False
+    return isinstance(state, dict) and state.get("state") == "finished"  # a hand-edited "finished" is no record
 
 
 def _umask() -> int:
@@ -116,8 +118,28 @@ def write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda t: Path(t).write_text(text + "\n"))
 
 
+class RunFileError(ConfigError):
+    """A file of a run folder (config.yaml, a JSON file, weights, predictions) exists but cannot be
+    read: damaged, truncated or hand-edited. One line naming the file, never a parser's traceback."""
+
+
+@contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Turn a parser's failure on ``path`` into a :class:`RunFileError` that names the file."""
+    try:
+        yield
+    except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError, yaml.YAMLError, SafetensorError) as e:
+        if isinstance(e, (FileNotFoundError, ConfigError)):
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        # torch's load_state_dict says what is wrong on its second line ("size mismatch for ...")
+        why = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+        raise RunFileError(f"{path}: not readable as {what} ({why})") from None
+
+
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    with _reading(Path(path), "JSON"):
+        return json.loads(Path(path).read_text())
 
 
 def save_weights(path: Path, module: nn.Module) -> None:
@@ -126,7 +148,8 @@ def save_weights(path: Path, module: nn.Module) -> None:
 
 
 def load_weights(path: Path, module: nn.Module) -> nn.Module:
-    module.load_state_dict(load_file(str(path)))
+    with _reading(Path(path), f"weights of a {type(module).__name__} (safetensors)"):
+        module.load_state_dict(load_file(str(path)))
     return module
 
 
@@ -136,7 +159,11 @@ def save_config(run_dir: Path, cfg: TrainConfig) -> None:
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
-    data = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    path = Path(run_dir) / "config.yaml"
+    with _reading(path, "a run's config"):
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"a mapping of sections was expected, got {type(data).__name__}")
     return config_from_run(data)
 
 
@@ -158,7 +185,8 @@ def save_predictions(run_dir: Path, pred: Predictions, targets: torch.Tensor | N
 
 
 def load_predictions(run_dir: Path) -> tuple[Predictions, torch.Tensor | None]:
-    with np.load(Path(run_dir) / "predictions.npz", allow_pickle=False) as z:
+    path = Path(run_dir) / "predictions.npz"
+    with _reading(path, "predictions (.npz)"), np.load(path, allow_pickle=False) as z:
         get = lambda k: z[k] if k in z.files else None  # noqa: E731
         pred = Predictions(z["y_true"], z["y_pred_clean"], get("y_pred_backdoor"), get("psnr"), get("ssim"), get("linf"))
         tm = get("target_matrix")

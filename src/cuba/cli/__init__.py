@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import yaml
+
     from ..attack import TargetSetError
     from ..data import DataError
 
@@ -43,6 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ConfigError, DataError, TargetSetError, FileNotFoundError) as e:
         print(f"cuba: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that is a file where a folder must be, or the reverse; no permission
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"cuba: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except yaml.YAMLError as e:  # a grid file or a sweep's values that are not YAML
+        print(f"cuba: error: not valid YAML: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cuba: interrupted", file=sys.stderr)

@@ -21,13 +21,17 @@ def cmd_defend(args: argparse.Namespace) -> int:
     params = parse_set(args.set, "PARAM", sections=False)
     run = load_attack_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     out = Path(args.out) if args.out else None
+    # every defense's parameters checked before any runs: a bad value for the last one must not
+    # cost the hours of the first ones; with "all", a --set no defense takes is a typo
+    accepted = {name: set(inspect.signature(DEFENSES[name].__init__).parameters) - {"self"} for name in names}
+    unknown = sorted(set(params) - set().union(*accepted.values()))
+    if unknown:
+        raise ConfigError(f"--set: no defense takes the parameter {', '.join(unknown)}" if args.name == "all"
+                          else f"--set: {args.name} has no parameter {', '.join(unknown)}")
     for name in names:
-        # the constructor's parameters (co_varnames would also list its local variables)
-        accepted = set(inspect.signature(DEFENSES[name].__init__).parameters) - {"self"}
-        unknown = sorted(set(params) - accepted) if args.name != "all" else []
-        if unknown:
-            raise ConfigError(f"--set: {name} has no parameter {', '.join(unknown)}")
-        res = run_defense(name, run, out, **{k: v for k, v in params.items() if k in accepted})
+        DEFENSES[name].checked(**{k: v for k, v in params.items() if k in accepted[name]})
+    for name in names:
+        res = run_defense(name, run, out, **{k: v for k, v in params.items() if k in accepted[name]})
         print(f"{name:<15} {DEFENSES[name].headline(res.fields)}  ({res.seconds:.0f} s)", flush=True)
     print(f"defense.json and figures in {(out or run.run_dir / 'defenses')}/<defense>/")
     return 0

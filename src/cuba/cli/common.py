@@ -94,7 +94,10 @@ def parse_set(items: Sequence[str], what: str = "FIELD", sections: bool = True) 
         if "=" not in item:
             raise ConfigError(f"--set expects {what}=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     return flatten_values(out) if sections else out
 
 

@@ -13,6 +13,8 @@ from .common import add_train_flags, config_values
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..compare import compare
 
+    if Path(args.name).name != args.name or args.name in ("", ".", ".."):
+        raise ConfigError(f"--name: a file name stem inside --out, not a path, got {args.name!r}")
     md, files = compare(args.runs, out=Path(args.out), name=args.name, by=args.by, source_class=args.source_class, val=args.val)
     print(md)
     print("\nwritten: " + ", ".join(str(f) for f in files))

@@ -43,6 +43,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.data_dir:
         raw["data_dir"] = args.data_dir
     cells = expand(raw)
+    if not cells:  # e.g. attacks given per data set for data sets the grid does not list
+        raise ConfigError(f"grid {args.grid}: expands to no cell; check datasets, attacks and variants (see --dry-run)")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs: must be a positive number of processes, got {args.jobs}")
     # the whole grid's blocked settings: table2 covers all of --out, not only this call's --only
     blocked = blocked_settings(cells)
     references = [c.name for c in cells if c.reference]

@@ -139,6 +139,8 @@ def validate_dataset(ds: ImageDataset) -> None:
         raise DataError(f"{ds.name}: the validation split must be uint8 images shaped like the training images, one label each")
     if ds.x_train.shape[1:] != ds.x_test.shape[1:]:
         raise DataError(f"{ds.name}: train images {tuple(ds.x_train.shape[1:])} and test images {tuple(ds.x_test.shape[1:])} differ in shape")
+    if len(ds.classes) < 2:  # no wrong class to send a backdoor to, and every accuracy is trivially 100%
+        raise DataError(f"{ds.name}: a classifier needs at least 2 classes, found {len(ds.classes)}")
     counts = torch.bincount(ds.y_train, minlength=len(ds.classes))
     empty = [ds.classes[i] for i in range(len(ds.classes)) if counts[i] == 0]
     if empty:

@@ -241,6 +241,19 @@ class Defense(ABC):
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
+    @classmethod
+    def checked(cls, **params: Any) -> "Defense":
+        """The defense built from ``params`` (``--set`` values, read as YAML): a value its constructor
+        cannot take (``frr=abc``, ``ratios=5``) is a one-line ConfigError naming the defense, not a
+        traceback from deep inside the constructor."""
+        try:
+            return cls(**params)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, KeyError) as e:
+            given = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "its defaults"
+            raise ConfigError(f"{cls.name}: cannot take {given} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r})") from None
+
     @abstractmethod
     def run(self, run: AttackRun, out: Path) -> DefenseResult:
         """Inspect (or repair) ``run``; draw figures into ``out``; return the numbers."""
@@ -357,7 +370,7 @@ def run_defense(name: str, run: AttackRun, out: Path | None = None, **params: An
         raise ConfigError(f"{run.origin} is a pack (read-only): give --out FOLDER for the defense results")
     folder = (out or run.run_dir / "defenses") / name
     folder.mkdir(parents=True, exist_ok=True)
-    defense = DEFENSES[name](**params)
+    defense = DEFENSES[name].checked(**params)
     t0 = time.perf_counter()
     result = defense.run(run, folder)
     result.seconds = time.perf_counter() - t0
