@@ -105,7 +105,7 @@ def add_parsers(sub: Any) -> None:
     im.add_argument("--model", required=True, help=" | ".join(CLASSIFIERS))
     im.add_argument("--dataset", required=True)
     im.add_argument("--data-dir", default=None)
-    im.add_argument("--out", required=True, help="run folder to create")
+    im.add_argument("--out", required=True, help="run folder to create (new or empty)")
     im.add_argument("--allow-pickle", action="store_true", help="read a pickle file with torch.load(weights_only=True)")
     im.add_argument("--mean", default=None, help="input normalisation of a bare backbone, e.g. 0.1307")
     im.add_argument("--std", default=None, help="e.g. 0.3081")
