@@ -131,3 +131,31 @@ def test_hand_made_run_with_a_list_config_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(json.dumps([1]))
     with pytest.raises(RunFileError, match="config.yaml: not readable"):
         load_run_config(tmp_path)
+
+
+def test_pack_refuses_damaged_weights(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "classifier.safetensors").write_bytes(b"\x08" + b"\x00" * 15)
+    capsys.readouterr()
+    assert main(["pack", str(run), "--out", str(tmp_path / "r.cuba")]) == 2
+    _one_line_error(capsys, "classifier.safetensors: not readable as safetensors weights")
+    assert not (tmp_path / "r.cuba").exists()
+
+
+def test_from_predictions_refuses_an_attacked_run_without_backdoor_predictions(trained: Path, tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    with np.load(run / "predictions.npz") as z:
+        kept = {k: z[k] for k in z.files if k != "y_pred_backdoor"}
+    np.savez(run / "predictions.npz", **kept)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--from-predictions"]) == 2
+    _one_line_error(capsys, "lack the backdoor predictions")
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_takes_a_corrected_command(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--variant", "nra-20", "--out", str(out)]) == 2  # k 20 > 9 wrong classes
+    assert main(["train", *TINY, "--variant", "nra-2", "--out", str(out)]) == 0

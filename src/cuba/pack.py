@@ -102,6 +102,9 @@ def pack_run(run_dir: str | Path, out: str | Path) -> Path:
     if out.exists():  # a pack is what others were given: never replaced without being asked
         raise PackError(f"{out} exists; remove it first, or give another file name with --out")
     blobs = {name: (run.path / name).read_bytes() for name in MEMBERS if run.has(name)}
+    for name in blobs:  # checksums prove the pack holds what the folder held, not that it was readable
+        if name.endswith(".safetensors"):
+            _check_weights(run.path / name)
     blobs[CARD] = model_card(run).encode()
     import torch
 
@@ -117,6 +120,19 @@ def pack_run(run_dir: str | Path, out: str | Path) -> Path:
 
     _atomic_write(out, write)
     return out
+
+
+def _check_weights(path: Path) -> None:
+    """A RunFileError unless ``path`` reads as safetensors (its header and every tensor's bytes)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .runs import RunFileError
+
+    try:
+        load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunFileError(f"{path}: not readable as safetensors weights ({str(e).splitlines()[0]}); not packed") from None
 
 
 def is_pack(path: str | Path) -> bool:

@@ -23,7 +23,8 @@ from .evaluate import evaluate_models, metrics_from_predictions, predict
 from .figures import plot_confidences, plot_histograms, plot_triggers
 from .attack import POISON_ATTACKS
 from .runs import (
-    METRIC_KEYS, RunFolder, default_run_dir, save_config, save_predictions, save_weights, write_json, writer_lock,
+    METRIC_KEYS, RunFileError, RunFolder, default_run_dir, save_config, save_predictions, save_weights, write_json,
+    writer_lock,
 )
 from .train import train
 
@@ -105,6 +106,8 @@ def _finished_run(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> dict[str,
     run = RunFolder(run_dir)
     if not run.is_run() or overwrite:
         return None
+    if run.status().get("state") == "failed" and not (run_dir / CHECKPOINT).is_file():
+        return None  # it failed before its first checkpoint (a bad value, missing data): nothing to keep
     diff = setting_differences(run.config(), cfg)
     if diff:
         raise ConfigError(f"{run_dir} holds a run of a different setting ({'; '.join(diff[:3])}); "
@@ -203,6 +206,10 @@ def evaluate_run(run_dir: Path, from_predictions: bool = False, device: str = "a
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
     if from_predictions:
         pred, targets = run.predictions()
+        if cfg.is_attack and (pred.y_pred_backdoor is None or targets is None):
+            # an attacked run's file without its backdoor half would otherwise read as a clean run's
+            raise RunFileError(f"{run.path / 'predictions.npz'}: an attacked run's predictions lack the backdoor "
+                               "predictions or target sets; evaluate without --from-predictions")
     else:
         engine = make_engine(device, cfg.precision, cfg.channels_last)
         data = run.data(cfg)
