@@ -252,3 +252,19 @@ def test_gtsrb_val_leak_sees_the_tracks(tmp_path: Path, capsys: pytest.CaptureFi
     medians = [float(m) for m in re.findall(r"median ([\d.]+) grey levels", capsys.readouterr().out)]
     by_image, by_track, test = medians
     assert by_image < 5 < by_track and abs(by_track - test) < 0.3 * test  # by hand: twins differ by RMS ~2.8 (noise), two signs by ~70
+
+
+def test_saved_grid_results_are_not_git_ignored() -> None:
+    """benchmarks/grid_results.py saves into DEST/runs/<cell>/: the repository ignores run folders
+    (`runs/`) everywhere else, and a saved grid that git ignores would never be committed -- the
+    point of saving it. Measured: before the exception, `git add` took none of its files."""
+    import shutil
+    import subprocess
+
+    root = BENCH.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    probe = "benchmarks/results/detectors/runs/mnist-simplecnn-clean-s0/metrics.json"
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", probe], cwd=root).returncode == 0
+    assert not ignored
+    assert subprocess.run(["git", "check-ignore", "-q", "--no-index", "runs/demo/metrics.json"], cwd=root).returncode == 0
