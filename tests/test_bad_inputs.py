@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cuba.cli import main
-from cuba.config import make_config
+from cuba.config import ConfigError, make_config
 from cuba.runs import save_config, write_json
 
 TINY = ["--dataset", "digits", "--epochs", "0.05", "--n-train", "128", "--no-progress", "--device", "cpu"]
@@ -35,7 +35,7 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], needle: str) -> None:
     ("metrics.json", "{not json", "metrics.json: not readable as JSON"),
     ("config.yaml", "[1, 2", "config.yaml: not readable as a run's config"),
     ("config.yaml", "- a\n- b\n", "a mapping of sections was expected, got list"),
-    ("classifier.safetensors", "garbage", "classifier.safetensors: not readable as weights"),
+    ("classifier.safetensors", "garbage", "classifier.safetensors: not readable as safetensors weights"),
 ])
 def test_a_damaged_run_file_is_named_in_one_line(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                   name: str, content: str, needle: str) -> None:
@@ -102,7 +102,7 @@ def test_a_grid_of_no_cells_and_zero_jobs_are_refused(tmp_path: Path, capsys: py
 def test_compare_name_must_stay_inside_out(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", str(trained), "--out", str(tmp_path / "o"), "--name", "../../x"]) == 2
     _one_line_error(capsys, "--name: a file name stem inside --out, not a path")
-    assert not (tmp_path / "x.md").exists()
+    assert not (tmp_path.parent / "x.md").exists()  # where o/../../x.md would have landed
 
 
 def test_a_one_class_data_set_is_refused(tmp_path: Path) -> None:
@@ -158,4 +158,20 @@ def test_from_predictions_refuses_an_attacked_run_without_backdoor_predictions(t
 def test_a_run_that_failed_before_its_first_checkpoint_takes_a_corrected_command(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert main(["train", *TINY, "--variant", "nra-20", "--out", str(out)]) == 2  # k 20 > 9 wrong classes
+    # what the new path is for: a config and a failed status, no checkpoint
+    assert json.loads((out / "status.json").read_text())["state"] == "failed" and (out / "config.yaml").is_file()
+    assert not (out / "checkpoint.pt").exists()
     assert main(["train", *TINY, "--variant", "nra-2", "--out", str(out)]) == 0
+
+
+def test_a_resumed_run_keeps_the_split_it_started_with(tmp_path: Path) -> None:
+    from cuba.pipeline import _resumed_data
+
+    cfg = make_config({"dataset": "digits", "n_train": 128, "out": str(tmp_path)})
+    (tmp_path / "checkpoint.pt").write_bytes(b"")  # only its presence matters here
+    write_json(tmp_path / "split.json", {"val_indices": list(range(0, 1400, 10))})
+    assert _resumed_data(cfg, tmp_path).val_indices.tolist() == list(range(0, 1400, 10))
+    gtsrb = make_config({"dataset": "gtsrb", "out": str(tmp_path)}, check_paths=False)
+    (tmp_path / "split.json").unlink()  # a checkpoint from before split.json was written first
+    with pytest.raises(ConfigError, match="predates the track-aware validation split of gtsrb"):
+        _resumed_data(gtsrb, tmp_path)

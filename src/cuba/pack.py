@@ -92,7 +92,8 @@ def model_card(run: RunFolder) -> str:
 
 
 def pack_run(run_dir: str | Path, out: str | Path) -> Path:
-    """Write the finished run in ``run_dir`` as one pack file ``out``; returns its path."""
+    """Write the finished run in ``run_dir`` as one pack file ``out``; returns its path. An existing
+    ``out`` is refused (a pack is what others were given), and so are weights that do not read."""
     from . import __version__
 
     run = RunFolder(run_dir).require(*REQUIRED[1:], finished=True)

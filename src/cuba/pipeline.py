@@ -102,12 +102,13 @@ def run_training(cfg: TrainConfig, run_dir: Path | None = None, overwrite: bool 
 
 def _finished_run(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> dict[str, Any] | None:
     """The stored metrics when ``run_dir`` already holds this setting finished (None: train or
-    resume); a folder holding another setting is a ConfigError unless ``overwrite``."""
+    resume); a folder holding another setting is a ConfigError unless ``overwrite`` or it failed
+    before its first checkpoint."""
     run = RunFolder(run_dir)
     if not run.is_run() or overwrite:
         return None
-    if run.status().get("state") == "failed" and not (run_dir / CHECKPOINT).is_file():
-        return None  # it failed before its first checkpoint (a bad value, missing data): nothing to keep
+    if run.failed_before_checkpoint():
+        return None  # nothing trained there (a bad value, missing data): a corrected command takes it over
     diff = setting_differences(run.config(), cfg)
     if diff:
         raise ConfigError(f"{run_dir} holds a run of a different setting ({'; '.join(diff[:3])}); "
@@ -116,6 +117,23 @@ def _finished_run(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> dict[str,
         print(f"{run_dir} is already finished; its stored metrics follow (--overwrite retrains)", flush=True)
         return run.metrics()
     return None
+
+
+def _resumed_data(cfg: TrainConfig, run_dir: Path) -> ImageDataset:
+    """The data a run trains on: a resumed run keeps the validation split it started with (its
+    split.json, written before the first step), whatever the current rule draws; a checkpoint from
+    before split.json was written first is refused where the rule has changed since (GTSRB)."""
+    from .data.split import VAL_GROUPS
+
+    run = RunFolder(run_dir)
+    if not (run_dir / CHECKPOINT).is_file():
+        return data_for(cfg)
+    if run.has("split.json"):
+        return run.data(cfg)
+    if VAL_GROUPS.get(str(cfg.dataset).lower(), 1) > 1:
+        raise ConfigError(f"{run_dir}: its checkpoint predates the track-aware validation split of "
+                          f"{str(cfg.dataset).lower()}, and the split it trained with was not recorded; pass --overwrite")
+    return data_for(cfg)
 
 
 def _train_into(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> tuple[Path, dict[str, Any]]:
@@ -131,9 +149,10 @@ def _train_into(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> tuple[Path,
         torch.use_deterministic_algorithms(True)
     d, device = setup(cfg.device)  # a torchrun launch joins its process group here
     engine = make_engine(device, cfg.precision, cfg.channels_last)
-    data = data_for(cfg)
+    data = _resumed_data(cfg, run_dir)
     if d.is_main:
         save_config(run_dir, cfg)
+        write_json(run_dir / "split.json", split_record(data, cfg))  # a resume trains on this split again
         write_json(run_dir / "status.json", {"state": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                              "pid": os.getpid(), "processes": d.world})
     try:

@@ -120,7 +120,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 class RunFileError(ConfigError):
     """A file of a run folder (config.yaml, a JSON file, weights, predictions) exists but cannot be
-    read: damaged, truncated or hand-edited. One line naming the file, never a parser's traceback."""
+    used: damaged, truncated, hand-edited, or (weights) of another shape than the run's config
+    builds. One line naming the file, never a parser's traceback."""
 
 
 @contextmanager
@@ -142,14 +143,28 @@ def read_json(path: Path) -> Any:
         return json.loads(Path(path).read_text())
 
 
+def _record(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (status.json, split.json); anything else is damage."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise RunFileError(f"{path}: not readable as a record (a JSON object was expected, got {type(data).__name__})")
+    return data
+
+
 def save_weights(path: Path, module: nn.Module) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     _atomic_write(path, lambda t: save_file(tensors, t))
 
 
 def load_weights(path: Path, module: nn.Module) -> nn.Module:
-    with _reading(Path(path), f"weights of a {type(module).__name__} (safetensors)"):
-        module.load_state_dict(load_file(str(path)))
+    with _reading(Path(path), "safetensors weights"):
+        state = load_file(str(path))
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:  # a readable file of another shape: a model or data set that is not the run's
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise RunFileError(f"{path}: the weights do not fit the {type(module).__name__} the run's config builds "
+                           f"({' '.join(lines[:2])}); another architecture, class count or cuba version?") from None
     return module
 
 
@@ -287,7 +302,12 @@ class RunFolder:
         return read_json(self.path / "metrics.json") if self.has("metrics.json") else {}
 
     def status(self) -> dict[str, Any]:
-        return read_json(self.path / "status.json") if self.has("status.json") else {}
+        return _record(self.path / "status.json") if self.has("status.json") else {}
+
+    def failed_before_checkpoint(self) -> bool:
+        """Training failed before its first checkpoint (a bad value, missing data): the folder holds
+        a config and nothing trained, so a corrected command may take it over."""
+        return self.status().get("state") == "failed" and not self.has("checkpoint.pt")
 
     def predictions(self) -> tuple[Predictions, torch.Tensor | None]:
         return load_predictions(self.path)
@@ -303,7 +323,11 @@ class RunFolder:
         would read images the model trained on as held-out ones."""
         from .data import data_for
 
-        recorded = read_json(self.path / "split.json").get("val_indices") if self.has("split.json") else None
+        recorded = None
+        if self.has("split.json"):
+            path = self.path / "split.json"
+            with _reading(path, "a validation split"):
+                recorded = [int(i) for i in _record(path).get("val_indices") or []]
         return data_for(cfg, val_indices=recorded)
 
     def models(self, cfg: TrainConfig, data: Any, engine: Any) -> tuple[nn.Module, nn.Module | None]:

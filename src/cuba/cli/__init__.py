@@ -47,8 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cuba: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a path that is a file where a folder must be, or the reverse; no permission
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"cuba: error: {where}{e.strerror or e}", file=sys.stderr)
+        if not e.filename:  # not about a path the user gave: a real failure, keep its traceback
+            raise
+        print(f"cuba: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
     except yaml.YAMLError as e:  # a grid file or a sweep's values that are not YAML
         print(f"cuba: error: not valid YAML: {' '.join(str(e).split())}", file=sys.stderr)

@@ -19,7 +19,6 @@ def cmd_defend(args: argparse.Namespace) -> int:
     if args.name != "all" and args.name not in DEFENSES:
         raise ConfigError(f"defense: must be one of {', '.join(DEFENSES)} or all, got {args.name!r}")
     params = parse_set(args.set, "PARAM", sections=False)
-    run = load_attack_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     out = Path(args.out) if args.out else None
     # every defense's parameters checked before any runs: a bad value for the last one must not
     # cost the hours of the first ones; with "all", a --set no defense takes is a typo
@@ -30,6 +29,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
                           else f"--set: {args.name} has no parameter {', '.join(unknown)}")
     for name in names:
         DEFENSES[name].checked(**{k: v for k, v in params.items() if k in accepted[name]})
+    run = load_attack_run(args.run_dir, device=args.device, data_dir=args.data_dir)  # after the checks: it loads data
     for name in names:
         res = run_defense(name, run, out, **{k: v for k, v in params.items() if k in accepted[name]})
         print(f"{name:<15} {DEFENSES[name].headline(res.fields)}  ({res.seconds:.0f} s)", flush=True)

@@ -11,7 +11,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from ..pack import CARD, pack_run, read_pack
 
     # the folder's whole name: with_suffix would cut "tau=0.1-s0" at its dot, and two runs would share a pack
-    out = pack_run(args.run_dir, args.out or Path(args.run_dir).name + ".cuba")
+    out = pack_run(args.run_dir, args.out or Path(args.run_dir).resolve().name + ".cuba")
     members = read_pack(out)  # what a reader will verify: check it once here
     size = out.stat().st_size / 1e6
     print(f"packed {args.run_dir} -> {out} ({len(members) - 1} files, {size:.1f} MB, checksums verified)")

@@ -81,7 +81,9 @@ class ImageDataset:
             raise DataError(f"{self.name}: already has a validation split")
         if indices is not None:
             val = torch.as_tensor(indices, dtype=torch.long).unique()
-            if len(val) and (int(val.min()) < 0 or int(val.max()) >= len(self.y_train)):
+            if len(val) and int(val.min()) < 0:
+                raise DataError(f"{self.name}: a recorded validation index is negative ({int(val.min())})")
+            if len(val) and int(val.max()) >= len(self.y_train):
                 raise DataError(f"{self.name}: recorded validation indices reach {int(val.max())}, but the training set "
                                 f"has {len(self.y_train)} images: the run was trained on another copy of the data set")
             keep = torch.ones(len(self.y_train), dtype=torch.bool)

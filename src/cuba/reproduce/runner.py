@@ -51,7 +51,7 @@ def check_settings(out: Path, cells: list[Cell]) -> None:
 
     for cell in cells:
         d = cell_dir(out, cell)
-        if (d / "config.yaml").is_file():
+        if (d / "config.yaml").is_file() and not RunFolder(d).failed_before_checkpoint():
             diff = setting_differences(RunFolder(d).config(), make_config({**cell.values, "out": str(d)}))
             if diff:
                 raise ConfigError(f"cell {cell.name}: {d} holds a run of a different setting ({'; '.join(diff[:3])}); "
