@@ -125,15 +125,12 @@ def pack_run(run_dir: str | Path, out: str | Path) -> Path:
 
 def _check_weights(path: Path) -> None:
     """A RunFileError unless ``path`` reads as safetensors (its header and every tensor's bytes)."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .runs import RunFileError
+    from .runs import _reading
 
-    try:
+    with _reading(path, "safetensors weights"):  # the one rule for naming an unreadable run file
         load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise RunFileError(f"{path}: not readable as safetensors weights ({str(e).splitlines()[0]}); not packed") from None
 
 
 def is_pack(path: str | Path) -> bool:
