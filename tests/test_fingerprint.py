@@ -6,6 +6,12 @@ a single result. With ``--deterministic`` on CPU a run is bit-exact on the same 
 torch release, so any difference is a behaviour change. Floating-point results differ between CPU
 kinds (bf16 units or not, which the engine's ``auto`` precision follows) and torch releases, hence
 one entry per kind (:func:`machine_kind`); a kind without an entry skips, naming how to record it.
+The ISA torch reports is not enough to name a kind: measured 2026-12-01, the same commit on an
+AVX512/AMX Xeon made to dispatch like an AVX2 CPU (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2,
+with and without MKL_ENABLE_INSTRUCTIONS=AVX2) gave other weights than the AVX2 AMD EPYC entry:
+BLAS and oneDNN pick kernels by vendor and by units torch does not report (AMX). So an entry also
+stores :func:`kernel_probe`, the bits of a fixed convolution and matrix product, forward and
+backward, run at the engine's precision, and matches only a machine whose kernels give the same bits.
 
 A change *meant* to change results re-records the fingerprint deliberately, with the reason in the
 commit message:
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import sys
 from datetime import date
 from pathlib import Path
@@ -40,6 +47,61 @@ def machine_kind() -> str:
     major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     isa = torch.backends.cpu.get_cpu_capability().lower()
     return f"cpu-{isa}-{'bf16' if cpu_has_bf16() else 'fp32'}-torch{major_minor}"
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``), ``unknown`` where /proc has none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def kernel_probe() -> str:
+    """12 hex digits of sha256 over the outputs and gradients of fixed convolutions and a linear layer
+    (channels-last, one thread, bf16 autocast where the engine would take it): two machines whose
+    BLAS / oneDNN kernels round differently give different probes. Each layer's own output is hashed,
+    before any activation, because a ReLU or a bf16 cast after it can hide a one-ulp difference
+    (measured: with AMX off, one of 8,192 outputs of the first convolution moved by 4e-6). It runs
+    torch only, never cuba's code, so a change to cuba cannot change it."""
+    from cuba.engine import cpu_has_bf16
+
+    h = hashlib.sha256()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            layers = [(torch.nn.Conv2d(3, 16, 3, padding=1), (8, 3, 8, 8)),
+                      (torch.nn.Conv2d(16, 32, 3, padding=1), (32, 16, 16, 16)),
+                      (torch.nn.Linear(1024, 256), (64, 1024))]
+            for layer, shape in layers:
+                x = torch.randn(shape)
+                if x.dim() == 4:
+                    layer, x = layer.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+                x.requires_grad_()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_bf16()):
+                    y = layer(x)
+                y.float().square().sum().backward()
+                for t in (y, x.grad, layer.weight.grad):
+                    h.update(t.detach().float().contiguous().numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
+    return h.hexdigest()[:12]
+
+
+def stored_entry(table: dict[str, Any], kind: str, kernels: str, vendor: str) -> dict[str, Any] | None:
+    """The entry recorded on a machine like this one: same kind and same kernel probe. An entry
+    recorded before probes existed (no ``kernels``) matches on kind and vendor."""
+    for entry in table.values():
+        if entry.get("kind") != kind:
+            continue
+        if entry.get("kernels") == kernels or (entry.get("kernels") is None and entry.get("vendor") == vendor):
+            return entry
+    return None
 
 
 def weights_sha256(path: Path) -> str:
@@ -76,10 +138,11 @@ def fingerprint(out: Path) -> dict[str, Any]:
 
 
 def test_short_run_matches_the_stored_fingerprint(tmp_path: Path) -> None:
-    kind = machine_kind()
-    stored = json.loads(FINGERPRINTS.read_text()).get(kind)
+    kind, kernels = machine_kind(), kernel_probe()
+    stored = stored_entry(json.loads(FINGERPRINTS.read_text()), kind, kernels, cpu_vendor())
     if stored is None:
-        pytest.skip(f"no stored fingerprint for {kind}; record one: python tests/test_fingerprint.py --record REASON")
+        pytest.skip(f"no stored fingerprint for {kind} with kernel probe {kernels}; "
+                    "record one: python tests/test_fingerprint.py --record REASON")
     got = fingerprint(tmp_path / "run")
     assert got["metrics"] == stored["metrics"], "results changed: re-record only if the change is meant to"
     assert got["classifier_sha256"] == stored["classifier_sha256"]
@@ -98,6 +161,25 @@ def test_weights_hash_sees_one_changed_bit(tmp_path: Path) -> None:
     assert weights_sha256(tmp_path / "a.safetensors") != weights_sha256(tmp_path / "c.safetensors")
 
 
+def test_an_entry_matches_only_a_machine_like_its_own() -> None:
+    probed = {"kind": "cpu-avx512-bf16-torch2.14", "kernels": "abc", "vendor": "GenuineIntel"}
+    legacy = {"kind": "cpu-avx2-fp32-torch2.14", "vendor": "AuthenticAMD"}  # recorded before probes
+    table = {"a": probed, "b": legacy}
+    assert stored_entry(table, "cpu-avx512-bf16-torch2.14", "abc", "GenuineIntel") is probed
+    assert stored_entry(table, "cpu-avx512-bf16-torch2.14", "abd", "GenuineIntel") is None  # other kernels
+    assert stored_entry(table, "cpu-avx512-bf16-torch2.15", "abc", "GenuineIntel") is None  # other torch
+    assert stored_entry(table, "cpu-avx2-fp32-torch2.14", "zzz", "AuthenticAMD") is legacy
+    # an Intel CPU that dispatches AVX2 rounds differently from the AMD one the legacy entry saw
+    assert stored_entry(table, "cpu-avx2-fp32-torch2.14", "zzz", "GenuineIntel") is None
+
+
+def test_kernel_probe_is_repeatable_and_leaves_the_random_state() -> None:
+    state = torch.random.get_rng_state()
+    a, b = kernel_probe(), kernel_probe()
+    assert a == b and len(a) == 12 and int(a, 16) >= 0
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 if __name__ == "__main__":  # python tests/test_fingerprint.py --record REASON
     import tempfile
 
@@ -105,7 +187,11 @@ if __name__ == "__main__":  # python tests/test_fingerprint.py --record REASON
         sys.exit("usage: python tests/test_fingerprint.py --record REASON")
     with tempfile.TemporaryDirectory() as d:
         entry = {**fingerprint(Path(d) / "run"), "recorded": date.today().isoformat(), "reason": sys.argv[2]}
+    kind, kernels, vendor = machine_kind(), kernel_probe(), cpu_vendor()
+    entry.update(kind=kind, kernels=kernels, vendor=vendor)
     table = json.loads(FINGERPRINTS.read_text()) if FINGERPRINTS.is_file() else {}
-    table[machine_kind()] = entry
+    old = stored_entry(table, kind, kernels, vendor)
+    table = {k: v for k, v in table.items() if v is not old}  # a re-record replaces this machine's entry
+    table[f"{kind}-{kernels}"] = entry
     FINGERPRINTS.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
-    print(f"recorded {machine_kind()} in {FINGERPRINTS}")
+    print(f"recorded {kind}-{kernels} in {FINGERPRINTS}")
