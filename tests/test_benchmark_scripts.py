@@ -171,6 +171,34 @@ def test_di_mass_scores_the_whole_curve(tmp_path: Path, capsys: pytest.CaptureFi
     assert masses["digits-simplecnn-cuba-fra-s0"] == pytest.approx(0.3) and masses["digits-simplecnn-clean-s4"] is None
 
 
+def test_scale_up_saturation_counts_kept_predictions_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    r = tmp_path / "defense.json"
+    r.write_text(json.dumps({"defense": "scale-up", "setting": "badnets-t0", "auroc": 0.6,
+                             "spc_clean": [1.0, 1.0, 0.8, 0.2], "spc_backdoor": [1.0, 1.0, 1.0, 0.6]}))
+    out = _run_script("scale_up_saturation.py", [str(r), "--datasets", "digits"], capsys, monkeypatch)
+    (res,) = out["results"]
+    assert res["clean_spc_1"] == 0.5 and res["backdoor_spc_1"] == 0.75 and res["clean_mean_spc"] == pytest.approx(0.75)
+    assert 0 < out["datasets"]["digits"]["grey_share_of_ink"] <= 1
+    other = tmp_path / "strip.json"
+    other.write_text(json.dumps({"defense": "strip"}))
+    with pytest.raises(SystemExit, match="not a SCALE-UP result"):
+        _run_script("scale_up_saturation.py", [str(other), "--datasets", "digits"], capsys, monkeypatch)
+
+
+def test_scale_up_saturation_of_images_by_hand() -> None:
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from scale_up_saturation import saturation
+    finally:
+        sys.path.remove(str(BENCH))
+    # pixels 0, 0.1 (ink, grey), 0.5 (grey), 1.0 (ink, saturated): x3 -> 0, 0.3, 1.0, 1.0
+    s = saturation(torch.tensor([0.0, 0.1, 0.5, 1.0]))
+    assert s["grey_share_of_ink"] == pytest.approx(2 / 3)
+    assert s["x3_moved_mass"] == pytest.approx((0.2 + 0.5) / 4 / (1.6 / 4))
+
 def test_rusage_reports_the_childs_cost_and_exit_code() -> None:
     import re
     import subprocess
