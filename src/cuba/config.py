@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from .formatting import first_line
+
 MSE_REDUCTIONS = ("mean", "sum")
 TARGET_REDUCTIONS = ("sum", "mean")  # the backdoor objective over T(y): METHOD.md sums; mean divides by |T(y)|
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -210,7 +212,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         text = p.read_text()
         data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {first_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -17,6 +17,17 @@ import numpy as np
 MISSING = "–"  # a number that is not defined
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first non-empty line (its type's name when it has no text): what a one-line
+    error quotes of a library's failure, whose later lines are tracebacks or hints. A first line
+    that ends in ":" only announces the next, which says what is wrong (torch's load_state_dict:
+    "Error(s) in loading state_dict for X:" / "size mismatch for ..."), so the two are joined."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 def is_missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from .config import ConfigError, make_config
 from .data import DataError
+from .formatting import first_line
 from .models import build_classifier
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
@@ -39,7 +40,7 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
         try:
             return load_file(str(p))
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise DataError(f"{p} is not a readable safetensors file: {str(e).splitlines()[0]}") from None
+            raise DataError(f"{p} is not a readable safetensors file: {first_line(e)}") from None
     if p.suffix not in PICKLE_SUFFIXES:
         raise DataError(f"{p}: unknown weights format; expected .safetensors or a pickle file ({', '.join(PICKLE_SUFFIXES)})")
     if not allow_pickle:
@@ -49,7 +50,7 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
         raise DataError(f"{p} was refused by the weights-only unpickler (it holds more than tensors, "
-                        f"or is corrupt): {str(e).splitlines()[0]}") from None
+                        f"or is corrupt): {first_line(e)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # the common {"state_dict": ..., "epoch": ...} wrapper
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -80,8 +81,7 @@ def import_model(
     try:
         target.load_state_dict(state)
     except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise DataError(f"{weights} does not fit {model} on {data.name}: {' '.join(lines[:2])}") from None
+        raise DataError(f"{weights} does not fit {model} on {data.name}: {first_line(e)}") from None
     run_dir = Path(out)
     save_config(run_dir, cfg)
     save_weights(run_dir / "classifier.safetensors", clf)

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError, TrainConfig, config_from_run
+from .formatting import first_line
 
 METRIC_KEYS = ("ca", "asr", "asr_c", "ds", "ds_min", "d_p", "psnr", "ssim", "linf")
 
@@ -132,10 +133,7 @@ def _reading(path: Path, what: str) -> Iterator[None]:
     except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError, yaml.YAMLError, SafetensorError) as e:
         if isinstance(e, (FileNotFoundError, ConfigError)):
             raise
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        # torch's load_state_dict says what is wrong on its second line ("size mismatch for ...")
-        why = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-        raise RunFileError(f"{path}: not readable as {what} ({why})") from None
+        raise RunFileError(f"{path}: not readable as {what} ({first_line(e)})") from None
 
 
 def read_json(path: Path) -> Any:
@@ -162,9 +160,8 @@ def load_weights(path: Path, module: nn.Module) -> nn.Module:
     try:
         module.load_state_dict(state)
     except RuntimeError as e:  # a readable file of another shape: a model or data set that is not the run's
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise RunFileError(f"{path}: the weights do not fit the {type(module).__name__} the run's config builds "
-                           f"({' '.join(lines[:2])}); another architecture, class count or cuba version?") from None
+                           f"({first_line(e)}); another architecture, class count or cuba version?") from None
     return module
 
 

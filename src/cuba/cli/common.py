@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import FIELDS, ConfigError, flatten_values, load_config_file
-from ..formatting import number, pct
+from ..formatting import first_line, number, pct
 
 # CLI flags for the main config fields: name -> (type, help)
 TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
@@ -97,7 +97,7 @@ def parse_set(items: Sequence[str], what: str = "FIELD", sections: bool = True) 
         try:
             out[key.strip().replace("-", "_")] = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({first_line(e)})") from None
     return flatten_values(out) if sections else out
 
 

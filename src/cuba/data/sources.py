@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from cuba.data.base import DataError, ImageDataset
 from cuba.data.folders import load_image_folder
+from cuba.formatting import first_line
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "gtsrb")
 DEFAULT_DATA_DIR = Path("data")
@@ -177,7 +178,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         loaded = np.load(path, allow_pickle=False)
     except unreadable as e:
-        raise DataError(f"{path}: not a valid .npz file ({_one_line(e)})") from e
+        raise DataError(f"{path}: not a valid .npz file ({first_line(e)})") from e
     if not hasattr(loaded, "files"):
         raise DataError(f"{path}: holds a single array, not an .npz archive with keys {', '.join(NPZ_KEYS)}")
     with loaded:
@@ -191,7 +192,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         except unreadable as e:
             if "allow_pickle" in str(e):
                 raise DataError(f"{path}: holds object (pickled) arrays, which are never loaded; save plain arrays") from e
-            raise DataError(f"{path}: corrupt or truncated .npz file ({_one_line(e)})") from e
+            raise DataError(f"{path}: corrupt or truncated .npz file ({first_line(e)})") from e
 
 
 def _images(x: np.ndarray, key: str, path: Path) -> torch.Tensor:
@@ -235,7 +236,7 @@ def _load_named(name: str, data_dir: Path, download: bool) -> ImageDataset:
         try:
             return _from_torchvision(name, data_dir, download=True)
         except (RuntimeError, OSError, ValueError) as e:
-            raise DataError(f"{name}: download into {data_dir} failed ({_one_line(e)})") from e
+            raise DataError(f"{name}: download into {data_dir} failed ({first_line(e)})") from e
     raise DataError(
         f"{name}: not found locally (looked for {npz} and torchvision's {tv_class} files in "
         f"{data_dir / tv_folder}); pass --download to fetch it, or --data-dir to point at a folder that has it"
@@ -286,12 +287,6 @@ def _torchvision_arrays(name: str, ds: object) -> tuple[torch.Tensor, torch.Tens
         x[i] = np.asarray(image.convert("RGB").resize((GTSRB_SIZE, GTSRB_SIZE), Image.Resampling.BILINEAR))
         y[i] = label
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)
-
-
-def _one_line(e: BaseException) -> str:
-    """First line of an exception's text, so DataError messages stay on one line."""
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def data_for(cfg: Any, val_indices: Any = None) -> "ImageDataset":

@@ -42,6 +42,7 @@ from ..attack import PatchTrigger, attack_targets
 from ..config import ConfigError, TrainConfig
 from ..data import ImageDataset
 from ..engine import Engine, make_engine
+from ..formatting import first_line
 from ..metrics import at_chance, attack_success_rate  # noqa: F401 - at_chance re-exported: report.py reads it from here
 from ..runs import write_json
 # the score statistics live in .rules; re-exported here, where detectors and the add-a-defense tutorial import them
@@ -252,7 +253,7 @@ class Defense(ABC):
             raise
         except (TypeError, ValueError, KeyError) as e:
             given = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "its defaults"
-            raise ConfigError(f"{cls.name}: cannot take {given} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r})") from None
+            raise ConfigError(f"{cls.name}: cannot take {given} ({type(e).__name__}: {first_line(e)})") from None
 
     @abstractmethod
     def run(self, run: AttackRun, out: Path) -> DefenseResult:

@@ -34,6 +34,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..formatting import first_line
+
 # a user module handed to cuba.api in this process, by its import path: trained as given (its
 # initial weights), while a later process rebuilds the same architecture from the path
 _INSTANCES: dict[str, nn.Module] = {}
@@ -165,7 +167,7 @@ def _check_shape(model: nn.Module, name: str, in_channels: int, num_classes: int
         with torch.no_grad():
             out = model(torch.rand(2, in_channels, image_size, image_size))
     except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{name} cannot take {in_channels}x{image_size}x{image_size} images: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{name} cannot take {in_channels}x{image_size}x{image_size} images: {first_line(e)}") from None
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
