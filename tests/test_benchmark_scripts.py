@@ -147,6 +147,25 @@ def test_asr_c_misses_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert out["chance_in_T_of_top_confuser"] == pytest.approx(0.5)
 
 
+def test_trigger_universality_compares_the_search_with_the_runs_own_trigger(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from cuba.config import make_config
+    from cuba.pipeline import run_training
+
+    run = tmp_path / "cuba"
+    run_training(make_config({"dataset": "digits", "attack": "cuba", "epochs": 1, "batch_size": 64, "progress": False,
+                              "device": "cpu", "precision": "fp32", "n_train": 400, "out": str(run)}))
+    capsys.readouterr()  # the training's own lines
+    (r,) = _run_script("trigger_universality.py", [str(run), "--budget", "8"], capsys, monkeypatch)
+    assert r["search_budget_255"] == 8 and r["n_fit"] + r["n_measure"] > 0 and r["n_fit"] == r["n_measure"]
+    assert set(r) >= {"own", "other", "mean", "search"}
+    assert r["own"]["linf_255"] <= r["eps_255"] + 0.01 and r["search"]["linf_255"] <= 8 + 0.01
+    assert all(0 <= r[k]["flip_rate"] <= 1 and 0 <= r[k]["dispersion"] <= 1 for k in ("own", "other", "mean", "search"))
+    # a patch or a clean model has no bounded generator to compare with (run_budget None)
+    monkeypatch.setattr("cuba.defenses.dispersion_inversion.run_budget", lambda run: None)
+    with pytest.raises(SystemExit, match="no residual trigger generator"):
+        _run_script("trigger_universality.py", [str(run)], capsys, monkeypatch)
+
 def test_di_mass_scores_the_whole_curve(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """mass = mean of flip x dispersion over the budgets; AUROC on held-out seeds only. The CUBA
     models below never meet the 0.9 / 0.8 bar (score censored at 2 x 0.25 for all: AUROC 0.5) but
