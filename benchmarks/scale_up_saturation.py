@@ -1,7 +1,7 @@
 """Why SCALE-UP cannot see a backdoor on MNIST (issue 18): its clean inputs do not drift.
 
 SCALE-UP flags an input whose prediction survives pixel amplification, clip(n * x, 0, 1) for
-n = 3..11, on the premise that a clean input's prediction drifts. On a near-binary image the clip
+n in (3, 5, 7, 9, 11), on the premise that a clean input's prediction drifts. On a near-binary image the clip
 leaves most pixels where they were, so a clean prediction survives too, and SPC (the share of
 scales that keep the prediction) is 1 for clean and backdoor inputs alike. This prints, for each
 SCALE-UP result given, how many clean and backdoor test inputs keep their prediction at every
@@ -31,9 +31,10 @@ def spc_summary(defense_json: Path) -> dict:
     d = json.loads(Path(defense_json).read_text())
     if d.get("defense") != "scale-up":
         raise SystemExit(f"{defense_json}: not a SCALE-UP result (defense {d.get('defense')!r})")
-    clean, backdoor = np.asarray(d["spc_clean"]), np.asarray(d.get("spc_backdoor") or [np.nan])
+    clean, backdoor = np.asarray(d["spc_clean"]), np.asarray(d.get("spc_backdoor") or [])
     return {"result": str(defense_json), "setting": d.get("setting"), "auroc": d.get("auroc"),
-            "clean_spc_1": float(np.mean(clean == 1)), "backdoor_spc_1": float(np.mean(backdoor == 1)),
+            "clean_spc_1": float(np.mean(clean == 1)),
+            "backdoor_spc_1": float(np.mean(backdoor == 1)) if len(backdoor) else None,
             "clean_mean_spc": float(clean.mean())}
 
 

@@ -47,7 +47,7 @@ def universality(run_dir: Path, data_dir: str | None, budget: float | None = Non
     model = run.classifier.eval()
     pf, pm = predict(model, xf), predict(model, xm)
     delta = run.backdoor(xm) - xm
-    budget = budget or min((b for b in DEFAULT_BUDGETS if b >= eps_run - 1e-9), default=max(DEFAULT_BUDGETS))
+    budget = budget if budget is not None else min((b for b in DEFAULT_BUDGETS if b >= eps_run - 1e-9), default=max(DEFAULT_BUDGETS))
     perturbations = {
         "own": delta, "other": torch.roll(delta, 1, 0),
         "mean": (run.backdoor(xf) - xf).mean(0, keepdim=True),
@@ -65,7 +65,9 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--budget", type=float, default=None, help="DI search budget in 1/255 (default: see above)")
     a = ap.parse_args()
-    print(json.dumps([universality(r, a.data_dir, a.budget / 255 if a.budget else None) for r in a.runs], indent=1))
+    if a.budget is not None and not 0 < a.budget <= 255:
+        ap.error(f"--budget must be in (0, 255] (1/255 units), got {a.budget}")
+    print(json.dumps([universality(r, a.data_dir, a.budget / 255 if a.budget is not None else None) for r in a.runs], indent=1))
 
 
 if __name__ == "__main__":

@@ -157,14 +157,18 @@ def test_trigger_universality_compares_the_search_with_the_runs_own_trigger(tmp_
                               "device": "cpu", "precision": "fp32", "n_train": 400, "out": str(run)}))
     capsys.readouterr()  # the training's own lines
     (r,) = _run_script("trigger_universality.py", [str(run), "--budget", "8"], capsys, monkeypatch)
-    assert r["search_budget_255"] == 8 and r["n_fit"] + r["n_measure"] > 0 and r["n_fit"] == r["n_measure"]
+    assert r["search_budget_255"] == 8 and r["n_fit"] > 0 and r["n_measure"] > 0
     assert set(r) >= {"own", "other", "mean", "search"}
     assert r["own"]["linf_255"] <= r["eps_255"] + 0.01 and r["search"]["linf_255"] <= 8 + 0.01
     assert all(0 <= r[k]["flip_rate"] <= 1 and 0 <= r[k]["dispersion"] <= 1 for k in ("own", "other", "mean", "search"))
+    with pytest.raises(SystemExit):
+        _run_script("trigger_universality.py", [str(run), "--budget", "0"], capsys, monkeypatch)
+    assert "--budget must be in (0, 255]" in capsys.readouterr().err
     # a patch or a clean model has no bounded generator to compare with (run_budget None)
     monkeypatch.setattr("cuba.defenses.dispersion_inversion.run_budget", lambda run: None)
     with pytest.raises(SystemExit, match="no residual trigger generator"):
         _run_script("trigger_universality.py", [str(run)], capsys, monkeypatch)
+
 
 def test_di_mass_scores_the_whole_curve(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """mass = mean of flip x dispersion over the budgets; AUROC on held-out seeds only. The CUBA
@@ -199,6 +203,8 @@ def test_scale_up_saturation_counts_kept_predictions_by_hand(tmp_path: Path, cap
     (res,) = out["results"]
     assert res["clean_spc_1"] == 0.5 and res["backdoor_spc_1"] == 0.75 and res["clean_mean_spc"] == pytest.approx(0.75)
     assert 0 < out["datasets"]["digits"]["grey_share_of_ink"] <= 1
+    r.write_text(json.dumps({"defense": "scale-up", "spc_clean": [1.0]}))  # no backdoor scores: none counted
+    assert _run_script("scale_up_saturation.py", [str(r), "--datasets", "digits"], capsys, monkeypatch)["results"][0]["backdoor_spc_1"] is None
     other = tmp_path / "strip.json"
     other.write_text(json.dumps({"defense": "strip"}))
     with pytest.raises(SystemExit, match="not a SCALE-UP result"):
@@ -217,6 +223,7 @@ def test_scale_up_saturation_of_images_by_hand() -> None:
     s = saturation(torch.tensor([0.0, 0.1, 0.5, 1.0]))
     assert s["grey_share_of_ink"] == pytest.approx(2 / 3)
     assert s["x3_moved_mass"] == pytest.approx((0.2 + 0.5) / 4 / (1.6 / 4))
+
 
 def test_rusage_reports_the_childs_cost_and_exit_code() -> None:
     import re

@@ -10,8 +10,10 @@ The ISA torch reports is not enough to name a kind: measured 2026-12-01, the sam
 AVX512/AMX Xeon made to dispatch like an AVX2 CPU (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2,
 with and without MKL_ENABLE_INSTRUCTIONS=AVX2) gave other weights than the AVX2 AMD EPYC entry:
 BLAS and oneDNN pick kernels by vendor and by units torch does not report (AMX). So an entry also
-stores :func:`kernel_probe`, the bits of a fixed convolution and matrix product, forward and
-backward, run at the engine's precision, and matches only a machine whose kernels give the same bits.
+stores :func:`kernel_probe`, the bits of fixed convolutions and matrix products, forward and
+backward, in fp32 and at the engine's precision, and matches only a machine whose probe is the
+same. The probe samples the kernels rather than covering them all: it makes a false failure on
+another machine unlikely, not impossible (``--print`` shows what a machine gives, to compare).
 
 A change *meant* to change results re-records the fingerprint deliberately, with the reason in the
 commit message:
@@ -50,7 +52,8 @@ def machine_kind() -> str:
 
 
 def cpu_vendor() -> str:
-    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``), ``unknown`` where /proc has none."""
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``); where /proc/cpuinfo has none,
+    ``platform.processor()`` (e.g. ``x86_64``), else ``unknown``."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("vendor_id"):
@@ -60,34 +63,43 @@ def cpu_vendor() -> str:
     return platform.processor() or "unknown"
 
 
+# (layer, input shape): the shapes of the fingerprint run's models -- 1-channel 16x16 digits into
+# SimpleCNN and the U-Net, wider convolutions inside them, a small and a large matrix product
+_PROBE_LAYERS = (((1, 16), (64, 1, 16, 16)), ((3, 16), (8, 3, 8, 8)), ((16, 32), (32, 16, 16, 16)),
+                 ((1024, 256), (64, 1024)), ((256, 10), (64, 256)))
+
+
 def kernel_probe() -> str:
-    """12 hex digits of sha256 over the outputs and gradients of fixed convolutions and a linear layer
-    (channels-last, one thread, bf16 autocast where the engine would take it): two machines whose
-    BLAS / oneDNN kernels round differently give different probes. Each layer's own output is hashed,
-    before any activation, because a ReLU or a bf16 cast after it can hide a one-ulp difference
-    (measured: with AMX off, one of 8,192 outputs of the first convolution moved by 4e-6). It runs
-    torch only, never cuba's code, so a change to cuba cannot change it."""
+    """12 hex digits of sha256 over the outputs and gradients of fixed convolutions and linear layers
+    (channels-last, one thread), each run in fp32 and, where the engine would take it, again under
+    bf16 autocast: a run uses both (training under autocast; evaluation, and the layers autocast
+    leaves in fp32, without), so two machines whose BLAS / oneDNN kernels round differently in either
+    give different probes. Each layer's own output is hashed, before any activation, because a ReLU
+    or a bf16 cast after it can hide a one-ulp difference (measured: with AMX off, one of 8,192
+    outputs of a convolution moved by 4e-6). It runs torch only, never cuba's code, so a change to
+    cuba cannot change it."""
     from cuba.engine import cpu_has_bf16
 
     h = hashlib.sha256()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            layers = [(torch.nn.Conv2d(3, 16, 3, padding=1), (8, 3, 8, 8)),
-                      (torch.nn.Conv2d(16, 32, 3, padding=1), (32, 16, 16, 16)),
-                      (torch.nn.Linear(1024, 256), (64, 1024))]
-            for layer, shape in layers:
-                x = torch.randn(shape)
-                if x.dim() == 4:
-                    layer, x = layer.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-                x.requires_grad_()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_bf16()):
-                    y = layer(x)
-                y.float().square().sum().backward()
-                for t in (y, x.grad, layer.weight.grad):
-                    h.update(t.detach().float().contiguous().numpy().tobytes())
+        for bf16 in (False, True) if cpu_has_bf16() else (False,):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                for (fan_in, fan_out), shape in _PROBE_LAYERS:
+                    x = torch.randn(shape)
+                    if x.dim() == 4:
+                        layer = torch.nn.Conv2d(fan_in, fan_out, 3, padding=1).to(memory_format=torch.channels_last)
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    else:
+                        layer = torch.nn.Linear(fan_in, fan_out)
+                    x.requires_grad_()
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        y = layer(x)
+                    y.float().square().sum().backward()
+                    for t in (y, x.grad, layer.weight.grad):
+                        h.update(t.detach().float().contiguous().numpy().tobytes())
     finally:
         torch.set_num_threads(threads)
     return h.hexdigest()[:12]
@@ -95,13 +107,12 @@ def kernel_probe() -> str:
 
 def stored_entry(table: dict[str, Any], kind: str, kernels: str, vendor: str) -> dict[str, Any] | None:
     """The entry recorded on a machine like this one: same kind and same kernel probe. An entry
-    recorded before probes existed (no ``kernels``) matches on kind and vendor."""
-    for entry in table.values():
-        if entry.get("kind") != kind:
-            continue
-        if entry.get("kernels") == kernels or (entry.get("kernels") is None and entry.get("vendor") == vendor):
-            return entry
-    return None
+    recorded before probes existed (no ``kernels``) matches on kind and vendor, only when no entry
+    matches the probe (it is the weaker match: re-record it on its machine to give it a probe)."""
+    same_kind = [e for e in table.values() if e.get("kind") == kind]
+    exact = [e for e in same_kind if e.get("kernels") == kernels]
+    legacy = [e for e in same_kind if e.get("kernels") is None and e.get("vendor") == vendor]
+    return (exact or legacy or [None])[0]
 
 
 def weights_sha256(path: Path) -> str:
@@ -171,6 +182,9 @@ def test_an_entry_matches_only_a_machine_like_its_own() -> None:
     assert stored_entry(table, "cpu-avx2-fp32-torch2.14", "zzz", "AuthenticAMD") is legacy
     # an Intel CPU that dispatches AVX2 rounds differently from the AMD one the legacy entry saw
     assert stored_entry(table, "cpu-avx2-fp32-torch2.14", "zzz", "GenuineIntel") is None
+    # a probed entry of the same kind is the better match, whatever the keys' order
+    probed_amd = {"kind": "cpu-avx2-fp32-torch2.14", "kernels": "zzz", "vendor": "AuthenticAMD"}
+    assert stored_entry({"0": legacy, "1": probed_amd}, "cpu-avx2-fp32-torch2.14", "zzz", "AuthenticAMD") is probed_amd
 
 
 def test_kernel_probe_is_repeatable_and_leaves_the_random_state() -> None:
@@ -180,15 +194,20 @@ def test_kernel_probe_is_repeatable_and_leaves_the_random_state() -> None:
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
-if __name__ == "__main__":  # python tests/test_fingerprint.py --record REASON
+if __name__ == "__main__":  # python tests/test_fingerprint.py --record REASON | --print
+    import contextlib
     import tempfile
 
-    if len(sys.argv) != 3 or sys.argv[1] != "--record":
-        sys.exit("usage: python tests/test_fingerprint.py --record REASON")
-    with tempfile.TemporaryDirectory() as d:
-        entry = {**fingerprint(Path(d) / "run"), "recorded": date.today().isoformat(), "reason": sys.argv[2]}
+    if not (sys.argv[1:] == ["--print"] or (len(sys.argv) == 3 and sys.argv[1] == "--record")):
+        sys.exit("usage: python tests/test_fingerprint.py --record REASON   (or --print: this machine's, stored nowhere)")
+    with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only
+        entry = fingerprint(Path(d) / "run")
     kind, kernels, vendor = machine_kind(), kernel_probe(), cpu_vendor()
     entry.update(kind=kind, kernels=kernels, vendor=vendor)
+    if sys.argv[1] == "--print":  # e.g. with PYTHONPATH=<an older commit's worktree>/src, to compare commits
+        print(json.dumps(entry, indent=2, sort_keys=True))
+        sys.exit(0)
+    entry.update(recorded=date.today().isoformat(), reason=sys.argv[2])
     table = json.loads(FINGERPRINTS.read_text()) if FINGERPRINTS.is_file() else {}
     old = stored_entry(table, kind, kernels, vendor)
     table = {k: v for k, v in table.items() if v is not old}  # a re-record replaces this machine's entry

@@ -253,7 +253,7 @@ class Defense(ABC):
             raise
         except (TypeError, ValueError, KeyError) as e:
             given = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "its defaults"
-            raise ConfigError(f"{cls.name}: cannot take {given} ({type(e).__name__}: {first_line(e)})") from None
+            raise ConfigError(f"{cls.name}: cannot take {given} ({type(e).__name__}{': ' + first_line(e) if str(e).strip() else ''})") from None
 
     @abstractmethod
     def run(self, run: AttackRun, out: Path) -> DefenseResult:
