@@ -51,10 +51,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="*", type=Path, help="SCALE-UP defense.json files")
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--datasets", nargs="+", default=["mnist", "digits"])
+    # comma-separated, so that result files after it are not read as data set names
+    ap.add_argument("--datasets", default="mnist,digits", help="comma-separated data sets to measure")
     a = ap.parse_args()
     data = {}
-    for name in a.datasets:
+    for name in filter(None, a.datasets.split(",")):
         ds = load_dataset(name, a.data_dir)
         x = ds.x_test
         data[name] = saturation(x / 255 if x.dtype == torch.uint8 else x)
