@@ -156,18 +156,23 @@ def test_trigger_universality_compares_the_search_with_the_runs_own_trigger(tmp_
     run_training(make_config({"dataset": "digits", "attack": "cuba", "epochs": 1, "batch_size": 64, "progress": False,
                               "device": "cpu", "precision": "fp32", "n_train": 400, "out": str(run)}))
     capsys.readouterr()  # the training's own lines
-    (r,) = _run_script("trigger_universality.py", [str(run), "--budget", "8"], capsys, monkeypatch)
+    (r,) = _run_script("trigger_universality.py", [str(run), "--budget", "8", "--restarts", "2"], capsys, monkeypatch)
     assert r["search_budget_255"] == 8 and r["n_fit"] > 0 and r["n_measure"] > 0
-    assert set(r) >= {"own", "other", "mean", "search"}
+    assert set(r) >= {"own", "other", "mean", "search", "restarts"} and r["restarts"]["linf_255"] <= 8 + 0.01
     assert r["own"]["linf_255"] <= r["eps_255"] + 0.01 and r["search"]["linf_255"] <= 8 + 0.01
     assert all(0 <= r[k]["flip_rate"] <= 1 and 0 <= r[k]["dispersion"] <= 1 for k in ("own", "other", "mean", "search"))
     with pytest.raises(SystemExit):
         _run_script("trigger_universality.py", [str(run), "--budget", "0"], capsys, monkeypatch)
     assert "--budget must be in (0, 255]" in capsys.readouterr().err
-    # a patch or a clean model has no bounded generator to compare with (run_budget None)
+    # a patch or a clean model has no bounded generator to compare with (run_budget None): only the
+    # searches run, and only with --restarts and a --budget
     monkeypatch.setattr("cuba.defenses.dispersion_inversion.run_budget", lambda run: None)
     with pytest.raises(SystemExit, match="no residual trigger generator"):
         _run_script("trigger_universality.py", [str(run)], capsys, monkeypatch)
+    with pytest.raises(SystemExit, match="needs --budget"):
+        _run_script("trigger_universality.py", [str(run), "--restarts", "1"], capsys, monkeypatch)
+    (c,) = _run_script("trigger_universality.py", [str(run), "--restarts", "1", "--budget", "4"], capsys, monkeypatch)
+    assert set(c) >= {"search", "restarts"} and "own" not in c and c["eps_255"] == 0
 
 
 def test_di_mass_scores_the_whole_curve(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

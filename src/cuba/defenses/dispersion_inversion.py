@@ -139,11 +139,14 @@ def _loss_and_grad(model: nn.Module, x: torch.Tensor, rows: torch.Tensor, delta:
 
 
 def fit_universal(model: nn.Module, x: torch.Tensor, pred: torch.Tensor, num_classes: int, eps: float, steps: int,
-                  lr_frac: float, tau: float, lnf_eps: float, batch_size: int = 512) -> torch.Tensor:
+                  lr_frac: float, tau: float, lnf_eps: float, batch_size: int = 512,
+                  start: torch.Tensor | None = None) -> torch.Tensor:
     """One perturbation delta (1, C, H, W), ||delta||_inf <= eps, minimising CUBA's LNF loss with FRA
-    rows of the clean predictions ``pred``: projected full-batch Adam from 0. Only delta gets a gradient
-    (torch.autograd.grad), so the model's parameters are never touched."""
-    delta = torch.zeros((1, *x.shape[1:]), device=x.device, requires_grad=True)
+    rows of the clean predictions ``pred``: projected full-batch Adam from 0 (the detector's search),
+    or from ``start`` (clipped into the ball; benchmarks/trigger_universality.py tries random starts).
+    Only delta gets a gradient (torch.autograd.grad), so the model's parameters are never touched."""
+    delta = (torch.zeros((1, *x.shape[1:]), device=x.device) if start is None
+             else start.detach().to(x.device).clamp(-eps, eps).clone()).requires_grad_()
     opt = torch.optim.Adam([delta], lr=lr_frac * eps)
     rows = fra_rows(pred, num_classes)
     for _ in range(steps):
