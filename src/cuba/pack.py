@@ -127,9 +127,9 @@ def _check_weights(path: Path) -> None:
     """A RunFileError unless ``path`` reads as safetensors (its header and every tensor's bytes)."""
     from safetensors.torch import load_file
 
-    from .runs import _reading
+    from .runs import reading
 
-    with _reading(path, "safetensors weights"):  # the one rule for naming an unreadable run file
+    with reading(path, "safetensors weights"):  # the one rule for naming an unreadable run file
         load_file(str(path))
 
 

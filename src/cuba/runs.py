@@ -126,7 +126,7 @@ class RunFileError(ConfigError):
 
 
 @contextmanager
-def _reading(path: Path, what: str) -> Iterator[None]:
+def reading(path: Path, what: str) -> Iterator[None]:
     """Turn a parser's failure on ``path`` into a :class:`RunFileError` that names the file."""
     try:
         yield
@@ -137,7 +137,7 @@ def _reading(path: Path, what: str) -> Iterator[None]:
 
 
 def read_json(path: Path) -> Any:
-    with _reading(Path(path), "JSON"):
+    with reading(Path(path), "JSON"):
         return json.loads(Path(path).read_text())
 
 
@@ -155,7 +155,7 @@ def save_weights(path: Path, module: nn.Module) -> None:
 
 
 def load_weights(path: Path, module: nn.Module) -> nn.Module:
-    with _reading(Path(path), "safetensors weights"):
+    with reading(Path(path), "safetensors weights"):
         state = load_file(str(path))
     try:
         module.load_state_dict(state)
@@ -172,7 +172,7 @@ def save_config(run_dir: Path, cfg: TrainConfig) -> None:
 
 def load_run_config(run_dir: Path) -> TrainConfig:
     path = Path(run_dir) / "config.yaml"
-    with _reading(path, "a run's config"):
+    with reading(path, "a run's config"):
         data = yaml.safe_load(path.read_text())
         if not isinstance(data, dict):
             raise ValueError(f"a mapping of sections was expected, got {type(data).__name__}")
@@ -198,7 +198,7 @@ def save_predictions(run_dir: Path, pred: Predictions, targets: torch.Tensor | N
 
 def load_predictions(run_dir: Path) -> tuple[Predictions, torch.Tensor | None]:
     path = Path(run_dir) / "predictions.npz"
-    with _reading(path, "predictions (.npz)"), np.load(path, allow_pickle=False) as z:
+    with reading(path, "predictions (.npz)"), np.load(path, allow_pickle=False) as z:
         get = lambda k: z[k] if k in z.files else None  # noqa: E731
         pred = Predictions(z["y_true"], z["y_pred_clean"], get("y_pred_backdoor"), get("psnr"), get("ssim"), get("linf"))
         tm = get("target_matrix")
@@ -323,7 +323,7 @@ class RunFolder:
         recorded = None
         if self.has("split.json"):
             path = self.path / "split.json"
-            with _reading(path, "a validation split"):
+            with reading(path, "a validation split"):
                 recorded = [int(i) for i in _record(path).get("val_indices") or []]
         return data_for(cfg, val_indices=recorded)
 
