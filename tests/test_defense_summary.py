@@ -202,3 +202,19 @@ def test_model_level_table_never_reads_a_folder_name_as_a_setting(tmp_path: Path
                                                          if k != "setting"}})
             for g in ("clean", "cuba-fra") for s in (0, 1)]
     assert model_level_table(runs) == []  # no known setting: nothing to rank
+
+
+def test_model_level_table_says_when_runs_of_a_detector_ran_with_other_parameters(tmp_path: Path) -> None:
+    """An AUROC ranks scores against each other: runs scored with another setting (NC's early stop) get
+    a note under the table; a different seed or reference budget does not."""
+    from cuba.defenses.model_level import model_level_table
+
+    def nc(setting: str, seed: int, early_stop: int | None) -> dict:
+        return {**model_fields(setting, setting != "clean"), "params": {"seed": seed, "early_stop": early_stop}}
+
+    same = [(tmp_path / f"mnist-m-{g}-s{s}", {"neural-cleanse": nc(g, s, None)}) for g in ("clean", "cuba-fra") for s in (0, 1)]
+    lines = model_level_table(same)
+    assert lines[5].startswith("| neural-cleanse | high | 0.500 (2 vs 2)") and not any("parameters" in x for x in lines)
+    mixed = same + [(tmp_path / "mnist-m-cuba-fra-s2", {"neural-cleanse": nc("cuba-fra", 2, 10)})]
+    assert model_level_table(mixed)[-1] == ("neural-cleanse: the scored runs ran it with different parameters (early_stop); "
+                                            "its AUROC pools scores that are not on one scale")

@@ -61,6 +61,9 @@ def test_two_sided_rule_on_synthetic_entropies() -> None:
     # rank scores: clean .2475 .0025 .4925 .4925, backdoor .5 .5 .4875 .0025 ->
     # P(bd > clean) + ties / 2 = (4 + 4 + 2 + 0.5) / 16
     assert f["auroc"] == f["auroc_two_sided"] == pytest.approx(10.5 / 16)
+    # the plain keys of the harness hold the detector's own (two-sided) rule
+    assert (f["far_at_frr_1pct"], f["frr_at_frr_1pct"], f["far_at_frr_5pct"]) == (0.5, 0.0, 0.25)
+    assert f["rule_sides"] == "two" and "1pct" not in f["thresholds"]
 
 
 def test_class_margins_by_hand() -> None:

@@ -156,13 +156,18 @@ def test_trigger_inversion_reference_rule() -> None:
     from cuba.defenses import DEFENSES
 
     ti = DEFENSES["trigger-inversion"]
-    f = {"setting": "cuba-fra", "budgets": [1.0, 2.0, 4.0, 8.0], "margin": 2.0, "reference_budget": None,
+    f = {"setting": "cuba-fra", "budgets": [1.0, 2.0, 4.0, 8.0], "margin": 2.0, "reference_budget": None, "target": 0.8,
          **model_verdict(1.0, "low", None, False)}
     # reference budget = the smallest reference score (4); cut 2: 1 < 2 flagged; null references are left out
-    assert ti.with_references(f, [8.0, 4.0, None]) | {} == {**f, "reference_budget": 4.0, "flagged": True}
+    assert ti.with_references(f, [8.0, 4.0, None]) | {} == {**f, "reference_budget": 4.0, "flagged": True,
+                                                                 "reference_scores": [8.0, 4.0, None]}
     assert ti.with_references({**f, "score": 2.0}, [4.0])["flagged"] is False
     # every reference unreached (each needs > 8): under 8 / 2 is flagged for sure, above is undecided
     assert ti.with_references(f, [None])["flagged"] is True
+    # ... and its cell says so, never "no reference" beside a decided flag
+    assert ti.headline(ti.with_references(f, [None, None])).endswith("; flagged (every reference beyond 8/255, margin 2)")
+    assert ti.headline(ti.with_references({**f, "score": 5.0}, [None])).endswith(
+        "; undecided (every reference beyond 8/255, margin 2)")
     assert ti.with_references({**f, "score": 5.0}, [None, None])["flagged"] is None
     assert ti.with_references(f, []) is None
     # how the note under the table writes a reference's score: TI in 1/255; DI's censored score as "beyond"
@@ -188,6 +193,10 @@ def test_verdict_by_each_detectors_own_rule() -> None:
                                          "far_at_frr_1pct_two_sided": 0.9}) == "missed"  # its rule is the two-sided one
     assert verdict(strip, {"setting": "cuba-fra", "far_at_frr_1pct": 0.0, "applicable": False, "reason": "x"}) is None
     assert verdict(strip, {"setting": "clean", "far_at_frr_1pct": 0.0}) is None  # nothing to catch on a clean model
+    # a run without a validation split: the threshold was fitted on training images, so no verdict
+    unheld = {"setting": "cuba-fra", "far_at_frr_1pct": 0.0}
+    assert verdict(strip, {**unheld, "calibration": "validation split (142 held-out training images)"}) == "caught"
+    assert verdict(strip, {**unheld, "calibration": "training images (this run has no validation split)"}) is None
     assert verdict(DEFENSES["fine-pruning"], {"setting": "cuba-fra", "rows": []}) is None  # no yes/no rule
     assert verdict(strip, {"far_at_frr_1pct": 0.0}) is None  # unknown model kind
     for setting, flagged, word in (("cuba-fra", True, "caught"), ("cuba-fra", False, "missed"),

@@ -66,6 +66,7 @@ def test_import_safetensors_and_flagged_pickle(tmp_path: Path, capsys: pytest.Ca
     assert "is not a readable safetensors file" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:Polyfit may be poorly conditioned")  # SentiNet on 20 inputs of an untrained model
 def test_an_imported_model_is_audited_as_unknown_not_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """defense.json of an imported model says "imported": an input detector has no backdoor inputs
     (its reason says why, not "clean model"), a model-level rule's verdict is flagged / not flagged,
@@ -87,6 +88,14 @@ def test_an_imported_model_is_audited_as_unknown_not_clean(tmp_path: Path, capsy
     assert f["setting"] == "imported" and f["applicable"] is False
     assert f["reason"].startswith("imported model: its trigger, if any, is unknown")
     assert verdict(DEFENSES["entropy"], {**f, "applicable": True, "far_at_frr_1pct_two_sided": 0.0}) is None
+    # the paper's input detectors too: their probe-patch numbers are no audit of an unknown trigger
+    for name, small in (("strip", ["n_overlay=8", "n_eval=40", "n_calib=40"]),
+                        ("sentinet", ["n_eval=20", "n_calib=20", "n_holdout=10"]),
+                        ("scale-up", ["n_eval=40", "n_ref=40", "n_calib=40"])):
+        sets = [a for v in small for a in ("--set", v)]
+        assert main(["defend", name, str(run), "--device", "cpu", *sets]) == 0
+        g = json.loads((run / "defenses" / name / "defense.json").read_text())
+        assert g["applicable"] is False and g["reason"].startswith("imported model: its trigger, if any, is unknown"), name
     nc = DEFENSES["neural-cleanse"]
     assert verdict(nc, {"setting": "imported", **model_verdict(3.0, "high", True, True)}) == "flagged"
     assert verdict(nc, {"setting": "imported", **model_verdict(0.5, "high", False, True)}) == "not flagged"

@@ -62,6 +62,9 @@ __all__ = ["AttackRun", "load_attack_run", "DefenseResult", "Defense", "SampledI
 
 IMPORTED = "imported"
 """The ``setting`` of a model brought in by ``cuba import-model``: backdoored or not is unknown."""
+UNHELD_CALIBRATION = "training images"
+"""How :attr:`AttackRun.calibration_source` starts for a run without a validation split: its detectors'
+thresholds were fitted on images the model trained on, so :func:`~.verdict.verdict` gives their rules no verdict."""
 
 
 @dataclass
@@ -161,7 +164,7 @@ class AttackRun:
         """Where :meth:`clean_val` draws from, in words (each detector writes it to defense.json)."""
         if self.data.has_val:
             return f"validation split ({len(self.data.y_val)} held-out training images)"
-        return "training images (this run has no validation split, val_fraction 0: the model has seen them)"
+        return UNHELD_CALIBRATION + " (this run has no validation split, val_fraction 0: the model has seen them)"
 
     def clean_val(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """At most ``n`` random clean *held-out* images and labels, for fitting a detector's threshold

@@ -94,7 +94,11 @@ def two_sided_summary(e_val: np.ndarray, e_clean: np.ndarray, e_bd: np.ndarray) 
     s_clean, s_bd = rank_distance(e_val, e_clean), rank_distance(e_val, e_bd)
     labels = np.r_[np.zeros(len(s_clean)), np.ones(len(s_bd))]
     auroc = float(roc_auc_score(labels, np.r_[s_clean, s_bd]))
-    return {"auroc": auroc, "auroc_two_sided": auroc, **rule_table(e_val, e_clean, e_bd, one_sided=None, rates=REPORTED_FRR)}
+    rules = rule_table(e_val, e_clean, e_bd, one_sided=None, rates=REPORTED_FRR)
+    # the harness's plain keys (issue 18: "for a two-sided detector, its two-sided rule"), as "auroc" is
+    # the two-sided AUROC: a reader of far_at_frr_1pct across detectors gets each one's own rule
+    plain = {k.removesuffix("_two_sided"): v for k, v in rules.items() if k.endswith("_two_sided")}
+    return {"auroc": auroc, "auroc_two_sided": auroc, **plain, **rules, "rule_sides": "two"}
 
 
 def inapplicable_reason(run: AttackRun, e_val: np.ndarray, e_clean: np.ndarray, e_bd: np.ndarray) -> str | None:

@@ -142,7 +142,7 @@ def model_level_table(res: Results) -> list[str]:
                     if f.get("level") == "model" and _kind(_setting(r, f)) != "unknown"})
     if not names:
         return []
-    groups = _groups(res)
+    groups, notes = _groups(res), []
     lines = ["", "Model-level detectors over these runs: AUROC of the score (direction as the detector declares), "
              "and how many models its own rule flagged" + (", per data set / model" if len(groups) > 1 else ""), "",
              "| detector | suspicious score | AUROC CUBA vs clean (n) | AUROC any backdoor vs clean (n) | flagged: CUBA | "
@@ -160,7 +160,20 @@ def model_level_table(res: Results) -> list[str]:
                 cells.append(flag_count([f for s, f in entries if _kind(s) == kind and not not_applicable(f)]))
             label = f"{name} ({group})" if len(groups) > 1 else name
             lines.append(f"| {label} | {entries[0][1].get('score_suspicious', '?')} | " + " | ".join(cells) + " |")
-    return lines
+            mixed = _mixed_params([f for _, f in entries])
+            if mixed:
+                notes.append(f"{label}: the scored runs ran it with different parameters ({', '.join(mixed)}); its AUROC "
+                             "pools scores that are not on one scale")
+    return lines + (["", *notes] if notes else [])
+
+
+def _mixed_params(fields: list[dict[str, Any]]) -> list[str]:
+    """The parameters (seed and reference budgets aside) on which these runs of one detector differ; []
+    when they agree. A model-level AUROC ranks scores against each other: they must come from one
+    setting (e.g. Neural Cleanse's early stop changed a verdict, BENCHMARKS.md)."""
+    params = [_effective_params(f) for f in fields]
+    keys = sorted({k for p in params for k in p})
+    return [k for k in keys if len({repr(p.get(k)) for p in params}) > 1]
 
 
 def _check_reference(ref: Path, f: dict[str, Any], target: dict[str, Any], name: str, run: Path) -> None:

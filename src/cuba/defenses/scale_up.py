@@ -55,7 +55,7 @@ import torch
 from .base import AttackRun, Defense, DefenseResult, check_param, register, rule_headline
 from .plots import plot_scores
 # empirical_two_sided lives in .rules with the other rules; still importable from here, where it was defined
-from .rules import constant_scores, empirical_two_sided, rate_tag, roc_summary, split_sizes  # noqa: F401
+from .rules import clean_model_reason, constant_scores, empirical_two_sided, rate_tag, roc_summary, split_sizes  # noqa: F401
 
 
 @torch.inference_mode()
@@ -136,7 +136,9 @@ class ScaleUp(Defense):
             fields[f"tpr_at_fpr_{tag}"], fields[f"test_fpr_at_fpr_{tag}"] = two_sided_rates(s_clean, s_bd, lo, hi)
             thresholds[tag] = [lo, hi]
         reason = None
-        if constant_scores(s_clean, s_bd):
+        if run.imported:  # its trigger is unknown: the probe patch scored above says nothing of its backdoor
+            reason = clean_model_reason(scored="SPCs", imported=True)
+        elif constant_scores(s_clean, s_bd):
             reason = (f"every test input, clean and backdoor, has the same score ({float(s_clean[0]):g}): "
                       "AUROC 0.5 and all-or-nothing flags by construction")
         fields.update({

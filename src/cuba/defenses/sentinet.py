@@ -39,6 +39,7 @@ import torch
 from .base import (AttackRun, Defense, DefenseResult, check_param, constant_scores, missing_stages, not_applicable,
                    register, roc_summary)
 from .plots import plot_cam_maps, plot_sentinet
+from .rules import clean_model_reason
 
 
 def gradcam(run: AttackRun, x: torch.Tensor, classes: torch.Tensor, stage: int = -1, batch_size: int = 256) -> torch.Tensor:
@@ -154,7 +155,9 @@ class SentiNet(Defense):
         cams = torch.cat([cam_clean, cam_bd]).flatten(1)
         flat_share = float((cams.amax(1) == cams.amin(1)).float().mean())
         reason = None
-        if flat_share == 1.0:
+        if run.imported:  # its trigger is unknown: the probe patch scored above says nothing of its backdoor
+            reason = clean_model_reason(scored="points", imported=True)
+        elif flat_share == 1.0:
             reason = "every Grad-CAM map is flat: the top-saliency mask covers the whole image, so nothing is localised"
         elif np.polyval(coeffs, np.linspace(p_calib[:, 0].min(), p_calib[:, 0].max(), 101)).min() >= 1.0 - 1e-9:
             reason = ("the boundary sits at fooled rate 1 over the whole confidence range of the clean validation "

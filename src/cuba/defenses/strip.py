@@ -48,7 +48,7 @@ from sklearn.metrics import roc_auc_score
 from .base import AttackRun, Defense, DefenseResult, check_param, register, rule_headline
 from .plots import plot_strip
 # far_frr lives in .rules with the other rules; still importable from here, where it was defined (interop.art reads it)
-from .rules import REPORTED_FRR, constant_scores, far_frr, rate_tag  # noqa: F401
+from .rules import REPORTED_FRR, clean_model_reason, constant_scores, far_frr, rate_tag  # noqa: F401
 
 # a calibration whose entropies spread less than this (bits) cannot place a quantile
 MIN_CALIB_STD = 1e-3
@@ -134,7 +134,8 @@ class Strip(Defense):
                 fields[f"far_at_frr_{tag}"], fields[f"frr_at_frr_{tag}"] = far, frr
                 thresholds[tag] = [lo, None if math.isinf(hi) else hi]
         threshold = thresholds[rate_tag(self.frr)][0]
-        reason = calibration_collapse(mu, sigma, run.num_classes)
+        # an imported model's trigger is unknown: the probe patch scored above says nothing of its backdoor
+        reason = clean_model_reason(imported=True) if run.imported else calibration_collapse(mu, sigma, run.num_classes)
         if reason is None and constant_scores(e_clean, e_bd):
             reason = "every input has the same entropy: the score ranks nothing"
         fields.update({

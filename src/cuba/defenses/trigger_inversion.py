@@ -189,9 +189,12 @@ class TriggerInversion(Defense):
             return na
         found = (f"budget {f['score']:g}/255 moves >= {100 * f['target']:g}% of held-out clean inputs out of their class"
                  if f["score"] is not None else f"{100 * f['target']:g}% not reached within {max(f['budgets']):g}/255")
-        if f.get("reference_budget") is None:
+        if f.get("reference_budget") is not None:
+            rule = f"reference {f['reference_budget']:g}/255, margin {f['margin']:g}"
+        elif f.get("reference_scores"):  # references given, none reached the target: beyond the schedule
+            rule = f"every reference beyond {max(f['budgets']):g}/255, margin {f['margin']:g}"
+        else:
             return f"{found}; no reference (flagged n/a)"
-        rule = f"reference {f['reference_budget']:g}/255, margin {f['margin']:g}"
         verdict = {True: "flagged", False: "not flagged", None: "undecided"}[f["flagged"]]
         return f"{found}; {verdict} ({rule})"
 
@@ -209,7 +212,8 @@ class TriggerInversion(Defense):
         if not_applicable(f) or not reference_scores:
             return None
         flagged, cut = reference_flag(f["score"], reference_scores, float(f["margin"]), max(f["budgets"]))
-        return {**f, "flagged": flagged, **({} if cut is None else {"reference_budget": cut * float(f["margin"])})}
+        return {**f, "flagged": flagged, "reference_scores": [None if r is None else float(r) for r in reference_scores],
+                **({} if cut is None else {"reference_budget": cut * float(f["margin"])})}
 
     def __init__(self, budgets: tuple[float, ...] = DEFAULT_BUDGETS, steps: int = 50, target: float = 0.8,
                  n_fit: int = 256, n_holdout: int = 256, reference_budget: float | None = None, margin: float = 2.0,

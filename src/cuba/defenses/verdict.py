@@ -13,14 +13,15 @@ never by a threshold fitted on the test set:
   threshold at 1% FRR on clean validation inputs. The backdoor is *caught* when that rule lets at
   most :data:`MISS_BAR` of the backdoor test inputs through -- issue 18's goal (FAR <= 5% at FRR 1%).
   On a clean model an input-level detector has nothing to catch (it writes n/a); a rule too fine
-  for its calibration set (``unresolved_rules``, :func:`cuba.defenses.rules.resolved`) gets no verdict.
+  for its calibration set (``unresolved_rules``, :func:`cuba.defenses.rules.resolved`), or one fitted
+  on training images because the run has no validation split, gets no verdict.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .base import IMPORTED, not_applicable, rule_tag
+from .base import IMPORTED, UNHELD_CALIBRATION, not_applicable, rule_tag
 
 MISS_BAR = 0.05
 """Largest share of backdoor inputs an input-level rule may let through and still count as caught."""
@@ -54,6 +55,8 @@ def verdict(defense: type | None, fields: dict[str, Any]) -> str | None:
         return None
     key, kind = rule
     if rule_tag(key) in fields.get("unresolved_rules", ()):  # its threshold is a sample extreme, not a fitted rate
+        return None
+    if str(fields.get("calibration", "")).startswith(UNHELD_CALIBRATION):  # fitted on images the model trained on
         return None
     if kind not in ("far", "tpr"):
         raise ValueError(f"{getattr(defense, 'name', defense)}.rule: kind must be 'far' or 'tpr', got {kind!r}")
