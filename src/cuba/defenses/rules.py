@@ -51,9 +51,16 @@ def roc_summary(s_clean: np.ndarray, s_bd: np.ndarray, s_val: np.ndarray, fpr_at
     labels = np.r_[np.zeros(len(s_clean)), np.ones(len(s_bd))]
     thr = val_threshold(s_val, fpr_at)
     tag = rate_tag(fpr_at)
-    return {"auroc": float(roc_auc_score(labels, np.r_[s_clean, s_bd])),
-            f"tpr_at_fpr_{tag}": float((s_bd > thr).mean()), f"test_fpr_at_fpr_{tag}": float((s_clean > thr).mean()),
-            f"threshold_at_fpr_{tag}": thr}
+    out = {"auroc": float(roc_auc_score(labels, np.r_[s_clean, s_bd])),
+           f"tpr_at_fpr_{tag}": float((s_bd > thr).mean()), f"test_fpr_at_fpr_{tag}": float((s_clean > thr).mean()),
+           f"threshold_at_fpr_{tag}": thr}
+    # the harness's own operating points (issue 18): FAR (backdoor inputs let through) at FRR 1% / 5% of
+    # the same validation-fitted one-sided rule, with the FRR it realises on clean test inputs
+    for rate in REPORTED_FRR:
+        t = val_threshold(s_val, rate)
+        out[f"far_at_frr_{rate_tag(rate)}"] = float((s_bd <= t).mean())
+        out[f"frr_at_frr_{rate_tag(rate)}"] = float((s_clean > t).mean())
+    return out
 
 
 def constant_scores(*scores: np.ndarray) -> bool:
