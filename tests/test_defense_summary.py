@@ -112,9 +112,10 @@ def test_change_table_rows_columns_and_errors() -> None:
     res = _groups_res()
     lines = change_table(res, ["strip", "mm-bd", "fine-pruning"], DEFENSES, "cuba-fra", "cuba-adaptive")
     assert lines[3] == "| detector | cuba-adaptive-fra-w1 |"
-    assert lines[5].startswith("| strip | caught 1/2 → 0/2; AUROC 0.950 → 0.350")
-    assert lines[6] == "| mm-bd | caught 1/2 → 2/2 |"  # model-level: the flags its rule raised
-    assert len(lines) == 7  # fine-pruning has no rule and no model-level flag: no row
+    assert lines[5] == "| the attack itself: CA / ASR / DS %, effective classes | – → – |"  # no metrics.json here
+    assert lines[6].startswith("| strip | caught 1/2 → 0/2; AUROC 0.950 → 0.350")
+    assert lines[7] == "| mm-bd | caught 1/2 → 2/2 |"  # model-level: the flags its rule raised
+    assert len(lines) == 8  # fine-pruning has no rule and no model-level flag: no row
     # without a prefix every backdoored group except the baseline is a column; clean never is
     assert change_table(res, ["strip"], DEFENSES, "cuba-fra")[3] == "| detector | cuba-adaptive-fra-w1 |"
     with pytest.raises(ConfigError, match=r"no group 'cuba-nra2'; the groups are cuba-fra, cuba-adaptive-fra-w1, clean"):
@@ -188,7 +189,7 @@ def test_change_table_baseline_must_name_one_group() -> None:
     lines = change_table(two_models, ["strip"], DEFENSES, "simplecnn-cuba-fra")
     # neither model's clean group is a column; the baseline holds the two simplecnn seeds only
     assert lines[3] == "| detector | simplecnn-cuba-adaptive-fra-w1 | resnet18-cuba-fra | resnet18-cuba-adaptive-fra-w1 |"
-    assert lines[5].startswith("| strip | caught 2/2 → 2/2")
+    assert lines[6].startswith("| strip | caught 2/2 → 2/2")
     res = _groups_res() + [(Path("r/mnist-m-push-away-fra-s0"), {"strip": strip_fields("push-away-fra", 0.0, 1.0)})]
     with pytest.raises(ConfigError, match=r"--baseline 'fra' matches 2 groups \(mnist-m-cuba-fra, mnist-m-push-away-fra\)"):
         change_table(res, ["strip"], DEFENSES, "fra")
@@ -218,3 +219,21 @@ def test_model_level_table_says_when_runs_of_a_detector_ran_with_other_parameter
     mixed = same + [(tmp_path / "mnist-m-cuba-fra-s2", {"neural-cleanse": nc("cuba-fra", 2, 10)})]
     assert model_level_table(mixed)[-1] == ("neural-cleanse: the scored runs ran it with different parameters (early_stop); "
                                             "its AUROC pools scores that are not on one scale")
+
+
+def test_attack_numbers_are_the_means_of_the_runs_metrics(tmp_path: Path) -> None:
+    """The adaptive trade's other side: CA / ASR / DS (%) and effective classes, means by hand."""
+    import json
+
+    from cuba.defenses.summary import attack_numbers
+
+    runs = []
+    for i, (ca, asr, ds, k) in enumerate(((0.98, 1.0, 0.93, 7.5), (0.96, 0.8, 0.7, 1.0))):
+        (tmp_path / f"s{i}").mkdir()
+        (tmp_path / f"s{i}" / "metrics.json").write_text(json.dumps({"ca": ca, "asr": asr, "ds": ds, "effective_classes": k}))
+        runs.append(tmp_path / f"s{i}")
+    assert attack_numbers(runs) == "97.0 / 90.0 / 81.5, 4.25"  # (98 + 96) / 2, (100 + 80) / 2, (93 + 70) / 2, 8.5 / 2
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "clean" / "metrics.json").write_text(json.dumps({"ca": 0.99, "asr": None, "ds": None}))
+    assert attack_numbers([tmp_path / "clean"]) == "99.0 / – / –, –"
+    assert attack_numbers([tmp_path / "nothing"]) == "–"

@@ -223,8 +223,28 @@ def change_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[
     of = lambda name, g: [d[name] for (_, d), gg in zip(res, groups) if gg == g and name in d]  # noqa: E731
     rows = [f"| {name} | " + " | ".join(change_cell(defenses[name], of(name, baseline), of(name, c)) for c in cols) + " |"
             for name in _judging(res, order, defenses)]
+    runs_of = lambda g: [r for r, gg in zip(runs, groups) if gg == g]  # noqa: E731
+    cost = "| the attack itself: CA / ASR / DS %, effective classes | " + " | ".join(
+        f"{attack_numbers(runs_of(baseline))} → {attack_numbers(runs_of(c))}" for c in cols) + " |"
     return ["", f"Against {baseline}: each detector's own rule (models caught), mean AUROC and mean rule number, "
-            f"{baseline} → the group", "", "| detector | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols), *rows]
+            f"{baseline} → the group; first, what the group costs the attack (means over its models' metrics.json)", "",
+            "| detector | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols), cost, *rows]
+
+
+def attack_numbers(runs: list[Path]) -> str:
+    """"CA / ASR / DS, effective classes" (means over ``runs``' metrics.json, test split; % but the
+    last) -- the attacker's side of an adaptive trade: a counter-term that evades a detector may cost
+    the attack its dispersion (DS down to its floor, one effective class); "–" where none has them."""
+    import json
+
+    ms = [json.loads((r / "metrics.json").read_text()) for r in runs if (r / "metrics.json").is_file()]
+    mean = lambda k: (sum(float(m[k]) for m in ms if m.get(k) is not None) / n  # noqa: E731
+                      if (n := sum(m.get(k) is not None for m in ms)) else None)
+    vals = [mean(k) for k in ("ca", "asr", "ds", "effective_classes")]
+    if all(v is None for v in vals):
+        return "–"
+    fmt = lambda v, scale: "–" if v is None else f"{v * scale:.{1 if scale == 100 else 2}f}"  # noqa: E731
+    return " / ".join(fmt(v, 100) for v in vals[:3]) + f", {fmt(vals[3], 1)}"
 
 
 def _judging(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[str], defenses: dict[str, type]) -> list[str]:
