@@ -235,9 +235,9 @@ def attack_numbers(runs: list[Path]) -> str:
     """"CA / ASR / DS, effective classes" (means over ``runs``' metrics.json, test split; % but the
     last) -- the attacker's side of an adaptive trade: a counter-term that evades a detector may cost
     the attack its dispersion (DS down to its floor, one effective class); "–" where none has them."""
-    import json
+    from ..runs import read_json  # a broken file raises an error that names it
 
-    ms = [json.loads((r / "metrics.json").read_text()) for r in runs if (r / "metrics.json").is_file()]
+    ms = [read_json(r / "metrics.json") for r in runs if (r / "metrics.json").is_file()]
     mean = lambda k: (sum(float(m[k]) for m in ms if m.get(k) is not None) / n  # noqa: E731
                       if (n := sum(m.get(k) is not None for m in ms)) else None)
     vals = [mean(k) for k in ("ca", "asr", "ds", "effective_classes")]
