@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import sys
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import norm
 
-from cuba.defenses.rules import far_frr, one_sided_lower
+from cuba.defenses.base import UNHELD_CALIBRATION
+from cuba.defenses.rules import far_frr, one_sided_lower, resolved
+from cuba.defenses.summary import group_names
 
 SHARED_PARAMS = ("n_eval", "n_calib", "seed")
 
@@ -34,6 +36,13 @@ SHARED_PARAMS = ("n_eval", "n_calib", "seed")
 def _load(run: Path, name: str) -> dict | None:
     p = Path(run) / "defenses" / name / "defense.json"
     return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _setting(run: Path) -> str | None:
+    """The setting any of the run's defense.json files names (a clean reference runs only some detectors)."""
+    for p in sorted((Path(run) / "defenses").glob("*/defense.json")):
+        return json.loads(p.read_text()).get("setting")
+    return None
 
 
 def union_rates(strip: dict, tie: dict, frr: float) -> dict:
@@ -47,6 +56,10 @@ def union_rates(strip: dict, tie: dict, frr: float) -> dict:
     e_clean, e_bd = np.asarray(strip["entropy_clean"]), np.asarray(strip["entropy_backdoor"])
     t_clean, t_bd, t_val = np.asarray(tie["tie_clean"]), np.asarray(tie["tie_backdoor"]), np.asarray(tie["tie_val"])
     half = frr / 2
+    if not resolved(len(t_val), half, False):  # near-tie's threshold would be the validation minimum
+        raise SystemExit(f"{tie['run']}: {len(t_val)} validation scores cannot resolve a rule at FRR {half:g}")
+    if any(str(f.get("calibration", "")).startswith(UNHELD_CALIBRATION) for f in (strip, tie)):
+        raise SystemExit(f"{strip['run']}: calibrated on training images (no validation split): no union rule")
     lo_strip = float(norm.ppf(half, strip["calib_mean"], strip["calib_std"]))
     lo_tie = one_sided_lower(t_val, half)
     flag_bd, flag_clean = (e_bd < lo_strip) | (t_bd < lo_tie), (e_clean < lo_strip) | (t_clean < lo_tie)
@@ -58,11 +71,6 @@ def union_rates(strip: dict, tie: dict, frr: float) -> dict:
             "union_far": float(1 - flag_bd.mean()), "union_frr": float(flag_clean.mean())}
 
 
-def group_of(run: Path) -> str:
-    """The run's name less its seed suffix and its data set / model prefix (mnist-simplecnn-)."""
-    return re.sub(r"-s\d+$", "", Path(run).name).split("-", 2)[-1]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
@@ -71,12 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if not 0 < a.frr < 1:
         raise SystemExit(f"--frr must lie in (0, 1), got {a.frr}")
-    rows = []
+    rows, used = [], []
     for run in a.runs:
         strip, tie = _load(run, "strip"), _load(run, "near-tie")
         if not strip or not tie or strip.get("applicable") is False or tie.get("applicable") is False:
-            continue  # a clean model, or a detector not run / not applicable: no backdoor inputs to union
-        rows.append({"run": run.name, "group": group_of(run), **union_rates(strip, tie, a.frr)})
+            if _setting(run) != "clean":  # a clean model has no backdoor inputs: no word
+                print(f"skipped {run}: STRIP or near-tie missing or not applicable", file=sys.stderr)
+            continue
+        rows.append({"run": run.name, **union_rates(strip, tie, a.frr)})
+        used.append(run)
+    for r, g in zip(rows, group_names(used)):  # the shared data set / model prefix and the seed dropped
+        r["group"] = g
     if not rows:
         raise SystemExit("no run has applicable STRIP and near-tie results")
     pct = f"{100 * a.frr:g}%"

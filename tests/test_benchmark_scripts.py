@@ -331,33 +331,44 @@ def test_saved_grid_results_are_not_git_ignored() -> None:
 
 def test_union_rule_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Near-tie OR STRIP at half the FRR each. STRIP: a normal N(1, 1) on validation, so at 1% its
-    threshold is 1 + z(0.01) = -1.326 and at 2% -1.054; near-tie: validation 0.01 .. 1.00, its lower
-    empirical 1% quantile 0.01 and 2% quantile 0.02."""
+    threshold is 1 + z(0.01) = -1.326 and at 2% -1.054; near-tie: validation 0, 0.005, ..., 1 (201
+    values), its lower empirical 1% quantile 0.01 and 2% quantile 0.02."""
     import numpy as np
 
-    def write(run: Path, params: dict) -> Path:
-        for name, f in (("strip", {"entropy_clean": [1, 1, -1.5, 1], "entropy_backdoor": [-2, 0, 0, -1.2],
+    def write(run: Path, params: dict, setting: str = "cuba-fra", only: str = "") -> Path:
+        for name, f in (("strip", {"entropy_clean": [1, 1, -1.5, 1, 1], "entropy_backdoor": [-2, 0, 0, -1.2, -1.1, -1.5],
                                    "calib_mean": 1.0, "calib_std": 1.0}),
-                        ("near-tie", {"tie_clean": [0.5, 0.5, 0.5, 0.001], "tie_backdoor": [0.5, 0.005, 0.5, 0.015],
-                                      "tie_val": (np.arange(1, 101) / 100).tolist()})):
+                        ("near-tie", {"tie_clean": [0.5, 0.5, 0.5, 0.001, 0.5], "tie_backdoor": [0.5, 0.005, 0.5, 0.5, 0.015, 0.5],
+                                      "tie_val": (np.arange(201) / 200).tolist()})):
+            if only and name != only:
+                continue
             (run / "defenses" / name).mkdir(parents=True)
-            p = {"n_eval": 4, "n_calib": 100, "seed": 0, **(params if name == "near-tie" else {})}
-            (run / "defenses" / name / "defense.json").write_text(json.dumps({"setting": "cuba-fra", "run": str(run),
+            p = {"n_eval": 6, "n_calib": 201, "seed": 0, **(params if name == "near-tie" else {})}
+            (run / "defenses" / name / "defense.json").write_text(json.dumps({"setting": setting, "run": str(run),
                                                                               "params": p, **f}))
         return run
 
-    run = write(tmp_path / "mnist-simplecnn-cuba-fra-s0", {})
-    monkeypatch.setattr(sys, "argv", ["union_rule.py", str(run), "--frr", "0.02", "--json", str(tmp_path / "u.json")])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_path(str(BENCH / "union_rule.py"), run_name="__main__")
-    assert done.value.code == 0
-    (row,) = json.loads((tmp_path / "u.json").read_text())
-    # backdoor: -2 (STRIP) and tie 0.005 (near-tie) flagged; 0 / 0.5 and -1.2 / 0.015 pass both halves
-    assert (row["union_far"], row["union_frr"]) == (0.5, 0.5)  # clean: -1.5 (STRIP) and tie 0.001 flagged
-    # each alone at the full 2%: STRIP flags -2 and -1.2, near-tie 0.005 and 0.015
-    assert (row["strip_far"], row["near_tie_far"], row["group"]) == (0.5, 0.5, "cuba-fra")
-    assert "| cuba-fra (1) | 0.500 | 0.500 | 0.500 | 0.500 (max 0.500) | 0/1 |" in capsys.readouterr().out
+    def script(*args: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["union_rule.py", *args])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(BENCH / "union_rule.py"), run_name="__main__")
+        return done.value.code
+
+    runs = [write(tmp_path / "mnist-simplecnn-cuba-fra-s0", {}), write(tmp_path / "mnist-simplecnn-cuba-nra2-s0", {}, "cuba-nra2"),
+            write(tmp_path / "mnist-simplecnn-clean-s0", {}, "clean", only="near-tie"),
+            write(tmp_path / "mnist-simplecnn-badnets-s0", {}, "badnets", only="strip")]
+    assert script(*map(str, runs), "--frr", "0.02", "--json", str(tmp_path / "u.json")) == 0
+    rows = json.loads((tmp_path / "u.json").read_text())
+    assert [r["group"] for r in rows] == ["fra", "nra2"]  # the prefix both share dropped, "cuba-" included
+    # backdoor -2, -1.5 (STRIP at 1%) and tie 0.005 (near-tie at 1%) flagged: 3 of 6 pass; clean -1.5 and 0.001: 2 of 5
+    assert (rows[0]["union_far"], rows[0]["union_frr"]) == (0.5, 0.4)
+    # each alone at the full 2%: STRIP flags -2, -1.2, -1.1, -1.5 (FAR 2/6); near-tie 0.005 and 0.015 (FAR 4/6)
+    assert (rows[0]["strip_far"], rows[0]["near_tie_far"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
+    out = capsys.readouterr()
+    assert "| fra (1) | 0.667 | 0.333 | 0.500 | 0.400 (max 0.400) | 0/1 |" in out.out
+    # the BadNets run lacks near-tie: named; the clean one is skipped without a word
+    assert "skipped" in out.err and "badnets" in out.err and "clean-s0" not in out.err
     other = write(tmp_path / "mnist-simplecnn-cuba-fra-s1", {"seed": 1})  # other inputs: no union
-    monkeypatch.setattr(sys, "argv", ["union_rule.py", str(other)])
-    with pytest.raises(SystemExit, match="STRIP and near-tie scored other inputs \\(seed: 0 vs 1\\)"):
-        runpy.run_path(str(BENCH / "union_rule.py"), run_name="__main__")
+    assert "STRIP and near-tie scored other inputs (seed: 0 vs 1)" in str(script(str(other)))
+    few = write(tmp_path / "mnist-simplecnn-cuba-fra-s2", {})  # 201 validation scores cannot resolve FRR 0.1%
+    assert "201 validation scores cannot resolve a rule at FRR 0.001" in str(script(str(few), "--frr", "0.002"))

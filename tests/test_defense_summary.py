@@ -219,6 +219,11 @@ def test_model_level_table_says_when_runs_of_a_detector_ran_with_other_parameter
     mixed = same + [(tmp_path / "mnist-m-cuba-fra-s2", {"neural-cleanse": nc("cuba-fra", 2, 10)})]
     assert model_level_table(mixed)[-1] == ("neural-cleanse: the scored runs ran it with different parameters (early_stop); "
                                             "its AUROC pools scores that are not on one scale")
+    # "auto" precision is one parameter but two settings: what it resolved to where it ran counts too
+    ran = [(r, {"neural-cleanse": {**d["neural-cleanse"], "resolved": {"precision": p}}})
+           for (r, d), p in zip(same, ("bf16", "fp32", "bf16", "bf16"))]
+    assert "(precision as run)" in model_level_table(ran)[-1]
+    assert not any("parameters" in x for x in model_level_table(ran[:1] + ran[2:]))
 
 
 def test_attack_numbers_are_the_means_of_the_runs_metrics(tmp_path: Path) -> None:

@@ -85,6 +85,9 @@ def test_neural_cleanse_flags_the_badnets_target(badnets_run: Path, tmp_path: Pa
     f = json.loads((tmp_path / "neural-cleanse" / "defense.json").read_text())
     assert f["flagged_classes"] == [0] and f["anomaly_index"] > 2, f["l1_norms"]
     assert len(f["l1_norms"]) == 10 and (tmp_path / "neural-cleanse" / "neural_cleanse.png").is_file()
+    from cuba.engine import make_engine  # what "auto" became here, written beside the parameters
+
+    assert f["resolved"] == {"precision": "bf16" if make_engine("cpu", "auto").bf16 else "fp32", "batched": False}
     with pytest.raises(ConfigError, match=r"^precision: must be auto or fp32 or bf16, got 'fp16'"):
         NeuralCleanse(precision="fp16")
 

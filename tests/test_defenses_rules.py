@@ -66,6 +66,8 @@ def test_val_threshold_and_roc_summary_use_the_validation_scores() -> None:
     # the harness's FAR at FRR 5% is the same rule read the other way; at 1% the threshold is 0.99
     assert (r["far_at_frr_5pct"], r["frr_at_frr_5pct"]) == (pytest.approx(0.5), pytest.approx(0.1))
     assert (r["far_at_frr_1pct"], r["frr_at_frr_1pct"]) == (1.0, 0.0)
+    # ... which 100 validation scores cannot resolve (its threshold is their maximum): marked, as rule_table does
+    assert r["unresolved_rules"] == ["1pct"] and "unresolved_rules" not in roc_summary(s_clean, s_bd, np.arange(101) / 100)
     # the test ROC would have chosen 0.97 (FPR 0 on the test inputs) and reported TPR 0; a discrete score
     # whose validation quantile is its maximum flags nothing rather than more than the nominal share
     assert val_threshold(np.r_[np.zeros(90), np.ones(10)], 0.05) == 1.0

@@ -64,6 +64,8 @@ def test_two_sided_rule_on_synthetic_entropies() -> None:
     # the plain keys of the harness hold the detector's own (two-sided) rule
     assert (f["far_at_frr_1pct"], f["frr_at_frr_1pct"], f["far_at_frr_5pct"]) == (0.5, 0.0, 0.25)
     assert f["rule_sides"] == "two" and "1pct" not in f["thresholds"]
+    # 200 validation values cannot resolve a two-sided 1% rule (201 needed): under both names
+    assert f["unresolved_rules"] == ["1pct_two_sided", "1pct"]
 
 
 def test_class_margins_by_hand() -> None:

@@ -150,6 +150,12 @@ def test_model_level_rows_and_references_stay_within_one_data_set(tmp_path: Path
     other = _write(tmp_path, "m-ref-tau", "mnist", "dispersion-inversion", {**di("clean", 0.04, tau=None), "tau": 0.5})
     with pytest.raises(ConfigError, match=r"m-ref-tau: dispersion-inversion ran with other parameters .*\(tau\)"):
         defense_tables(new, references=[other])
+    # what a run resolved where it ran ("resolved", e.g. Neural Cleanse's auto precision) must match too
+    bf = [_write(tmp_path, "m-bf", "mnist", "dispersion-inversion", {**di("cuba-fra", 0.01), "resolved": {"precision": "bf16"}})]
+    fp = _write(tmp_path, "m-ref-fp", "mnist", "dispersion-inversion", {**di("clean", 0.04), "resolved": {"precision": "fp32"}})
+    with pytest.raises(ConfigError, match=r"m-ref-fp: dispersion-inversion ran with other parameters .*\(precision as run\)"):
+        defense_tables(bf, references=[fp])
+    assert "flagged decided on 1 clean reference model(s)" in defense_tables(bf, references=[refs[0]])  # older file: no "resolved"
 
 
 def test_trigger_inversion_reference_rule() -> None:

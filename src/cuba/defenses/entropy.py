@@ -37,7 +37,8 @@ Not applicable (``"applicable": false`` with a ``reason``; the numbers stay for 
   step) or test scores that are all equal (the score ranks nothing).
 
 defense.json: ``auroc`` / ``auroc_two_sided``; ``far_at_frr_{1,5}pct_two_sided`` /
-``frr_at_frr_{1,5}pct_two_sided``; ``thresholds`` ([lower, upper] per rule, in bits); ``calib_median``;
+``frr_at_frr_{1,5}pct_two_sided``, the same under the harness's plain keys ``far_at_frr_{1,5}pct`` /
+``frr_at_frr_{1,5}pct`` with ``rule_sides: "two"``; ``thresholds`` ([lower, upper] per rule, in bits); ``calib_median``;
 ``calibration`` / ``n_calib_used``; ``max_entropy`` (log2 K); ``applicable`` (+ ``reason``);
 ``trigger``; and the per-input entropies ``entropy_clean`` / ``entropy_backdoor`` / ``entropy_val``.
 Figure: ``entropy_hist.png`` (the two test histograms with the 5% two-sided thresholds).
@@ -98,6 +99,8 @@ def two_sided_summary(e_val: np.ndarray, e_clean: np.ndarray, e_bd: np.ndarray) 
     # the harness's plain keys (issue 18: "for a two-sided detector, its two-sided rule"), as "auroc" is
     # the two-sided AUROC: a reader of far_at_frr_1pct across detectors gets each one's own rule
     plain = {k.removesuffix("_two_sided"): v for k, v in rules.items() if k.endswith("_two_sided")}
+    if "unresolved_rules" in rules:  # the plain keys are the same rules: unresolved alike
+        rules["unresolved_rules"] = [*rules["unresolved_rules"], *(t.removesuffix("_two_sided") for t in rules["unresolved_rules"])]
     return {"auroc": auroc, "auroc_two_sided": auroc, **plain, **rules, "rule_sides": "two"}
 
 

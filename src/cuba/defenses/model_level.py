@@ -173,14 +173,19 @@ def _mixed_params(fields: list[dict[str, Any]]) -> list[str]:
     setting (e.g. Neural Cleanse's early stop changed a verdict, BENCHMARKS.md)."""
     params = [_effective_params(f) for f in fields]
     keys = sorted({k for p in params for k in p})
-    return [k for k in keys if len({repr(p.get(k)) for p in params}) > 1]
+    mixed = [k for k in keys if len({repr(p.get(k)) for p in params}) > 1]
+    # what a detector resolved where it ran ("auto" precision -> bf16 or fp32), among the files that say so
+    ran = [f["resolved"] for f in fields if isinstance(f.get("resolved"), dict)]
+    return mixed + [f"{k} as run" for k in sorted({k for r in ran for k in r}) if len({repr(r.get(k)) for r in ran}) > 1]
 
 
 def _check_reference(ref: Path, f: dict[str, Any], target: dict[str, Any], name: str, run: Path) -> None:
     """A reference must have run the detector with the scored run's parameters (seed aside)."""
     mine, theirs = _effective_params(f), _effective_params(target)
-    if mine != theirs:
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    shared = set(f.get("resolved") or {}) & set(target.get("resolved") or {})  # older files lack "resolved"
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    diff += sorted(f"{k} as run" for k in shared if f["resolved"][k] != target["resolved"][k])
+    if diff:
         raise ConfigError(f"--reference {ref}: {name} ran with other parameters than on {run} ({', '.join(diff)}); "
                           "a reference must be scored by the same detector settings")
 

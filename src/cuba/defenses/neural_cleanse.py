@@ -196,6 +196,8 @@ class NeuralCleanse(Defense):
         kw = {"seed": self.seed, "early_stop": self.early_stop, "autocast": amp.autocast, "layout": layout}
         k = run.num_classes
         batched = run.engine.device.type == "cuda" if self.batched is None else bool(self.batched)
+        # what "auto" and null became on this machine: a bf16 and an fp32 search are not one setting
+        self.resolved = {"precision": "bf16" if amp.bf16 else "fp32", "batched": batched}
         if batched:
             return reverse_engineer(run, list(range(k)), *args, **kw)
         parts = [reverse_engineer(run, [c], *args, **kw) for c in range(k)]
@@ -208,7 +210,7 @@ class NeuralCleanse(Defense):
         fields = {
             "l1_norms": [round(v, 4) for v in norms], "anomaly_index": index, "flagged_classes": flagged,
             "class_anomaly": [round(float(v), 4) for v in a], "reached_99pct": res["found"].tolist(),
-            "smallest_norm_class": int(np.argmin(norms)),
+            "smallest_norm_class": int(np.argmin(norms)), "resolved": self.resolved,
             **model_verdict(index, "high", bool(flagged), assumes_target_class=True),
         }
         fig = plot_neural_cleanse(norms, flagged, index, res["mask"].numpy(), out / "neural_cleanse.png",

@@ -37,7 +37,7 @@ def val_threshold(s_val: np.ndarray, fpr: float) -> float:
     return float(np.quantile(np.asarray(s_val, dtype=float), 1.0 - fpr, method="higher"))
 
 
-def roc_summary(s_clean: np.ndarray, s_bd: np.ndarray, s_val: np.ndarray, fpr_at: float = 0.05) -> dict[str, float]:
+def roc_summary(s_clean: np.ndarray, s_bd: np.ndarray, s_val: np.ndarray, fpr_at: float = 0.05) -> dict[str, Any]:
     """AUROC of a detector score (higher = more suspicious), backdoor vs clean *test* inputs, and the
     TPR of a threshold fitted on clean *validation* scores ``s_val`` (:func:`val_threshold` at
     ``fpr_at``), with the FPR that threshold realises on the clean test inputs beside it.
@@ -60,6 +60,9 @@ def roc_summary(s_clean: np.ndarray, s_bd: np.ndarray, s_val: np.ndarray, fpr_at
         t = val_threshold(s_val, rate)
         out[f"far_at_frr_{rate_tag(rate)}"] = float((s_bd <= t).mean())
         out[f"frr_at_frr_{rate_tag(rate)}"] = float((s_clean > t).mean())
+    unresolved = [rate_tag(r) for r in REPORTED_FRR if not resolved(len(s_val), r, False)]
+    if unresolved:  # as rule_table marks them: a threshold on the sample's maximum is no fitted rate
+        out["unresolved_rules"] = unresolved
     return out
 
 
