@@ -29,19 +29,20 @@ from scipy.stats import norm
 from cuba.defenses.base import UNHELD_CALIBRATION
 from cuba.defenses.rules import far_frr, one_sided_lower, resolved
 from cuba.defenses.summary import group_names
+from cuba.runs import read_json
 
 SHARED_PARAMS = ("n_eval", "n_calib", "seed")
 
 
 def _load(run: Path, name: str) -> dict | None:
     p = Path(run) / "defenses" / name / "defense.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    return read_json(p) if p.is_file() else None  # a damaged file is named in the error
 
 
 def _setting(run: Path) -> str | None:
     """The setting any of the run's defense.json files names (a clean reference runs only some detectors)."""
     for p in sorted((Path(run) / "defenses").glob("*/defense.json")):
-        return json.loads(p.read_text()).get("setting")
+        return read_json(p).get("setting")
     return None
 
 

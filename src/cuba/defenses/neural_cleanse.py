@@ -40,7 +40,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -184,6 +184,13 @@ class NeuralCleanse(Defense):
         self.lr, self.init_cost, self.batched, self.early_stop, self.precision = lr, init_cost, batched, early_stop, precision
         self.channels_last = bool(channels_last)
 
+    def resolved(self, run: AttackRun) -> dict[str, Any]:
+        """What ``precision`` "auto" and ``batched`` null become for ``run``'s device: a bf16 and an fp32
+        search are not one setting, so defense.json records them beside the parameters."""
+        bf16 = make_engine(str(run.engine.device), self.precision).bf16
+        batched = run.engine.device.type == "cuda" if self.batched is None else bool(self.batched)
+        return {"precision": "bf16" if bf16 else "fp32", "batched": batched}
+
     def reverse(self, run: AttackRun) -> dict[str, torch.Tensor]:
         x_pool, _ = run.clean_train(self.n_pool, seed=self.seed)
         args = (x_pool, self.epochs, self.batches_per_epoch, self.batch_size, self.lr, self.init_cost)
@@ -195,10 +202,7 @@ class NeuralCleanse(Defense):
         run.classifier.to(memory_format=layout)
         kw = {"seed": self.seed, "early_stop": self.early_stop, "autocast": amp.autocast, "layout": layout}
         k = run.num_classes
-        batched = run.engine.device.type == "cuda" if self.batched is None else bool(self.batched)
-        # what "auto" and null became on this machine: a bf16 and an fp32 search are not one setting
-        self.resolved = {"precision": "bf16" if amp.bf16 else "fp32", "batched": batched}
-        if batched:
+        if self.resolved(run)["batched"]:
             return reverse_engineer(run, list(range(k)), *args, **kw)
         parts = [reverse_engineer(run, [c], *args, **kw) for c in range(k)]
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
@@ -210,7 +214,7 @@ class NeuralCleanse(Defense):
         fields = {
             "l1_norms": [round(v, 4) for v in norms], "anomaly_index": index, "flagged_classes": flagged,
             "class_anomaly": [round(float(v), 4) for v in a], "reached_99pct": res["found"].tolist(),
-            "smallest_norm_class": int(np.argmin(norms)), "resolved": self.resolved,
+            "smallest_norm_class": int(np.argmin(norms)), "resolved": self.resolved(run),
             **model_verdict(index, "high", bool(flagged), assumes_target_class=True),
         }
         fig = plot_neural_cleanse(norms, flagged, index, res["mask"].numpy(), out / "neural_cleanse.png",
