@@ -103,9 +103,14 @@ def test_change_cell_counts_and_means_against_the_baseline() -> None:
     # by hand: AUROC (1.0 + 0.9) / 2 = 0.95 -> (0.4 + 0.3) / 2 = 0.35, change -0.600; FAR 0.25 -> 0.95
     assert change_cell(STRIP, base, other) == "caught 1/2 → 0/2; AUROC 0.950 → 0.350 (-0.600); FAR@FRR 1% 0.250 → 0.950"
     assert change_cell(STRIP, base, []) == "–"
-    # a rule too fine for its calibration set judges nothing: its count is a dash, its numbers still shown
+    # a rule too fine for its calibration set judges nothing: "no verdict", its numbers still shown
     unresolved = [strip_fields("cuba-fra", 0.0, 1.0, unresolved_rules=["1pct"])]
-    assert change_cell(STRIP, unresolved, other).startswith("caught – → 0/2; AUROC 1.000 → 0.350")
+    assert change_cell(STRIP, unresolved, other).startswith("no verdict → caught 0/2; AUROC 1.000 → 0.350")
+    assert change_cell(STRIP, other, unresolved).startswith("caught 0/2 → no verdict; AUROC 0.350 → 1.000")
+    # a detector that applies to neither group (IBD-PSC without BatchNorm) says so once
+    na = {"setting": "cuba-fra", "applicable": False, "reason": "no BatchNorm"}
+    assert change_cell(STRIP, [na], [{**na, "setting": "cuba-adaptive-fra-w1"}]) == "n/a"
+    assert change_cell(STRIP, [na], other).startswith("n/a → caught 0/2")
 
 
 def test_change_table_rows_columns_and_errors() -> None:
@@ -133,6 +138,17 @@ def test_summary_table_keeps_a_detector_that_ran_without_deciding() -> None:
            for g, s in (("clean", "clean"), ("cuba-fra", "cuba-fra"))]
     lines = summary_table(res, ["dispersion-inversion"], DEFENSES)
     assert lines[-1] == f"| dispersion-inversion | {NO_VERDICT} | {NO_VERDICT} |"
+
+
+def test_summary_table_keeps_a_detector_that_applied_to_no_model() -> None:
+    """IBD-PSC on a model without BatchNorm: a row of n/a (the matrix has every detector on every
+    model), where a detector that never ran on the runs has no row."""
+    na = lambda s: {"setting": s, "applicable": False, "reason": "no BatchNorm layer"}  # noqa: E731
+    res = [(Path(f"r/mnist-m-{g}-s0"), {"ibd-psc": na(g)}) for g in ("clean", "cuba-fra")]
+    assert summary_table(res, ["ibd-psc"], DEFENSES)[-1] == "| ibd-psc | n/a | n/a |"
+    assert summary_table(res, ["strip"], DEFENSES) == []
+    rows, _, share, text = win_shares(res, ["ibd-psc"], DEFENSES)
+    assert rows == ["ibd-psc"] and share == [[None, None]] and text == [["n/a", "n/a"]]
 
 
 def test_win_shares_of_the_folded_matrix() -> None:

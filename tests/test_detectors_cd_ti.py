@@ -294,3 +294,49 @@ def test_trigger_inversion_end_to_end(badnets_run: Path, tmp_path: Path) -> None
     const = dataclasses.replace(run, classifier=_Const([0.0] * 10), _bd_cache=None)
     c = run_defense("trigger-inversion", const, tmp_path / "c", budgets=[8], steps=2, n_fit=4, n_holdout=4).fields
     assert c["applicable"] is False and "does not depend on its input" in c["reason"] and c["flagged"] is None
+
+
+def test_defend_writes_the_flag_decided_by_clean_references(badnets_run: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`cuba defend trigger-inversion RUN --reference REF...`: the auditor's flag in defense.json itself,
+    by the rule `cuba defense-table --reference` applies; bad references are refused before the search."""
+    import shutil
+
+    from cuba.cli import main
+
+    sets = ["--set", "budgets=[16, 64, 128]", "--set", "steps=10", "--set", "n_fit=40", "--set", "n_holdout=40",
+            "--device", "cpu"]
+    plain = tmp_path / "plain"
+    assert main(["defend", "trigger-inversion", str(badnets_run), "--out", str(plain), *sets]) == 0
+    f = json.loads((plain / "trigger-inversion" / "defense.json").read_text())
+    assert f["flagged"] is None
+
+    def ref(name: str, score: float | None, setting: str = "clean", config: Path = badnets_run / "config.yaml") -> Path:
+        folder = tmp_path / name / "defenses" / "trigger-inversion"
+        folder.mkdir(parents=True)
+        shutil.copy(config, tmp_path / name / "config.yaml")
+        (folder / "defense.json").write_text(json.dumps({**f, "setting": setting, "score": score, "reached": score is not None}))
+        return tmp_path / name
+
+    # references at 256/255 and never reached: cut 256 / margin 2 = 128, above none of the budgets
+    refs = [ref("r1", 256.0), ref("r2", None)]
+    out = tmp_path / "flagged"
+    assert main(["defend", "trigger-inversion", str(badnets_run), "--out", str(out), *sets,
+                 "--reference", *map(str, refs)]) == 0
+    g = json.loads((out / "trigger-inversion" / "defense.json").read_text())
+    assert g["flagged"] is (f["score"] is not None and f["score"] < 128)
+    assert g["reference_scores"] == [256.0, None] and g["score"] == f["score"]
+    assert "flagged decided on 2 clean reference model(s)" in capsys.readouterr().out
+
+    def refused(name: str, reference: Path, message: str) -> None:
+        extra = sets if name == "trigger-inversion" else []
+        assert main(["defend", name, str(badnets_run), "--out", str(tmp_path / "x"), *extra, "--reference", str(reference)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()  # refused before any search ran
+
+    refused("trigger-inversion", tmp_path / "plain", "no trigger-inversion result in it")
+    refused("trigger-inversion", ref("bd", 1.0, "badnets-t0"), "must be clean, this one is 'badnets-t0'")
+    other = tmp_path / "other.yaml"
+    other.write_text((badnets_run / "config.yaml").read_text().replace("digits", "mnist"))
+    refused("trigger-inversion", ref("mn", 256.0, config=other), "its model is mnist/")
+    refused("strip", refs[0], "--reference: strip has no reference rule; only trigger-inversion")

@@ -209,6 +209,37 @@ def test_only_and_dry_run_status(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "--only nothing*: no cell of grid" in capsys.readouterr().err
 
 
+def test_companion_grids_run_by_the_same_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``also``: the detector matrix's digits part is a grid of its own recipe, run by the same command
+    into OUT/<its name>; its cells are checked with the main grid's, --only reaches them."""
+    from cuba.cli import main
+
+    part = tmp_path / "part.yaml"
+    part.write_text(yaml.safe_dump({**TINY, "name": "part", "attacks": ["none"], "seeds": [5], "defenses": []}))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({**TINY, "defenses": [], "seeds": [0], "also": [str(part)]}))
+    out = tmp_path / "o"
+    assert main(["reproduce", str(grid), "--out", str(out), "--only", "*-clean-*"]) == 0
+    assert (out / "runs" / "digits-simplecnn-clean-s0" / "metrics.json").is_file()
+    assert (out / "part" / "runs" / "digits-simplecnn-clean-s5" / "metrics.json").is_file()
+    assert not (out / "runs" / "digits-simplecnn-clean-s5").exists()  # each grid in its own folder
+    assert (out / "part" / "report.html").is_file() and (out / "report.html").is_file()
+    capsys.readouterr()
+    assert main(["reproduce", str(grid), "--out", str(out), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"grid {grid} -> {out}" and f"grid {part} -> {out / 'part'}" in lines
+    assert "digits-simplecnn-clean-s5  defenses: -  [done]" in lines and "digits-simplecnn-cuba-fra-s0  defenses: -  [to run]" in lines
+    # a companion of a companion, a bad also, a bad companion cell: refused before anything trains
+    part.write_text(yaml.safe_dump({**TINY, "also": [str(grid)]}))
+    assert main(["reproduce", str(grid), "--out", str(out), "--dry-run"]) == 2
+    assert "cannot have companions" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="also must be a list of grid names or files"):
+        expand({**TINY, "also": "part.yaml"})
+    part.write_text(yaml.safe_dump({**TINY, "attacks": ["nope"]}))
+    assert main(["reproduce", str(grid), "--out", str(tmp_path / "never"), "--only", "*-clean-*"]) == 2
+    assert not (tmp_path / "never").exists()
+
+
 # --- the gpu grid: Table II's RGB rows, blocked data sets (its protocol column: test_reproduce_tables.py)
 
 BLOCKED_C100 = ("no local copy of cifar100 (pass --download on a machine with a network, "

@@ -29,12 +29,45 @@ def cmd_defend(args: argparse.Namespace) -> int:
                           else f"--set: {args.name} has no parameter {', '.join(unknown)}")
     for name in names:
         DEFENSES[name].checked(**{k: v for k, v in params.items() if k in accepted[name]})
+    if args.reference and not any(DEFENSES[n].has_reference_rule() for n in names):
+        raise ConfigError(f"--reference: {args.name} has no reference rule; only "
+                          f"{', '.join(n for n in DEFENSES if DEFENSES[n].has_reference_rule())} decide their flag "
+                          "from clean references")
     run = load_attack_run(args.run_dir, device=args.device, data_dir=args.data_dir)  # after the checks: it loads data
+    refs = _references(args.reference, names, run.run_dir)
     for name in names:
         res = run_defense(name, run, out, **{k: v for k, v in params.items() if k in accepted[name]})
-        print(f"{name:<15} {DEFENSES[name].headline(res.fields)}  ({res.seconds:.0f} s)", flush=True)
+        fields, note = res.fields, ""
+        if name in refs:
+            fields, note = _flag_with_references(name, run.run_dir, (out or run.run_dir / "defenses") / name, refs[name])
+        print(f"{name:<15} {DEFENSES[name].headline(fields)}  ({res.seconds:.0f} s){note}", flush=True)
     print(f"defense.json and figures in {(out or run.run_dir / 'defenses')}/<defense>/")
     return 0
+
+
+def _references(paths: list[str] | None, names: list[str], run_dir: Path) -> dict[str, Any]:
+    """{detector: its reference results} for ``--reference``, read and checked before anything runs;
+    only detectors with a reference rule take them (with ``all``, the others ignore them)."""
+    from ..defenses import DEFENSES
+    from ..defenses.model_level import load_references, model_group
+
+    if not paths:
+        return {}
+    return {n: load_references([Path(p) for p in paths], n, model_group(run_dir))
+            for n in names if DEFENSES[n].has_reference_rule()}
+
+
+def _flag_with_references(name: str, run_dir: Path, folder: Path, refs: Any) -> tuple[dict[str, Any], str]:
+    """Decide ``flagged`` of the defense.json just written in ``folder`` from the references' scores
+    (the rule of ``cuba defense-table --reference``) and write it back; (its fields, a note)."""
+    from ..defenses import DEFENSES
+    from ..defenses.model_level import apply_references
+    from ..runs import read_json, write_json
+
+    res = [(run_dir, {name: read_json(folder / "defense.json")})]
+    notes = apply_references(res, refs, {name: DEFENSES[name]})
+    write_json(folder / "defense.json", res[0][1][name])
+    return res[0][1][name], "".join(f"\n  {n}" for n in notes if n)
 
 
 def cmd_defense_table(args: argparse.Namespace) -> int:
@@ -84,6 +117,9 @@ def add_parsers(sub: Any) -> None:
     f.add_argument("--out", default=None, help="folder for <defense>/defense.json (default RUN_DIR/defenses)")
     f.add_argument("--device", default="auto")
     f.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", help="a defense parameter, e.g. --set n_eval=500")
+    f.add_argument("--reference", nargs="+", default=None, metavar="REF_RUN",
+                   help="clean models you trained (each already scored by the same detector): trigger and dispersion "
+                        "inversion decide the suspect's flag from their scores and write it to defense.json")
     f.set_defaults(func=cmd_defend)
     dt = sub.add_parser("defense-table", help="defenses x runs table from the runs' defense.json files")
     dt.add_argument("runs", nargs="+", metavar="RUN_DIR")

@@ -28,50 +28,87 @@ def _stop_on_term() -> Any:
         return None
 
 
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    import signal
+def _prepared(grid: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The grid's YAML with the command line's --download / --set / --data-dir applied."""
+    from ..reproduce import load_grid
 
-
-    from ..reproduce import expand, load_grid, run_grid, write_report, write_table2
-    from ..reproduce.tables import blocked_settings
-
-    raw = load_grid(args.grid)
+    raw = load_grid(grid)
     if args.download:
         raw.setdefault("set", {})["download"] = True
     if args.set:
         raw["set"] = {**flatten_values(raw.get("set") or {}), **parse_set(args.set)}
     if args.data_dir:
         raw["data_dir"] = args.data_dir
-    cells = expand(raw)
-    if not cells:  # e.g. attacks given per data set for data sets the grid does not list
-        raise ConfigError(f"grid {args.grid}: expands to no cell; check datasets, attacks and variants (see --dry-run)")
+    return raw
+
+
+def _plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The grid and its companions (``also``: each into OUT/<its name>), every cell of all of them
+    expanded and checked before the first trains; ``--only`` keeps the matching cells of each."""
+    from fnmatch import fnmatchcase
+
+    from ..reproduce import expand
+    from ..reproduce.tables import blocked_settings
+
+    raw = _prepared(args.grid, args)
+    parts = [(args.grid, raw, Path(args.out))]
+    for name in raw.get("also") or []:
+        sub = _prepared(name, args)
+        if sub.get("also"):
+            raise ConfigError(f"grid {name}: a companion grid (named in also: of {args.grid}) cannot have companions")
+        parts.append((name, sub, Path(args.out) / str(sub.get("name") or Path(str(name)).stem)))
+    plan = []
+    for grid, g, out in parts:
+        cells = expand(g)
+        if not cells:  # e.g. attacks given per data set for data sets the grid does not list
+            raise ConfigError(f"grid {grid}: expands to no cell; check datasets, attacks and variants (see --dry-run)")
+        # the whole grid's blocked settings: table2 covers all of --out, not only this call's --only
+        plan.append({"grid": grid, "raw": g, "out": out, "blocked": blocked_settings(cells),
+                     "references": [c.name for c in cells if c.reference],
+                     "cells": [c for c in cells if not args.only or any(fnmatchcase(c.name, p) for p in args.only)]})
+    if not any(p["cells"] for p in plan):  # e.g. --only 'mnist-*': one part of a grid now, the rest later
+        raise ConfigError(f"--only {' '.join(args.only)}: no cell of grid {args.grid}"
+                          + (" or its companions" if len(plan) > 1 else "") + " matches (see --dry-run)")
+    return [p for p in plan if p["cells"]]
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError(f"--jobs: must be a positive number of processes, got {args.jobs}")
-    # the whole grid's blocked settings: table2 covers all of --out, not only this call's --only
-    blocked = blocked_settings(cells)
-    references = [c.name for c in cells if c.reference]
-    if args.only:  # e.g. --only 'mnist-*': one part of a grid now, the rest later into the same --out
-        from fnmatch import fnmatchcase
-
-        cells = [c for c in cells if any(fnmatchcase(c.name, pattern) for pattern in args.only)]
-        if not cells:
-            raise ConfigError(f"--only {' '.join(args.only)}: no cell of grid {args.grid} matches (see --dry-run)")
-    out = Path(args.out)
+    plan = _plan(args)
     if args.dry_run:
         from ..reproduce import cell_state
 
-        states = [cell_state(out, c) for c in cells]
-        for c, state in zip(cells, states):
-            print(f"{c.name}  defenses: {', '.join(c.defenses) or '-'}  [{state}]")
-        n_blocked = sum(s.startswith("blocked") for s in states)
-        print(f"{len(cells)} cells" + (f", {n_blocked} blocked (no local data)" if n_blocked else ""))
+        for p in plan:
+            states = [cell_state(p["out"], c) for c in p["cells"]]
+            if len(plan) > 1:
+                print(f"grid {p['grid']} -> {p['out']}")
+            for c, state in zip(p["cells"], states):
+                print(f"{c.name}  defenses: {', '.join(c.defenses) or '-'}  [{state}]")
+            n_blocked = sum(s.startswith("blocked") for s in states)
+            print(f"{len(p['cells'])} cells" + (f", {n_blocked} blocked (no local data)" if n_blocked else ""))
         return 0
+    for p in plan:
+        code = _run_part(p, args)
+        if code:  # interrupted: the companions wait for the same command to be run again
+            return code
+    return 0
+
+
+def _run_part(p: dict[str, Any], args: argparse.Namespace) -> int:
+    """Run one grid's cells into its folder, then write its tables and report.html (also when
+    interrupted, from the finished cells); 130 when interrupted, else 0."""
+    import signal
+
+    from ..reproduce import run_grid, write_report, write_table2
+
+    out = p["out"]
     slurm = {k: v for k, v in (("slurm_partition", args.partition), ("gpus_per_node", args.gpus),
                                ("timeout_min", args.timeout_min), ("cpus_per_task", args.cpus)) if v is not None}
     previous = _stop_on_term()
     interrupted = False
     try:
-        run_grid(cells, out, args.executor, args.jobs, slurm, wait=not args.no_wait)
+        run_grid(p["cells"], out, args.executor, args.jobs, slurm, wait=not args.no_wait)
     except KeyboardInterrupt:
         # a time budget ran out (or Ctrl-C): the running cell keeps its last checkpoint; write what
         # is finished so every call leaves a current table2 / report.html, then say how to go on
@@ -81,10 +118,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    files = write_table2(out, blocked)
+    files = write_table2(out, p["blocked"])
     print("\n" + files[0].read_text())
-    report = write_report(out, title=f"cuba reproduce {args.grid}", blocked=blocked, references=references,
-                          compare=raw.get("compare"))
+    report = write_report(out, title=f"cuba reproduce {p['grid']}", blocked=p["blocked"], references=p["references"],
+                          compare=p["raw"].get("compare"))
     extra = [f for f in (out / "table3.md", out / "defenses.md") if f.is_file()]
     print("written: " + ", ".join(str(f) for f in [*files, *extra, report]))
     return 130 if interrupted else 0
@@ -114,7 +151,7 @@ def add_parsers(sub: Any) -> None:
     from ..reproduce.grid import shipped_grids
 
     r.add_argument("grid", help=f"a grid YAML file, or a shipped grid: {', '.join(shipped_grids())}")
-    r.add_argument("--out", required=True, help="folder for runs/<cell>/ and the tables")
+    r.add_argument("--out", required=True, help="folder for runs/<cell>/ and the tables (a companion grid of also: in OUT/<its name>)")
     r.add_argument("--data-dir", default=None, help="folder of the named data sets")
     r.add_argument("--download", action="store_true",
                    help="let torchvision download named data sets that have no local copy (else their cells are blocked)")

@@ -283,6 +283,12 @@ class Defense(ABC):
         detector (``cuba defense-table --reference``); None for a detector with no reference rule."""
         return None
 
+    @classmethod
+    def has_reference_rule(cls) -> bool:
+        """Whether this detector decides its flag against clean reference models (it overrides
+        :meth:`with_references`): the defenses a grid's reference cell runs, and ``--reference`` feeds."""
+        return cls.with_references.__func__ is not Defense.with_references.__func__  # type: ignore[attr-defined]
+
 
 class SampledInputDetector(Defense):
     """An input-level detector that calibrates on ``n_calib`` clean validation images and scores

@@ -39,16 +39,22 @@ clean *test* inputs. ``auroc`` is the ROC AUC of s (= of PSC, ties resolved; bac
 inputs, higher = backdoor, the paper's direction); ``auroc_two_sided`` that of the tail-free rank
 score |F_val(s) - 0.5| of :func:`.entropy.rank_distance`.
 
-Defaults and what we could verify. The paper's text was not at hand. Two public third-party ports
-of the authors' code (BackdoorBox and backdoor-toolbox) agree on: ``factor`` 1.5, ``n_models`` 5,
-``xi`` 0.6 read as an *error rate* (the amplified model is wrong on more than 60% of clean
-validation images, i.e. accuracy under 40% -- not "accuracy under 60%"), ``threshold`` 0.9 on PSC
-flagged with >=, only ``BatchNorm2d`` layers (we take every BatchNorm with affine parameters), and
-the amplified models k* + 1 .. k* + n (one past the selected start, kept here). Those ports search
-k only up to L - 1 and either crash or fall back to L when nothing crosses xi; we search up to L and
-fall back to L, saying so. They score only inputs the model classifies "correctly" (clean: as their
-label, backdoor: as the target); METHOD.md section 4's harness rule forbids that for untargeted attacks, so every
-attacked test input and its backdoor twin is scored here.
+Defaults and what we could verify (2026-12-01). The paper's PDF was not reachable here, only its
+abstract; its equations were read in a third-party transcription (Eq. 2: gamma and beta of the last
+k BN layers times omega = 1.5; Algorithm 1: k = the smallest i with error rate > xi = 60% on a
+small benign set, 100 images in its Section 5.1; Eq. 4: PSC averaged over n = 5 amplified models;
+T = 0.9). The authors' code (BackdoorBox, core/defenses/IBD_PSC.py) agrees on ``factor`` 1.5,
+``n_models`` 5, ``xi`` 0.6 as an *error rate* (the amplified model wrong on more than 60% of clean
+validation images, i.e. accuracy under 40% -- not "accuracy under 60%") and ``threshold`` 0.9,
+flagged with >= (its docstring says >); it takes only ``BatchNorm2d`` layers (we take every
+BatchNorm with affine parameters: the same on our 2-D ResNets) and amplifies k* + 1 .. k* + n
+layers, kept here -- the transcription's Eq. 4 reads k* .. k* + n - 1, one layer less, which we
+could not check against the paper itself. That code searches k only up to L - 1 and fails when
+nothing crosses xi; we search up to L and fall back to L, saying so. We select k* on ``n_calib``
+(1000) clean validation images, not the paper's 100: a better estimate of the same error rate.
+BackdoorBox scores only inputs the model classifies "correctly" (clean: as their label, backdoor:
+as the target; backdoor-toolbox only on request); METHOD.md section 4's harness rule forbids that
+for untargeted attacks, so every attacked test input and its backdoor twin is scored here.
 
 Not applicable (``"applicable": false`` with a ``reason``): a model without a BatchNorm layer with
 affine parameters (SimpleCNN; nothing is computed); a clean model (no trigger: the backdoor column

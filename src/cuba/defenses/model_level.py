@@ -199,6 +199,28 @@ def _effective_params(f: dict[str, Any]) -> dict[str, Any]:
     return {k: (f.get(k) if v is None and k in f else v) for k, v in params.items() if k not in _FREE_PARAMS}
 
 
+def load_references(paths: Sequence[Path], name: str, group: str) -> Results:
+    """The clean reference runs' ``name`` results for ``cuba defend NAME RUN --reference REF...``,
+    checked before the suspect is scored (minutes of search must not end in "wrong reference"):
+    each must hold REF/defenses/NAME/defense.json of a clean model of the suspect's ``group``."""
+    from ..runs import read_json
+
+    out: Results = []
+    for p in map(Path, paths):
+        f = p / "defenses" / name / "defense.json"
+        if not f.is_file():
+            raise ConfigError(f"--reference {p}: no {name} result in it ({f} is missing); score the reference "
+                              f"first with: cuba defend {name} {p}")
+        d = read_json(f)
+        if d.get("setting") != "clean":
+            raise ConfigError(f"--reference {p}: a reference model must be clean, this one is {d.get('setting')!r}")
+        if model_group(p) != group:
+            raise ConfigError(f"--reference {p}: its model is {model_group(p)}, the suspect's {group}; a budget "
+                              "is only compared between models of one data set and architecture")
+        out.append((p, {name: d}))
+    return out
+
+
 def apply_references(res: Results, refs: Results, defenses: dict[str, type]) -> list[str]:
     """Decide ``flagged`` of each reference-calibrated detector in ``res`` (in place) from the scores
     of the reference runs of the same (data set, model) group; the note lines that say so under the

@@ -38,6 +38,8 @@ score: the AUROC is then 0.5 and the flags all-or-nothing by construction.
 
 defense.json: ``auroc`` (score separating backdoor from clean *test* inputs; higher =
 backdoor), ``tpr_at_fpr_5pct`` / ``test_fpr_at_fpr_5pct`` / ``threshold_at_fpr_5pct``,
+``far_at_frr_{1,5}pct`` / ``frr_at_frr_{1,5}pct`` (the one-sided validation rule read as the
+harness's FAR, with the FRR it realises on clean test inputs),
 ``tpr_at_fpr_{1,5}pct_two_sided`` / ``test_fpr_at_fpr_{1,5}pct_two_sided`` and ``thresholds``
 ([lower, upper] per two-sided rule), ``flagged_backdoor`` / ``flagged_clean`` (shares above the
 data-free ``threshold``), ``calibration`` / ``n_calib_used``, ``applicable`` (+ ``reason``), and

@@ -117,9 +117,9 @@ def summary_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list
     for name in _judging(res, order, defenses):
         cells = [summary_cell(defenses.get(name), [d[name] for (_, d), g in zip(res, groups) if g == col and name in d])
                  for col in cols]
-        # a detector that ran and could not decide stays (a reader must see it); one that applied to
-        # none of the runs goes
-        if any(c not in ("–", "n/a") for c in cells):
+        # a detector that ran stays, undecided or n/a on every group (a reader must see that it ran
+        # and why it says nothing: IBD-PSC on a model without BatchNorm)
+        if any(c != "–" for c in cells):
             rows.append(f"| {name} | " + " | ".join(cells) + " |")
     if not rows:
         return []
@@ -140,7 +140,7 @@ def win_shares(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[st
     for name in _judging(res, order, defenses):
         cells = [heat_cell(defenses.get(name), [d[name] for (_, d), g in zip(res, groups) if g == col and name in d])
                  for col in cols]
-        if any(t not in ("–", "n/a") for _, t in cells):  # as in summary_table: an undecided detector stays
+        if any(t != "–" for _, t in cells):  # as in summary_table: an undecided or n/a detector stays
             rows.append(name)
             shares.append([c[0] for c in cells])
             texts.append([c[1] for c in cells])
@@ -172,10 +172,11 @@ def heat_cell(defense: type | None, fields: list[dict[str, Any]]) -> tuple[float
 
 
 def _caught(defense: type | None, fields: list[dict[str, Any]]) -> str:
-    """"k/n": caught k of the group's n models, with how many got no verdict; "–" when none got one."""
+    """"k/n": caught k of the group's n models, with how many got no verdict; "n/a" when the detector
+    applied to none of them, "no verdict" when it decided none."""
     judged = [v for v in (verdict(defense, f) for f in fields) if v is not None]
     if not judged:
-        return "–"
+        return "n/a" if all(not_applicable(f) for f in fields) else NO_VERDICT
     undecided = sum(not not_applicable(f) for f in fields) - len(judged)
     return f"{judged.count('caught')}/{len(fields)}" + (f" ({undecided} {NO_VERDICT})" if undecided else "")
 
@@ -185,7 +186,12 @@ def change_cell(defense: type | None, base: list[dict[str, Any]], other: list[di
     mean AUROC and mean rule number, each as "base → other", the AUROC with its change."""
     if not base or not other:
         return "–"
-    parts = [f"caught {_caught(defense, base)} → {_caught(defense, other)}"]
+    before, after = _caught(defense, base), _caught(defense, other)
+    if before == after == "n/a":
+        return "n/a"
+    words = ("n/a", NO_VERDICT)  # "caught" is said once, before the first count
+    parts = [f"caught {before} → {after}" if before not in words
+             else f"{before} → {after if after in words else f'caught {after}'}"]
     (a0, v0), (a1, v1) = group_means(defense, base), group_means(defense, other)
     if a0 is not None and a1 is not None:
         parts.append(f"AUROC {a0:.3f} → {a1:.3f} ({a1 - a0:+.3f})")

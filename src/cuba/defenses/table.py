@@ -22,7 +22,7 @@ from typing import Any
 from ..runs import read_json
 from .base import ASR_NAMES, IMPORTED, headline_asr_key_of, headline_value, not_applicable, pct
 from .model_level import Results, apply_references, model_level_table
-from .summary import change_table, summary_table, win_shares
+from .summary import NO_VERDICT, change_table, summary_table, win_shares
 from .verdict import VERDICT_SEP, verdict
 
 FALLBACK_NOTE = ("† ASR-C not recorded (defense.json written before it): plain ASR shown, which for an "
@@ -145,6 +145,8 @@ def defense_tables(run_dirs: list[Path], names: list[str] | None = None,
                 continue
             line = not_applicable(f) or (DEFENSES[name].headline(f) if name in DEFENSES else "see defense.json")
             v = verdict(DEFENSES.get(name), f)
+            if v is None and not not_applicable(f) and (getattr(DEFENSES.get(name), "rule", None) or f.get("level") == "model"):
+                v = NO_VERDICT  # a rule that ran and could not decide (a flag without references, censored budgets)
             cells.append(f"{'' if v is None else v + VERDICT_SEP}{line} ({f['seconds']:.0f} s)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, key in (("fine-pruning", "prune_ratio"), ("nad", "epoch")):

@@ -1,8 +1,8 @@
 """Did a detector catch this model's backdoor? One word per cell of the detector matrix.
 
 ``cuba defense-table`` and report.html colour each detector's cell by it (green: the defender
-wins; red: the attacker does; no colour: n/a, or a defense with no yes/no rule such as the
-removal curves of Fine-pruning and NAD). Each detector is judged by **its own decision rule**,
+wins; red: the attacker does; grey: n/a, or a rule that could not decide; no colour: a defense
+with no yes/no rule such as the removal curves of Fine-pruning and NAD). Each detector is judged by **its own decision rule**,
 never by a threshold fitted on the test set:
 
 * model-level detectors (``level: model`` in defense.json, :func:`cuba.defenses.base.model_verdict`):

@@ -25,6 +25,9 @@ each a complete, validated training config -- every cell is checked before the f
     set: {}                              # config fields for every cell
     overrides:                           # per-cell fields: every `match` key must equal the cell's
       - {match: {dataset: mnist, variant: nra-2}, set: {tau: 0.04}}
+    also: [detectors-digits]             # companion grids the same command runs after this one, each into
+                                         # OUT/<its name> with its own tables (a recipe of its own, e.g. other
+                                         # data, seeds or defenses); a companion names none of its own
 
 A *named* data set with no local copy (and no ``download: true``) does not stop the grid: its
 cells are expanded and validated like the others but marked blocked (:attr:`Cell.blocked`), so
@@ -52,7 +55,7 @@ from ..config import ConfigError, flatten_values, load_config_file, make_config
 from ..runs import safe_name
 
 KEYS = ("name", "datasets", "models", "presets", "attacks", "variants", "seeds", "per_attack", "epochs", "defenses",
-        "defense_seeds", "reference_seeds", "compare", "data_dir", "fallback", "set", "overrides")
+        "defense_seeds", "reference_seeds", "compare", "data_dir", "fallback", "set", "overrides", "also")
 
 
 @dataclass
@@ -145,6 +148,9 @@ def _check_grid(raw: dict[str, Any]) -> tuple[list[Any], list[Any], dict[str, st
                                     and set(compare) <= {"baseline", "against"}
                                     and isinstance(compare.get("against", ""), str)):
         raise ConfigError(f"grid: compare must be {{baseline: <group>, against: <name prefix>}}, got {compare!r}")
+    also = raw.get("also")
+    if also is not None and not (isinstance(also, list) and all(isinstance(a, str) and a for a in also)):
+        raise ConfigError(f"grid: also must be a list of grid names or files (run by the same command), got {also!r}")
     datasets = _as_list(raw.get("datasets"), "datasets")
     if not datasets:
         raise ConfigError("grid: datasets must name at least one data set")
@@ -191,18 +197,12 @@ def _cell_values(raw: dict[str, Any], base: dict[str, Any], ds: Any, run_ds: Any
     return values
 
 
-def needs_references(defense: str) -> bool:
-    """Whether ``defense`` decides its flag against clean reference models (it overrides
-    ``Defense.with_references``): the only defenses a reference cell outside ``defense_seeds`` runs."""
-    from ..defenses import DEFENSES
-    from ..defenses.base import Defense
-
-    return DEFENSES[defense].with_references.__func__ is not Defense.with_references.__func__
 
 
 def expand(raw: dict[str, Any]) -> list[Cell]:
     """Every cell of the grid, validated; raises ConfigError naming the first bad key or cell."""
     from ..attack import FIXED_RULE
+    from ..defenses import DEFENSES
 
     datasets, defenses, fallback = _check_grid(raw)
     models, presets = raw.get("models") or {}, raw.get("presets") or {}
@@ -237,7 +237,7 @@ def expand(raw: dict[str, Any]) -> list[Cell]:
                 label = f"{cfg.label()}-{tag}" if tag else cfg.label()
                 name = f"{Path(str(run_ds)).stem}-{safe_name(model)}-{label}-s{seed}"
                 ref = attack == "none" and seed in ref_seeds
-                mine = defenses if seed in defense_seeds else [d for d in defenses if needs_references(d)] if ref else []
+                mine = defenses if seed in defense_seeds else [d for d in defenses if DEFENSES[d].has_reference_rule()] if ref else []
                 cells.append(Cell(name, values, mine, blocked, ref))
         clean_seeds = {c.values["seed"] for c in cells if c.values["attack"] == "none" and c.values["dataset"] == run_ds}
         missing = [s for s in ref_seeds if s not in clean_seeds]

@@ -198,8 +198,9 @@ def collect_figures(out: Path) -> list[tuple[str, Path]]:
 def _verdict_class(cell: str) -> str:
     """A detector-matrix cell's colour class: green when the defender wins (caught / clear), red
     when the attacker does (missed / false alarm), amber when the seeds of a folded cell disagree
-    (mixed), grey for n/a; none for any other cell."""
-    from ..defenses.summary import MIXED
+    (mixed), grey for n/a and for a rule that could not decide (no verdict, undecided); none for any
+    other cell."""
+    from ..defenses.summary import MIXED, NO_VERDICT
     from ..defenses.verdict import DEFENDER_WINS, VERDICT_SEP, VERDICTS
 
     word = html.unescape(cell).split(VERDICT_SEP)[0]
@@ -207,7 +208,7 @@ def _verdict_class(cell: str) -> str:
         return " class='mixed'"
     if word in VERDICTS:
         return " class='win'" if word in DEFENDER_WINS else " class='lose'"
-    return " class='na'" if cell.startswith("n/a") else ""
+    return " class='na'" if cell.startswith(("n/a", NO_VERDICT, "undecided")) else ""
 
 
 def _md_table_to_html(md: str) -> str:
@@ -293,7 +294,9 @@ def write_report(out: Path, title: str = "cuba reproduction report", blocked: li
              "<h2>Defenses: each one's headline numbers per defended run</h2>",
              "<p>Definitions: the manual, docs/reference/defenses.md. CA/ASR in %; times are wall seconds. Green: the "
              "detector's own rule caught the backdoor (input-level: it lets at most 5% of backdoor inputs through) or "
-             "cleared a clean model; red: it missed the backdoor or flagged a clean model; grey: not applicable.</p>" + _md_table_to_html(detection),
+             "cleared a clean model; red: it missed the backdoor or flagged a clean model; grey: not applicable, or its rule "
+             "could not decide (no verdict / undecided: e.g. an inversion detector's flag with every budget beyond "
+             "its schedule).</p>" + _md_table_to_html(detection),
              *model_level, *([_img(heatmap, "The detector matrix folded over seeds: colour, the share of each group's "
                                   "models the detector's own rule decided on which it won for the defender (hatched: "
                                   "some models undecided or n/a); text, won k of the group's n models, how many got no "
