@@ -29,6 +29,7 @@ from scipy.stats import norm
 from cuba.defenses.base import UNHELD_CALIBRATION
 from cuba.defenses.rules import far_frr, one_sided_lower, resolved
 from cuba.defenses.summary import group_names
+from cuba.run_groups import untaken_backdoor
 from cuba.runs import read_json
 
 SHARED_PARAMS = ("n_eval", "n_calib", "seed")
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         if not strip or not tie or strip.get("applicable") is False or tie.get("applicable") is False:
             if _setting(run) != "clean":  # a clean model has no backdoor inputs: no word
                 print(f"skipped {run}: STRIP or near-tie missing or not applicable", file=sys.stderr)
+            continue
+        why = untaken_backdoor(run, str(strip.get("setting")))
+        if why:  # as in cuba defense-table: nothing to catch
+            print(f"left out {run}: {why}", file=sys.stderr)
             continue
         rows.append({"run": run.name, **union_rates(strip, tie, a.frr)})
         used.append(run)

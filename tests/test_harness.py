@@ -264,3 +264,23 @@ def test_flag_counts_keep_the_undecided_models_in_view() -> None:
     assert flag_count(cuba[:1] * 2) == "2/2"
     assert summary_cell(di, cuba) == "mixed — caught 1/12, no verdict 11"
     assert summary_cell(di, [_f(0.5, None, "low") | {"setting": "clean"}] * 3) == NO_VERDICT  # ran, undecided: not n/a
+
+
+def test_a_model_whose_backdoor_did_not_take_is_set_aside(tmp_path: Path) -> None:
+    """An attack that never implanted its backdoor (test ASR under 50%: one adaptive seed on MNIST)
+    leaves a model with nothing to catch: the tables leave it out, with the reason, instead of
+    charging each detector with a miss; a clean model, or one without an ASR, is never left out."""
+    from cuba.run_groups import UNTAKEN_ASR, untaken_backdoor
+
+    runs = [_di_run(tmp_path, "mnist-m-cuba-fra-s0", "cuba-fra", 0.01), _di_run(tmp_path, "mnist-m-cuba-fra-s1", "cuba-fra", 0.5),
+            _di_run(tmp_path, "mnist-m-clean-s0", "clean", 0.03)]
+    for run, asr in zip(runs, (0.999, 0.034, None)):
+        (run / "metrics.json").write_text(json.dumps({"ca": 0.98, "asr": asr}))
+    assert UNTAKEN_ASR == 0.5 and untaken_backdoor(runs[0], "cuba-fra") is None
+    assert untaken_backdoor(runs[1], "cuba-fra") == "its backdoor did not take (test ASR 3.4% < 50%)"
+    assert untaken_backdoor(runs[1], "clean") is None and untaken_backdoor(tmp_path, "cuba-fra") is None
+    md = defense_tables(runs)
+    assert md.splitlines()[0] == "| defense | cuba-fra | clean |"  # two columns: s1 is not among them
+    assert "left out: mnist-m-cuba-fra-s1, its backdoor did not take (test ASR 3.4% < 50%); no detector is judged on it." in md
+    row = next(line for line in md.splitlines() if line.startswith("| dispersion-inversion | low |"))
+    assert "(1 vs 1)" in row  # the AUROC over the two kept models only

@@ -95,6 +95,30 @@ def degenerate_reason(metrics: Mapping[str, Any], clean_ca: float | None = None,
     return None
 
 
+UNTAKEN_ASR = 0.5
+"""Below this ASR a backdoor attack did not take: a detector has no backdoor to find in the model."""
+
+
+def untaken_backdoor(run_dir: Path, setting: str) -> str | None:
+    """Why a backdoored model's detector verdicts mean nothing -- its attack never implanted the
+    backdoor (test ASR under :data:`UNTAKEN_ASR`: on MNIST, an adaptive attacker's counter-term at
+    weight 5 held one seed's ASR at 3.4%) -- or None. Counting such a model would charge the
+    detectors with a miss (or credit them with a catch) on a model with nothing to catch, so the
+    defense tables set it aside with this reason. A clean or imported model, or a run without an ASR
+    in metrics.json, is never set aside."""
+    from .defenses.base import IMPORTED
+
+    f = Path(run_dir) / "metrics.json"
+    if setting in ("clean", IMPORTED) or not f.is_file():
+        return None
+    from .runs import read_json
+
+    asr = read_json(f).get("asr")
+    if not isinstance(asr, (int, float)) or isinstance(asr, bool) or asr >= UNTAKEN_ASR:
+        return None
+    return f"its backdoor did not take (test ASR {100 * asr:.1f}% < {100 * UNTAKEN_ASR:.0f}%)"
+
+
 def short_reason(reason: str) -> str:
     """The few words a table name can carry: a run's own long verdict ("CA 9.80% is at chance
     level (< 2/K = 20.0%): ...") reads "CA at chance"; the full text stays in the CSV."""

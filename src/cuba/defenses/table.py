@@ -93,16 +93,24 @@ def cost_table(res: list[tuple[Path, dict[str, dict[str, Any]]]], order: list[st
 
 def _scored(run_dirs: list[Path], references: list[Path] | None,
             names: list[str] | None = None) -> tuple[Results, list[str], list[str] | None]:
-    """(results of the runs less the references, the reference notes, their names): the references
+    """(results of the runs less the references and the models whose backdoor did not take
+    (:func:`cuba.run_groups.untaken_backdoor`), the notes that say so, their names): the references
     decide the inversion detectors' flags in place (:func:`cuba.defenses.model_level.apply_references`)."""
     from . import DEFENSES
 
+    from ..run_groups import untaken_backdoor
+
     ref_set = {Path(p).resolve() for p in references or []}
     kept = [(i, r) for i, r in enumerate(run_dirs) if Path(r).resolve() not in ref_set]
+    loaded = load_results([r for _, r in kept])
+    # a backdoored model whose attack did not take has nothing to catch: set aside, and said so
+    why = [untaken_backdoor(r, str(next(iter(d.values())).get("setting", "?"))) for r, d in loaded]
+    aside = [f"left out: {r.name}, {w}; no detector is judged on it." for (r, _), w in zip(loaded, why) if w]
+    res = [x for x, w in zip(loaded, why) if not w]
     if names:
-        names = [names[i] for i, _ in kept]
-    res = load_results([r for _, r in kept])
-    return res, apply_references(res, load_results(list(references or [])), DEFENSES), names
+        names = [names[i] for (i, _), w in zip(kept, why) if not w]
+    notes = apply_references(res, load_results(list(references or [])), DEFENSES)
+    return res, (notes or [""]) + aside if aside else notes, names
 
 
 def _found(res: Results) -> list[str]:
