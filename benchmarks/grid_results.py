@@ -10,6 +10,9 @@ session needs to skip them, and they are also the provenance of the numbers in B
     python benchmarks/grid_results.py save GRID OUT DEST      # done cells of OUT -> DEST (overwrites)
     python benchmarks/grid_results.py restore DEST OUT        # DEST -> OUT, never over an existing file
 
+A grid's companions (``also``, run by the same `cuba reproduce` into OUT/<name>) are saved with it into
+DEST/<name> and restored from there.
+
 Saved per cell: config.yaml, status.json, metrics.json, history.json and defenses/*/defense.json.
 Not saved: weights (*.safetensors), figures, predictions (re-made by re-running a cell). Prints one
 JSON object: the cells saved or restored.
@@ -23,7 +26,9 @@ import shutil
 from pathlib import Path
 
 from cuba.reproduce import expand, is_done, load_grid
+from cuba.reproduce.grid import companions
 from cuba.reproduce.runner import cell_dir
+from cuba.runs import safe_name
 
 KEEP = ("config.yaml", "status.json", "metrics.json", "history.json")
 
@@ -36,9 +41,14 @@ def result_files(run: Path) -> list[Path]:
 
 
 def save(grid: str, out: Path, dest: Path) -> list[str]:
-    """Copy the result files of every done cell of ``grid`` under ``out`` to ``dest``."""
+    """Copy the result files of every done cell of ``grid`` under ``out`` to ``dest``, and those of its
+    companion grids (``also``: OUT/<name>) to DEST/<name>; a companion's cells are named <name>/<cell>."""
+    raw = load_grid(grid)
     saved = []
-    for cell in expand(load_grid(grid)):
+    for name in companions(raw, grid):
+        folder = safe_name(str(load_grid(name).get("name") or Path(name).stem))
+        saved += [f"{folder}/{c}" for c in save(name, out / folder, dest / folder)]
+    for cell in expand(raw):
         if not is_done(out, cell):
             continue
         src, dst = cell_dir(out, cell), cell_dir(dest, cell)
@@ -52,8 +62,11 @@ def save(grid: str, out: Path, dest: Path) -> list[str]:
 
 
 def restore(dest: Path, out: Path) -> list[str]:
-    """Copy saved cells back into ``out``; a file already there is kept (a newer run wins)."""
+    """Copy saved cells back into ``out`` (a companion grid's, saved in DEST/<name>, into OUT/<name>);
+    a file already there is kept (a newer run wins)."""
     restored = []
+    for sub in sorted(p for p in dest.iterdir() if p.is_dir() and p.name != "runs" and (p / "runs").is_dir()):
+        restored += [f"{sub.name}/{c}" for c in restore(sub, out / sub.name)]
     for src in sorted((dest / "runs").glob("*/")):
         for rel in result_files(src):
             target = out / "runs" / src.name / rel

@@ -284,6 +284,33 @@ def test_grid_results_saves_done_cells_without_weights_and_restores(tmp_path: Pa
     assert "no runs/ folder to restore from" in capsys.readouterr().err
 
 
+def test_grid_results_keeps_companion_grids_in_their_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grid with ``also`` saves its companion's done cells into DEST/<name> and restores them into
+    OUT/<name>, where one `cuba reproduce` of the grid finds them done."""
+    import yaml
+
+    from cuba.reproduce import expand, is_done, load_grid
+
+    spec = {"datasets": ["digits"], "models": {"digits": "simplecnn"}, "attacks": ["none"], "seeds": [0], "defenses": []}
+    (tmp_path / "part.yaml").write_text(yaml.safe_dump({**spec, "name": "part", "seeds": [7]}))
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({**spec, "name": "g", "also": ["part.yaml"]}))
+    (main_cell,), (part_cell,) = expand(load_grid(grid)), expand(load_grid(tmp_path / "part.yaml"))
+    out, dest, again = tmp_path / "out", tmp_path / "saved", tmp_path / "again"
+    for folder, cell in ((out, main_cell), (out / "part", part_cell)):
+        d = folder / "runs" / cell.name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text("seed: 0\n")
+        (d / "metrics.json").write_text('{"ca": 0.9}')
+        (d / "status.json").write_text(json.dumps({"state": "finished"}))
+    saved = _run_script("grid_results.py", ["save", str(grid), str(out), str(dest)], capsys, monkeypatch)["saved"]
+    assert saved == [f"part/{part_cell.name}", main_cell.name] and (dest / "part" / "runs" / part_cell.name).is_dir()
+    restored = _run_script("grid_results.py", ["restore", str(dest), str(again)], capsys, monkeypatch)["restored"]
+    assert sorted(restored) == sorted(saved)
+    assert is_done(again, main_cell) and is_done(again / "part", part_cell)
+
+
 def test_gtsrb_val_leak_sees_the_tracks(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import re

@@ -340,3 +340,15 @@ def test_defend_writes_the_flag_decided_by_clean_references(badnets_run: Path, t
     other.write_text((badnets_run / "config.yaml").read_text().replace("digits", "mnist"))
     refused("trigger-inversion", ref("mn", 256.0, config=other), "its model is mnist/")
     refused("strip", refs[0], "--reference: strip has no reference rule; only trigger-inversion")
+    refused("trigger-inversion", badnets_run, "the suspect cannot be its own reference")
+    na = ref("na", None)
+    (na / "defenses" / "trigger-inversion" / "defense.json").write_text(json.dumps({**f, "setting": "clean", "applicable": False,
+                                                                                    "reason": "constant model"}))
+    refused("trigger-inversion", na, "trigger-inversion did not apply to it (constant model)")
+    other_steps = ref("steps", 256.0)
+    g = json.loads((other_steps / "defenses" / "trigger-inversion" / "defense.json").read_text())
+    (other_steps / "defenses" / "trigger-inversion" / "defense.json").write_text(json.dumps({**g, "params": {**g["params"], "steps": 7}}))
+    refused("trigger-inversion", other_steps, "trigger-inversion ran there with other parameters (steps)")
+    assert main(["defend", "trigger-inversion", str(badnets_run), "--out", str(tmp_path / "x"), *sets,
+                 "--set", "reference_budget=64", "--reference", str(refs[0])]) == 2
+    assert "give the references or --set reference_budget, not both" in capsys.readouterr().err

@@ -284,3 +284,21 @@ def test_a_model_whose_backdoor_did_not_take_is_set_aside(tmp_path: Path) -> Non
     assert "left out: mnist-m-cuba-fra-s1, its backdoor did not take (test ASR 3.4% < 50%); no detector is judged on it." in md
     row = next(line for line in md.splitlines() if line.startswith("| dispersion-inversion | low |"))
     assert "(1 vs 1)" in row  # the AUROC over the two kept models only
+
+
+def test_per_run_cells_say_no_verdict_only_where_there_was_something_to_judge(tmp_path: Path) -> None:
+    """A rule that ran on a backdoored model and could not decide reads "no verdict — ..." (grey in
+    report.html); STRIP on a clean model scores a probe patch, has nothing to catch, and gets no word."""
+    from cuba.reproduce.report import _verdict_class
+
+    runs = []
+    for name, setting, extra in (("a", "cuba-fra", {"unresolved_rules": ["1pct"]}), ("b", "clean", {})):
+        folder = tmp_path / name / "defenses" / "strip"
+        folder.mkdir(parents=True)
+        (folder / "defense.json").write_text(json.dumps({"setting": setting, "seconds": 1.0, "auroc": 0.5,
+                                                         "far_at_frr_1pct": 0.9, **extra}))
+        runs.append(tmp_path / name)
+    row = next(line for line in defense_tables(runs).splitlines() if line.startswith("| strip |"))
+    cuba_cell, clean_cell = [c.strip() for c in row.strip("|").split("|")[1:]]
+    assert cuba_cell.startswith("no verdict — ") and _verdict_class(cuba_cell) == " class='na'"
+    assert not clean_cell.startswith("no verdict") and _verdict_class(clean_cell) == ""

@@ -235,6 +235,18 @@ def test_companion_grids_run_by_the_same_command(tmp_path: Path, capsys: pytest.
     assert "cannot have companions" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="also must be a list of grid names or files"):
         expand({**TINY, "also": "part.yaml"})
+    grid.write_text(yaml.safe_dump({**TINY, "also": "part.yaml"}))  # refused before any grid is loaded
+    assert main(["reproduce", str(grid), "--out", str(out), "--dry-run"]) == 2
+    assert "also must be a list" in capsys.readouterr().err
+    # a companion's folder must not be the grid's own runs/ or another companion's
+    (tmp_path / "runs.yaml").write_text(yaml.safe_dump({**TINY, "name": "runs"}))
+    grid.write_text(yaml.safe_dump({**TINY, "also": ["runs.yaml"]}))  # relative to the grid file's folder
+    assert main(["reproduce", str(grid), "--out", str(out), "--dry-run"]) == 2
+    assert "its folder OUT/runs is taken" in capsys.readouterr().err
+    part.write_text(yaml.safe_dump({**TINY, "name": "part"}))
+    grid.write_text(yaml.safe_dump({**TINY, "also": ["part.yaml", str(part)]}))
+    assert main(["reproduce", str(grid), "--out", str(out), "--dry-run"]) == 2
+    assert "its folder OUT/part is taken" in capsys.readouterr().err
     part.write_text(yaml.safe_dump({**TINY, "attacks": ["nope"]}))
     assert main(["reproduce", str(grid), "--out", str(tmp_path / "never"), "--only", "*-clean-*"]) == 2
     assert not (tmp_path / "never").exists()

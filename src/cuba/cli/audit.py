@@ -14,6 +14,7 @@ from .common import parse_set
 def cmd_defend(args: argparse.Namespace) -> int:
 
     from ..defenses import DEFENSES, load_attack_run, run_defense
+    from ..defenses.model_level import load_references, model_group
 
     names = list(DEFENSES) if args.name == "all" else [args.name]
     if args.name != "all" and args.name not in DEFENSES:
@@ -33,8 +34,13 @@ def cmd_defend(args: argparse.Namespace) -> int:
         raise ConfigError(f"--reference: {args.name} has no reference rule; only "
                           f"{', '.join(n for n in DEFENSES if DEFENSES[n].has_reference_rule())} decide their flag "
                           "from clean references")
+    fixed = sorted({"reference_budget", "reference_budgets"} & set(params))
+    if args.reference and fixed:
+        raise ConfigError(f"--reference: give the references or --set {fixed[0]}, not both (either decides the flag)")
     run = load_attack_run(args.run_dir, device=args.device, data_dir=args.data_dir)  # after the checks: it loads data
-    refs = _references(args.reference, names, run.run_dir)
+    refs = {n: load_references([Path(p) for p in args.reference], n, model_group(run.run_dir), run.run_dir,
+                               DEFENSES[n].checked(**{k: v for k, v in params.items() if k in accepted[n]}).params)
+            for n in names if args.reference and DEFENSES[n].has_reference_rule()}
     for name in names:
         res = run_defense(name, run, out, **{k: v for k, v in params.items() if k in accepted[name]})
         fields, note = res.fields, ""
@@ -45,18 +51,6 @@ def cmd_defend(args: argparse.Namespace) -> int:
     return 0
 
 
-def _references(paths: list[str] | None, names: list[str], run_dir: Path) -> dict[str, Any]:
-    """{detector: its reference results} for ``--reference``, read and checked before anything runs;
-    only detectors with a reference rule take them (with ``all``, the others ignore them)."""
-    from ..defenses import DEFENSES
-    from ..defenses.model_level import load_references, model_group
-
-    if not paths:
-        return {}
-    return {n: load_references([Path(p) for p in paths], n, model_group(run_dir))
-            for n in names if DEFENSES[n].has_reference_rule()}
-
-
 def _flag_with_references(name: str, run_dir: Path, folder: Path, refs: Any) -> tuple[dict[str, Any], str]:
     """Decide ``flagged`` of the defense.json just written in ``folder`` from the references' scores
     (the rule of ``cuba defense-table --reference``) and write it back; (its fields, a note)."""
@@ -65,9 +59,12 @@ def _flag_with_references(name: str, run_dir: Path, folder: Path, refs: Any) -> 
     from ..runs import read_json, write_json
 
     res = [(run_dir, {name: read_json(folder / "defense.json")})]
-    notes = apply_references(res, refs, {name: DEFENSES[name]})
+    try:
+        notes = apply_references(res, refs, {name: DEFENSES[name]})
+    except ConfigError as e:  # what the run resolved (a null parameter, bf16 or not) differs from the references
+        raise ConfigError(f"{e} -- {folder / 'defense.json'} is kept without a flag") from None
     write_json(folder / "defense.json", res[0][1][name])
-    return res[0][1][name], "".join(f"\n  {n}" for n in notes if n)
+    return res[0][1][name], "".join(f"\n  {n.replace('; they are not among the runs above.', '.')}" for n in notes if n)
 
 
 def cmd_defense_table(args: argparse.Namespace) -> int:

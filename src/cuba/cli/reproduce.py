@@ -50,13 +50,20 @@ def _plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     from ..reproduce import expand
     from ..reproduce.tables import blocked_settings
 
+    from ..reproduce.grid import RESERVED_FOLDERS, companions
+    from ..runs import safe_name
+
     raw = _prepared(args.grid, args)
     parts = [(args.grid, raw, Path(args.out))]
-    for name in raw.get("also") or []:
+    for name in companions(raw, args.grid):
         sub = _prepared(name, args)
         if sub.get("also"):
             raise ConfigError(f"grid {name}: a companion grid (named in also: of {args.grid}) cannot have companions")
-        parts.append((name, sub, Path(args.out) / str(sub.get("name") or Path(str(name)).stem)))
+        folder = safe_name(str(sub.get("name") or Path(name).stem))
+        if folder in RESERVED_FOLDERS or folder in {p[2].name for p in parts[1:]}:
+            raise ConfigError(f"grid {name}: its folder OUT/{folder} is taken (by the grid's own {folder}/ or another "
+                              "companion); give it another name: in its file")
+        parts.append((name, sub, Path(args.out) / folder))
     plan = []
     for grid, g, out in parts:
         cells = expand(g)
@@ -114,7 +121,8 @@ def _run_part(p: dict[str, Any], args: argparse.Namespace) -> int:
         # is finished so every call leaves a current table2 / report.html, then say how to go on
         interrupted = True
         print("\ncuba reproduce: interrupted; the running cell resumes from its last checkpoint when the same "
-              "command is run again. Tables of the finished cells follow.", file=sys.stderr)
+              "command is run again (and then runs any companion grid still to come). Tables of the finished "
+              "cells follow.", file=sys.stderr)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -199,14 +199,25 @@ def _effective_params(f: dict[str, Any]) -> dict[str, Any]:
     return {k: (f.get(k) if v is None and k in f else v) for k, v in params.items() if k not in _FREE_PARAMS}
 
 
-def load_references(paths: Sequence[Path], name: str, group: str) -> Results:
+def load_references(paths: Sequence[Path], name: str, group: str, suspect: Path,
+                    params: dict[str, Any]) -> Results:
     """The clean reference runs' ``name`` results for ``cuba defend NAME RUN --reference REF...``,
     checked before the suspect is scored (minutes of search must not end in "wrong reference"):
-    each must hold REF/defenses/NAME/defense.json of a clean model of the suspect's ``group``."""
+    each must hold REF/defenses/NAME/defense.json of a clean model of the suspect's ``group``, not
+    be the suspect itself, have applied, and have run with the suspect's ``params`` (those fixed
+    before the run; a null one, resolved by the run, is compared after it)."""
+    import json
+
+    from ..pack import is_pack
     from ..runs import read_json
 
     out: Results = []
     for p in map(Path, paths):
+        if is_pack(p):
+            raise ConfigError(f"--reference {p}: a pack holds no defense results; unpack it (cuba pack) or train the "
+                              "reference as a run folder, score it with cuba defend NAME REF, and give that folder")
+        if p.resolve() == Path(suspect).resolve():
+            raise ConfigError(f"--reference {p}: the suspect cannot be its own reference")
         f = p / "defenses" / name / "defense.json"
         if not f.is_file():
             raise ConfigError(f"--reference {p}: no {name} result in it ({f} is missing); score the reference "
@@ -217,6 +228,14 @@ def load_references(paths: Sequence[Path], name: str, group: str) -> Results:
         if model_group(p) != group:
             raise ConfigError(f"--reference {p}: its model is {model_group(p)}, the suspect's {group}; a budget "
                               "is only compared between models of one data set and architecture")
+        if not_applicable(d):
+            raise ConfigError(f"--reference {p}: {name} did not apply to it ({d.get('reason', 'n/a')}); it has no score")
+        mine = {k: v for k, v in json.loads(json.dumps(params)).items() if v is not None and k not in _FREE_PARAMS}
+        theirs = _effective_params(d)
+        diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+        if diff:
+            raise ConfigError(f"--reference {p}: {name} ran there with other parameters ({', '.join(diff)}); score the "
+                              "suspect with the reference's settings, or the reference with the suspect's")
         out.append((p, {name: d}))
     return out
 

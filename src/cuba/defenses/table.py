@@ -153,8 +153,12 @@ def defense_tables(run_dirs: list[Path], names: list[str] | None = None,
                 continue
             line = not_applicable(f) or (DEFENSES[name].headline(f) if name in DEFENSES else "see defense.json")
             v = verdict(DEFENSES.get(name), f)
-            if v is None and not not_applicable(f) and (getattr(DEFENSES.get(name), "rule", None) or f.get("level") == "model"):
-                v = NO_VERDICT  # a rule that ran and could not decide (a flag without references, censored budgets)
+            if v is None and not not_applicable(f) and (f.get("level") == "model" or (
+                    getattr(DEFENSES.get(name), "rule", None) and f.get("setting") not in ("clean", IMPORTED, None))):
+                # a rule that ran on a model with something to judge and could not decide (a flag without
+                # references, censored budgets, a rule finer than its calibration set); an input-level
+                # rule on a clean model scores a probe patch and has nothing to catch: no word
+                v = NO_VERDICT
             cells.append(f"{'' if v is None else v + VERDICT_SEP}{line} ({f['seconds']:.0f} s)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, key in (("fine-pruning", "prune_ratio"), ("nad", "epoch")):

@@ -115,6 +115,24 @@ def load_grid(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+RESERVED_FOLDERS = frozenset({"runs", "figures", "submitit"})
+"""What a grid writes into its --out itself: no companion grid's folder may be named so."""
+
+
+def companions(raw: dict[str, Any], grid: str | Path) -> list[str]:
+    """The grids ``also`` names (run by the same command after ``grid``), checked before any loads: a
+    relative path is taken from the folder of ``grid``'s file when it is there (else as given, or a
+    shipped grid's name)."""
+    also = raw.get("also")
+    if also is None:
+        return []
+    if not (isinstance(also, list) and all(isinstance(a, str) and a for a in also)):
+        raise ConfigError(f"grid: also must be a list of grid names or files (run by the same command), got {also!r}")
+    base = Path(grid).parent if Path(grid).is_file() else None
+    return [str(base / a) if base is not None and not Path(a).is_absolute() and (base / a).is_file() else a
+            for a in also]
+
+
 def _local_choice(ds: Any, fallback: str | None, values: dict[str, Any]) -> tuple[Any, str | None]:
     """(the data set the cells train on, why they are blocked or None): ``ds`` when it can be
     loaded here, else its ``fallback`` when that can, else ``ds`` marked blocked. Only named sets
@@ -148,9 +166,7 @@ def _check_grid(raw: dict[str, Any]) -> tuple[list[Any], list[Any], dict[str, st
                                     and set(compare) <= {"baseline", "against"}
                                     and isinstance(compare.get("against", ""), str)):
         raise ConfigError(f"grid: compare must be {{baseline: <group>, against: <name prefix>}}, got {compare!r}")
-    also = raw.get("also")
-    if also is not None and not (isinstance(also, list) and all(isinstance(a, str) and a for a in also)):
-        raise ConfigError(f"grid: also must be a list of grid names or files (run by the same command), got {also!r}")
+    companions(raw, "")  # the type of ``also``; its grids are loaded by the command that runs them
     datasets = _as_list(raw.get("datasets"), "datasets")
     if not datasets:
         raise ConfigError("grid: datasets must name at least one data set")
