@@ -284,6 +284,10 @@ def test_a_model_whose_backdoor_did_not_take_is_set_aside(tmp_path: Path) -> Non
     assert "left out: mnist-m-cuba-fra-s1, its backdoor did not take (test ASR 3.4% < 50%); no detector is judged on it." in md
     row = next(line for line in md.splitlines() if line.startswith("| dispersion-inversion | low |"))
     assert "(1 vs 1)" in row  # the AUROC over the two kept models only
+    from cuba.config import ConfigError
+
+    with pytest.raises(ConfigError, match="every run given is left out .mnist-m-cuba-fra-s1, its backdoor did not take"):
+        defense_tables(runs[1:2])
 
 
 def test_per_run_cells_say_no_verdict_only_where_there_was_something_to_judge(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
 from ..runs import read_json
 from .base import ASR_NAMES, IMPORTED, headline_asr_key_of, headline_value, not_applicable, pct
 from .model_level import Results, apply_references, model_level_table
@@ -107,6 +108,9 @@ def _scored(run_dirs: list[Path], references: list[Path] | None,
     why = [untaken_backdoor(r, str(next(iter(d.values())).get("setting", "?"))) for r, d in loaded]
     aside = [f"left out: {r.name}, {w}; no detector is judged on it." for (r, _), w in zip(loaded, why) if w]
     res = [x for x, w in zip(loaded, why) if not w]
+    if loaded and not res:
+        raise ConfigError(f"defense-table: every run given is left out ({'; '.join(a[len('left out: '):] for a in aside)}); "
+                          "its defense.json files are under RUN/defenses/")
     if names:
         names = [names[i] for (i, _), w in zip(kept, why) if not w]
     notes = apply_references(res, load_results(list(references or [])), DEFENSES)
