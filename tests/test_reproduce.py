@@ -223,7 +223,8 @@ def test_companion_grids_run_by_the_same_command(tmp_path: Path, capsys: pytest.
     assert (out / "runs" / "digits-simplecnn-clean-s0" / "metrics.json").is_file()
     assert (out / "part" / "runs" / "digits-simplecnn-clean-s5" / "metrics.json").is_file()
     assert not (out / "runs" / "digits-simplecnn-clean-s5").exists()  # each grid in its own folder
-    assert (out / "part" / "report.html").is_file() and (out / "report.html").is_file()
+    assert (out / "part" / "report.html").is_file()
+    assert "<a href='part/report.html'>part</a>" in (out / "report.html").read_text()  # the main report links it
     capsys.readouterr()
     assert main(["reproduce", str(grid), "--out", str(out), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()

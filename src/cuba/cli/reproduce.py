@@ -96,6 +96,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             print(f"{len(p['cells'])} cells" + (f", {n_blocked} blocked (no local data)" if n_blocked else ""))
         return 0
     for p in plan:
+        main_grid = p["out"] == Path(args.out)  # --only may leave the main grid out of the plan
+        p["companions"] = [q["out"].name for q in plan if q["out"] != Path(args.out)] if main_grid else []
         code = _run_part(p, args)
         if code:  # interrupted: the companions wait for the same command to be run again
             return code
@@ -129,7 +131,7 @@ def _run_part(p: dict[str, Any], args: argparse.Namespace) -> int:
     files = write_table2(out, p["blocked"])
     print("\n" + files[0].read_text())
     report = write_report(out, title=f"cuba reproduce {p['grid']}", blocked=p["blocked"], references=p["references"],
-                          compare=p["raw"].get("compare"))
+                          compare=p["raw"].get("compare"), companions=p["companions"])
     extra = [f for f in (out / "table3.md", out / "defenses.md") if f.is_file()]
     print("written: " + ", ".join(str(f) for f in [*files, *extra, report]))
     return 130 if interrupted else 0

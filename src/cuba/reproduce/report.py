@@ -263,10 +263,13 @@ def _matrix_figure(out: Path, references: Sequence[str]) -> Path | None:
 
 
 def write_report(out: Path, title: str = "cuba reproduction report", blocked: list[dict] = (),
-                 references: Sequence[str] = (), compare: dict[str, str] | None = None) -> Path:
+                 references: Sequence[str] = (), compare: dict[str, str] | None = None,
+                 companions: Sequence[str] = ()) -> Path:
     """Tables, figures and configs of every finished run in one offline HTML file; ``blocked``
     (:func:`cuba.reproduce.tables.blocked_settings`) adds Table II rows for the grid's settings
-    that could not run here, and says why under the table; ``compare`` as in :func:`write_defense_table`."""
+    that could not run here, and says why under the table; ``compare`` as in :func:`write_defense_table`;
+    ``companions``: the folders under ``out`` of the grids the same command runs after this one
+    (``also``), linked to their own report.html."""
     out = Path(out)
     write_table3(out)
     t2_rows = table2_rows(finished_runs(out), blocked)
@@ -282,7 +285,9 @@ def write_report(out: Path, title: str = "cuba reproduction report", blocked: li
                   if b.startswith(("Across seeds", "Against ", "Model-level detectors", "Wall seconds"))), len(blocks))
     model_level = [_md_table_to_html(b) if b.lstrip().startswith("|") else f"<p>{html.escape(b)}</p>"
                    for b in blocks[start:]]
+    links = ", ".join(f"<a href='{html.escape(c)}/report.html'>{html.escape(c)}</a>" for c in companions)
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>Run folder: {html.escape(str(out))}</p>",
+             *([f"<p>Companion grids of the same command, each with its own report: {links}</p>"] if companions else []),
              "<h2>Table II: ASR, DS, CA (mean ± std over seeds), beside the paper</h2>", _md_table_to_html(t2),
              *(f"<p class='blocked'>{html.escape(note)}</p>" for note in blocked_notes(t2_rows)),
              f"<p>{html.escape(PROTOCOL_NOTE)}</p>", f"<p>{html.escape(TABLE2_NOTE)}</p>",
