@@ -214,8 +214,8 @@ def load_references(paths: Sequence[Path], name: str, group: str, suspect: Path,
     out: Results = []
     for p in map(Path, paths):
         if is_pack(p):
-            raise ConfigError(f"--reference {p}: a pack holds no defense results; unpack it (cuba pack) or train the "
-                              "reference as a run folder, score it with cuba defend NAME REF, and give that folder")
+            raise ConfigError(f"--reference {p}: a pack holds no defense results; give a run folder scored with "
+                              f"cuba defend {name} REF (a reference is a model you trained yourself)")
         if p.resolve() == Path(suspect).resolve():
             raise ConfigError(f"--reference {p}: the suspect cannot be its own reference")
         f = p / "defenses" / name / "defense.json"
