@@ -48,9 +48,8 @@ def _plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     from fnmatch import fnmatchcase
 
     from ..reproduce import expand
-    from ..reproduce.tables import blocked_settings
-
     from ..reproduce.grid import RESERVED_FOLDERS, companions
+    from ..reproduce.tables import blocked_settings
     from ..runs import safe_name
 
     raw = _prepared(args.grid, args)
