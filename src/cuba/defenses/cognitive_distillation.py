@@ -22,7 +22,8 @@ the logit difference averaged (not summed) over the K classes, a random colour p
 as delta, the final (not the best) mask. beta 1 is what their experiment script (``extract.py``)
 and their class default use; the usage example in their README shows beta 10, which was this
 detector's default until 2026-11-30 (on the MNIST BadNets control: AUROC 0.702 at beta 10, 0.653
-at beta 1, FAR@FRR1% 1.000 / 0.995 -- the miss is alpha's, see BENCHMARKS.md). Not verified
+at beta 1, FAR@FRR1% 1.000 / 0.995 on an AVX2 CPU; 0.635 / 0.985 at beta 1 on an AMX one -- the
+miss is alpha's, see BENCHMARKS.md). Not verified
 against the paper's text: whether its experiments used other alpha / beta per data set -- the paper
 studies alpha as a sensitivity parameter -- so both are parameters. Two choices of ours: the
 per-image losses are *summed* over a batch (the authors average them), which makes each image's
