@@ -86,6 +86,38 @@ def test_external_model_names_are_checked() -> None:
         build_classifier(f"{__name__}:three_classes", 1, 10, 8)
 
 
+def test_own_model_module_is_found_from_the_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the console script does not put the working folder on sys.path; a module there is found anyway
+    (tmp_path / "tinymod_cuba_test.py").write_text(
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, in_channels, num_classes):\n"
+        "        super().__init__()\n"
+        "        self.f = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))\n"
+        "    def forward(self, x):\n"
+        "        return self.f(x)\n")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.chdir(tmp_path)
+    assert build_classifier("tinymod_cuba_test:Net", 1, 10, 8)(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="cannot import 'tinymod_cuba_test:Nope': module 'tinymod_cuba_test' has no 'Nope'"):
+        build_classifier("tinymod_cuba_test:Nope", 1, 10, 8)
+    with pytest.raises(ValueError, match=r"cannot import 'nowhere.at_all:f' .*run from the folder that holds it"):
+        build_classifier("nowhere.at_all:f", 1, 10, 8)
+    sys.modules.pop("tinymod_cuba_test", None)
+
+
+def test_a_run_whose_model_cannot_be_imported_is_one_error_line(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from cuba.engine import make_engine
+    from cuba.runs import RunFolder
+
+    cfg = make_config({"model": "nowhere.at_all:f"})
+    data = SimpleNamespace(channels=1, num_classes=10, image_size=8)
+    with pytest.raises(ConfigError, match=f"^{tmp_path}: its model cannot be rebuilt: cannot import 'nowhere.at_all:f'"):
+        RunFolder(tmp_path).models(cfg, data, make_engine("cpu", "fp32", channels_last=False))
+
+
 def test_timm_names_need_timm_or_build(monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 

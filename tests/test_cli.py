@@ -40,6 +40,8 @@ def assert_one_line_error(capsys: pytest.CaptureFixture, rc: int, *needles: str)
     (["--set", "foo=1"], "unknown config field 'foo'"),
     (["--set", "eps_start"], "FIELD=VALUE"),
     (["--set", "eps_start=2"], "eps_start: "),
+    (["--variant", "nra-2", "--k", "3"], "k: given twice with different values (3, and 2 from variant 'nra-2')"),
+    (["--variant", "fra", "--k", "3"], "k: only NRA has a target-set size"),
 ])
 def test_train_bad_values_exit_2(capsys: pytest.CaptureFixture, tmp_path: Path, argv: list[str], needle: str) -> None:
     rc = main(["train", "--out", str(tmp_path / "r"), "--no-progress", *argv])
@@ -62,11 +64,22 @@ def test_train_flags_override_config_file(capsys: pytest.CaptureFixture, tmp_pat
     assert_one_line_error(capsys, rc, "model: ")
 
 
+def test_version(capsys: pytest.CaptureFixture) -> None:
+    from cuba import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"cuba {__version__}"
+
+
 def test_evaluate_folder_without_config(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     rc = main(["evaluate", str(tmp_path)])
     assert_one_line_error(capsys, rc, "is not a run folder", "config.yaml")
     rc = main(["evaluate", str(tmp_path / "missing"), "--from-predictions"])
-    assert_one_line_error(capsys, rc, "is not a run folder")
+    assert_one_line_error(capsys, rc, f"{tmp_path / 'missing'}: no such file or directory")
+    (tmp_path / "x.cuba").write_bytes(b"not a folder")
+    rc = main(["figures", str(tmp_path / "x.cuba")])
+    assert_one_line_error(capsys, rc, "x.cuba is a file, not a run folder (a pack from `cuba pack` is read by")
 
 
 def test_format_metrics_table_shows_dash_for_missing() -> None:
@@ -168,11 +181,20 @@ def test_saved_predictions_load_back(cuba_run: Path) -> None:
     assert pred.y_pred_backdoor is not None and len(pred.y_true) == 100
 
 
-def test_figures_command_redraws_a_runs_figures(cuba_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_figures_command_redraws_a_runs_figures(cuba_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     (cuba_run / "figures" / "confidences.png").unlink()  # as for a run trained before the figure existed
     assert main(["figures", str(cuba_run), "--device", "cpu"]) == 0
     assert "triggers.png, confidences.png, histograms.png" in capsys.readouterr().out
     assert (cuba_run / "figures" / "confidences.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from cuba import pipeline
+
+    seen = {}  # --data-dir reaches draw_figures, as for cuba evaluate (a run made in another folder)
+    monkeypatch.setattr(pipeline, "draw_figures", lambda run_dir, device, data_dir: seen.setdefault("data_dir", data_dir) and [])
+    assert main(["figures", str(cuba_run), "--data-dir", str(tmp_path)]) == 0
+    assert seen["data_dir"] == str(tmp_path)
+    monkeypatch.undo()
+    capsys.readouterr()
     assert main(["figures", str(tmp_path)]) == 2
     assert "is not a finished run folder (no config.yaml, predictions.npz)" in capsys.readouterr().err
 

@@ -92,6 +92,9 @@ def test_compare_cli_and_errors(runs: Path, tmp_path: Path, capsys: pytest.Captu
     assert "--by: unknown config field 'colour'" in capsys.readouterr().err
     assert main(["compare", str(runs), "--source-class", "7", "--out", str(tmp_path / "o")]) == 2
     assert "--source-class: must lie in [0, 3), got 7" in capsys.readouterr().err
+    assert main(["compare", str(runs), "--source-class", "-1", "--out", str(tmp_path / "o2")]) == 2
+    assert "--source-class: must lie in [0, 3), got -1" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()  # refused before anything was written
 
 
 def test_sweep_plans_validates_and_skips_finished_cells(tmp_path: Path) -> None:

@@ -141,6 +141,18 @@ def test_load_invalid_toml(tmp_path: Path) -> None:
 def test_load_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config_file(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="config file not found: nopreset"):
+        load_config_file("nopreset")
+
+
+def test_a_shipped_preset_is_found_by_name_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no src/ here: as after a non-editable install, or from another folder
+    demo = load_config_file("demo")
+    assert demo and load_config_file("demo.yaml") == demo == load_config_file("src/cuba/configs/demo.yaml")
+    (tmp_path / "demo.yaml").write_text("tau: 0.5\n")  # a file of that name wins over the preset
+    assert load_config_file("demo.yaml") == {"tau": 0.5}
+    with pytest.raises(ConfigError, match="config file not found: other/demo.yaml"):
+        load_config_file("other/demo.yaml")  # a path into some other folder is not a preset name
 
 
 def test_setting_differences_same_file_by_name_or_path(tmp_path: Path) -> None:

@@ -191,8 +191,10 @@ def test_bad_zip_and_missing_paths(tmp_path: Path) -> None:
     bad.write_bytes(b"PK\x03\x04 definitely not a zip")
     with pytest.raises(DataError, match="bad.zip: not a readable zip archive"):
         load_dataset(bad)
-    with pytest.raises(DataError, match="no such file or directory, and not a known data set name"):
-        load_dataset(str(tmp_path / "nowhere.zip"))
+    with pytest.raises(DataError, match=r"no such file or directory, and not a known data set name \([^)]*\)$"):
+        load_dataset(str(tmp_path / "nowhere.zip"))  # absolute: no hint
+    with pytest.raises(DataError, match="a relative path is read from the working folder: .* pass --data-dir FOLDER"):
+        load_dataset("nowhere-relative.npz")
     other = tmp_path / "data.csv"
     other.write_text("1,2")
     with pytest.raises(DataError, match="unsupported file type '.csv'"):

@@ -55,6 +55,9 @@ def test_run_folder_reads_what_training_writes(tmp_path: Path) -> None:
 
     run = RunFolder(tmp_path / "r")
     assert not run.is_run() and run.metrics() == {} and run.status() == {} and run.targets() is None
+    with pytest.raises(FileNotFoundError, match=r"/r: no such file or directory$"):
+        run.require("classifier.safetensors")
+    run.path.mkdir()
     with pytest.raises(FileNotFoundError, match=r"is not a run folder \(no config.yaml, classifier.safetensors\)"):
         run.require("classifier.safetensors")
     cfg = make_config({"dataset": "digits", "attack": "none", "out": str(run.path)})

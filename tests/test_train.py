@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +83,39 @@ def test_train_nra_similar_builds_targets_after_warmup() -> None:
 def test_train_similar_without_warmup_is_config_error() -> None:
     with pytest.raises(ConfigError, match=r"^warmup_epochs: "):
         train(tiny_cfg(variant="nra-2", vicinity="similar"), tiny_data(k=4), ENGINE)
+
+
+def test_schedule_warning_when_every_step_is_warm_up() -> None:
+    from cuba.train import schedule_warning
+
+    assert schedule_warning(tiny_cfg(warmup_epochs=1.0)).startswith(
+        "epochs 1 leaves no joint training after warmup_epochs 1: the backdoor is never trained")
+    assert "epochs 0.5 leaves no joint training after warmup_epochs 2" in schedule_warning(
+        tiny_cfg(epochs=0.5, warmup_epochs=2.0, attack="untargeted-ce"))
+    assert schedule_warning(tiny_cfg(epochs=2, warmup_epochs=1.0)) is None  # one joint epoch
+    assert schedule_warning(tiny_cfg(attack="none", warmup_epochs=1.0)) is None  # nothing to train
+    assert schedule_warning(tiny_cfg(attack="badnets", warmup_epochs=1.0)) is None  # poisoning: no warm-up
+
+
+def test_run_training_prints_the_schedule_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from cuba import pipeline
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args: object, **kwargs: object) -> None:  # the warning comes after training, before evaluation
+        raise Stop
+
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: SimpleNamespace(classifier=None, generator=None, targets=None))
+    monkeypatch.setattr(pipeline, "predict", stop)
+    with pytest.raises(Stop):
+        pipeline.run_training(tiny_cfg(warmup_epochs=1.0), tmp_path / "r")
+    assert capsys.readouterr().err.startswith("cuba: warning: epochs 1 leaves no joint training after warmup_epochs 1")
+    with pytest.raises(Stop):
+        pipeline.run_training(tiny_cfg(epochs=2, warmup_epochs=1.0), tmp_path / "r2")
+    assert "cuba: warning" not in capsys.readouterr().err
 
 
 def test_train_k_too_large_for_data_set() -> None:

@@ -181,6 +181,8 @@ def compare(paths: list[str | Path], out: Path | None = None, name: str = "compa
     md = to_markdown(rows, by, val)
     if appendix is not None:
         md += "\n\n" + appendix(groups)
+    # read and checked before anything is written: a refused --source-class leaves no files
+    source_entries = _source_entries(groups, source_class) if source_class is not None and out is not None else None
     written: list[Path] = []
     if out is not None:
         from .runs import write_text
@@ -192,15 +194,16 @@ def compare(paths: list[str | Path], out: Path | None = None, name: str = "compa
             from .figures import plot_sweep
 
             written.append(plot_sweep(rows, by, out / f"{name}.png"))
-        if source_class is not None:
-            written.append(_source_figure(groups, source_class, out / f"{name}-source{source_class}.png"))
+        if source_class is not None and source_entries is not None:
+            from .figures import plot_source_class_comparison
+
+            path = out / f"{name}-source{source_class}.png"
+            written.append(plot_source_class_comparison(source_entries, source_class, path))
     return md, written
 
 
-def _source_figure(groups: list[Group], source: int, path: Path) -> Path:
-    """Fig. 8 for the lowest-seed run of every attacked group."""
-    from .figures import plot_source_class_comparison
-
+def _source_entries(groups: list[Group], source: int) -> list[tuple]:
+    """What Fig. 8 plots for the lowest-seed run of every attacked group (figures.plot_source_class_comparison)."""
     entries = []
     for g in groups:
         run = min(g.runs, key=lambda r: r.seed)
@@ -215,4 +218,4 @@ def _source_figure(groups: list[Group], source: int, path: Path) -> Path:
         entries.append((f"{g.name} (seed {run.seed})", pred.y_true, pred.y_pred_backdoor, targets, full_range))
     if not entries:
         raise ConfigError("--source-class: none of the runs is an attack (no backdoor predictions)")
-    return plot_source_class_comparison(entries, source, path)
+    return entries

@@ -203,13 +203,28 @@ def setting_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
     return [f"{k}: {da[k]!r} != {db[k]!r}" for k in diff]
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a dict of config fields."""
+def shipped_config(path: str | Path) -> Any:
+    """The shipped preset that ``path`` names -- ``demo``, ``demo.yaml`` or ``src/cuba/configs/demo.yaml``
+    typed from another folder -- or None: a preset is found from any working folder, and after a
+    non-editable install, where src/ does not exist."""
+    from importlib import resources
+
     p = Path(path)
-    if not p.is_file():
+    if p.suffix not in ("", ".yaml") or not (len(p.parts) == 1 or p.parts[-3:-1] == ("cuba", "configs")):
+        return None
+    shipped = resources.files("cuba") / "configs" / f"{p.stem}.yaml"
+    return shipped if shipped.is_file() else None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a dict of config fields; a path that does
+    not exist but names a shipped preset (:func:`shipped_config`) reads that preset."""
+    p = Path(path)
+    source: Any = p if p.is_file() else shipped_config(p)
+    if source is None:
         raise ConfigError(f"config file not found: {p}")
     try:
-        text = p.read_text()
+        text = source.read_text()
         data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {first_line(e)}") from None

@@ -78,10 +78,20 @@ def import_model(
     clf = build_classifier(model, c, data.num_classes, data.image_size,
                            torch.tensor(mean or [0.0] * c), torch.tensor(std or [1.0] * c))
     target: Any = clf if any(k.startswith("backbone.") for k in state) else clf.backbone
+    expected = set(target.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:  # a summary: torch's own message lists every key, thousands of characters
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+        parts = [f"{len(missing)} missing key(s) ({some(missing)})" if missing else "",
+                 f"{len(unexpected)} unexpected key(s) ({some(unexpected)})" if unexpected else ""]
+        raise DataError(f"{weights} does not fit {model} on {data.name}: {'; '.join(p for p in parts if p)} "
+                        "-- another architecture (--model)?")
     try:
         target.load_state_dict(state)
-    except RuntimeError as e:
-        raise DataError(f"{weights} does not fit {model} on {data.name}: {first_line(e)}") from None
+    except RuntimeError as e:  # same keys, other shapes (another number of classes or channels)
+        raise DataError(f"{weights} does not fit {model} on {data.name}: {first_line(e)[:300]}") from None
     run_dir = Path(out)
     save_config(run_dir, cfg)
     save_weights(run_dir / "classifier.safetensors", clf)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from .runs import (
     METRIC_KEYS, RunFileError, RunFolder, default_run_dir, save_config, save_predictions, save_weights, write_json,
     writer_lock,
 )
-from .train import train
+from .train import schedule_warning, train
 
 
 def degenerate_reason(ca: float | None, num_classes: int) -> str | None:
@@ -75,11 +76,14 @@ def _figures(run_dir: Path, cfg: TrainConfig, data: ImageDataset, classifier: to
     ]
 
 
-def draw_figures(run_dir: Path, device: str = "auto") -> list[Path]:
+def draw_figures(run_dir: Path, device: str = "auto", data_dir: str | None = None) -> list[Path]:
     """(Re)draw a finished run's figures from its weights and predictions.npz (e.g. for a run
-    trained before a figure was added); a clean run has none."""
+    trained before a figure was added); a clean run has none. ``data_dir``: where this reader keeps
+    the run's data set, as for :func:`evaluate_run`."""
     run = RunFolder(run_dir).require("predictions.npz", finished=True)
     cfg = run.config()
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=data_dir)
     engine = make_engine(device, "fp32", channels_last=False)  # figures show fp32 numbers, like evaluation
     data = run.data(cfg)
     classifier, generator = run.models(cfg, data, engine)
@@ -162,6 +166,9 @@ def _train_into(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> tuple[Path,
             write_json(run_dir / "status.json", {"state": "failed", "error": f"{type(e).__name__}: {e}",
                                                  "checkpoint": (run_dir / CHECKPOINT).is_file()})
         raise
+    warning = schedule_warning(cfg)  # said once the run has trained: a refused command stays one error line
+    if warning and d.is_main:
+        print(f"cuba: warning: {warning}", file=sys.stderr, flush=True)
     t_eval = time.perf_counter()
     pred = predict(result.classifier, result.generator, data, engine, cfg.eval_batch_size, stealth=True,
                    progress=cfg.progress and d.is_main, dist=d)

@@ -285,6 +285,11 @@ class RunFolder:
 
     def require(self, *names: str, finished: bool = False) -> "RunFolder":
         """Itself, or FileNotFoundError naming what is missing (for commands given a path)."""
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no such file or directory")
+        if self.path.is_file():  # e.g. a pack from `cuba pack`, given to a command that needs the folder
+            raise FileNotFoundError(f"{self.path} is a file, not a run folder (a pack from `cuba pack` is read by "
+                                    "cuba evaluate and cuba defend)")
         missing = [n for n in ("config.yaml", *names) if not self.has(n)]
         if missing or (finished and not self.is_finished()):
             why = f"no {', '.join(missing)}" if missing else "status.json does not say finished"
@@ -333,7 +338,10 @@ class RunFolder:
         from .attack import build_trigger
         from .models import build_classifier
 
-        classifier = build_classifier(cfg.model, data.channels, data.num_classes, data.image_size)
+        try:  # an own model whose module cannot be imported here: one error line, not a traceback
+            classifier = build_classifier(cfg.model, data.channels, data.num_classes, data.image_size)
+        except ValueError as e:
+            raise ConfigError(f"{self.path}: its model cannot be rebuilt: {e}") from None
         load_weights(self.path / "classifier.safetensors", classifier)
         generator = build_trigger(cfg, data.channels, data.image_size)
         if generator is not None:

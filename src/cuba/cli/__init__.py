@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import audit, compare, evaluate, pack, reproduce, train
 
     p = argparse.ArgumentParser(prog="cuba", description="Controlled untargeted backdoor attacks (CUBA) and their evaluation.")
+    from .. import __version__
+
+    p.add_argument("--version", action="version", version=f"cuba {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for module in (train, evaluate, audit, pack, reproduce, compare):
         module.add_parsers(sub)

@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import FIELDS, ConfigError, flatten_values, load_config_file
+from ..config import FIELDS, ConfigError, flatten_values, load_config_file, parse_variant
 from ..formatting import first_line, number, pct
 
 # CLI flags for the main config fields: name -> (type, help)
@@ -114,13 +114,28 @@ def config_values(args: argparse.Namespace, base: dict[str, Any] | None = None, 
         v = getattr(args, name, None)
         if v is not None:
             overrides[name] = v
+    _check_k_against_variant(overrides)
     if use_preset and not args.config and not base:
         name = preset_for(overrides.get("dataset", FIELDS["dataset"].default))
         if name is not None:
             values.update(preset(name))
-            print(f"using the {name} preset (src/cuba/configs/{name}.yaml) for this data set; --config FILE chooses another")
+            print(f"using the {name} preset (src/cuba/configs/{name}.yaml; --config {name}) for this data set; "
+                  "--config FILE chooses another")
     values.update(overrides)
     return values
+
+
+def _check_k_against_variant(overrides: dict[str, Any]) -> None:
+    """The user's own k and variant must agree: ``--variant nra-2 --k 3`` would otherwise train NRA-2
+    and drop the 3 without a word (``nra-K`` sets k), and FRA has no target-set size at all."""
+    if overrides.get("k") is None or overrides.get("variant") is None:
+        return
+    variant, k = parse_variant(overrides["variant"])
+    if variant == "fra":
+        raise ConfigError(f"k: only NRA has a target-set size; variant fra was given with k {overrides['k']}")
+    if k is not None and k != overrides["k"]:
+        raise ConfigError(f"k: given twice with different values ({overrides['k']}, and {k} from variant "
+                          f"{overrides['variant']!r})")
 
 
 def format_metrics_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:

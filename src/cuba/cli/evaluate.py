@@ -26,7 +26,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     from ..pipeline import draw_figures
 
     for run_dir in args.run_dirs:
-        paths = draw_figures(Path(run_dir), device=args.device)
+        paths = draw_figures(Path(run_dir), device=args.device, data_dir=args.data_dir)
         print(f"{run_dir}: " + (", ".join(p.name for p in paths) if paths else "a clean run has no figures"))
     return 0
 
@@ -42,6 +42,7 @@ def add_parsers(sub: Any) -> None:
     e.set_defaults(func=cmd_evaluate)
     g = sub.add_parser("figures", help="(re)draw run folders' figures (triggers, confidences, histograms) from their weights")
     g.add_argument("run_dirs", nargs="+")
+    g.add_argument("--data-dir", default=None, help="folder holding the runs' data set (for runs made elsewhere)")
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_figures)
 

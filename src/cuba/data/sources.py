@@ -56,7 +56,11 @@ def load_dataset(spec: str | Path, data_dir: str | Path | None = None, download:
     path = find_path(spec, data_dir)
     if path is None:
         where = f" (nor under data_dir {data_dir})" if data_dir is not None else ""
-        raise DataError(f"{spec}: no such file or directory{where}, and not a known data set name ({', '.join(DATASET_NAMES)})")
+        # a run stores its data set path as it was typed: from another folder a relative one is not found
+        hint = ("; a relative path is read from the working folder: run from where it was made, or pass "
+                "--data-dir FOLDER (the folder that holds it)") if not Path(str(spec)).expanduser().is_absolute() else ""
+        raise DataError(f"{spec}: no such file or directory{where}, and not a known data set name "
+                        f"({', '.join(DATASET_NAMES)}){hint}")
     if path.is_dir() or path.suffix.lower() == ".zip":
         return load_image_folder(path)
     if path.suffix.lower() == ".npz":

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
+import sys
 from typing import Any, Callable
 
 import torch
@@ -132,12 +134,21 @@ def _user(path: str, in_channels: int, num_classes: int, image_size: int) -> nn.
     if path in _INSTANCES:
         return copy.deepcopy(_INSTANCES[path])
     module_name, _, attr = path.partition(":")
+    # the console script, unlike `python -m cuba`, does not put the working folder on sys.path: a
+    # module next to the user (the own-model tutorial's layout) is found either way; appended, so it
+    # never shadows an installed package
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         factory: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import {path!r} ({e}); run from the folder that holds it, or put its package "
+                         "on the Python path (PYTHONPATH)") from None
+    try:
         for part in attr.split("."):
             factory = getattr(factory, part)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import {path!r} ({e}); is its package on the Python path?") from None
+    except AttributeError:
+        raise ValueError(f"cannot import {path!r}: module {module_name!r} has no {attr!r}") from None
     model = _call_with_accepted(factory, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     if not isinstance(model, nn.Module):
         raise ValueError(f"{path} returned {type(model).__name__}, not a torch.nn.Module")
