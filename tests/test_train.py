@@ -86,7 +86,7 @@ def test_train_similar_without_warmup_is_config_error() -> None:
 
 
 def test_schedule_warning_when_every_step_is_warm_up() -> None:
-    from cuba.train import schedule_warning
+    from cuba.pipeline import schedule_warning
 
     assert schedule_warning(tiny_cfg(warmup_epochs=1.0)).startswith(
         "epochs 1 leaves no joint training after warmup_epochs 1: the backdoor is never trained")

@@ -22,12 +22,23 @@ from .data.split import VAL_GROUPS, VAL_SEED, indices_hash
 from .metrics import at_chance
 from .evaluate import evaluate_models, metrics_from_predictions, predict
 from .figures import plot_confidences, plot_histograms, plot_triggers
-from .attack import POISON_ATTACKS
+from .attack import OBJECTIVES, POISON_ATTACKS
 from .runs import (
     METRIC_KEYS, RunFileError, RunFolder, default_run_dir, save_config, save_predictions, save_weights, write_json,
     writer_lock,
 )
-from .train import schedule_warning, train
+from .train import train
+
+
+def schedule_warning(cfg: TrainConfig) -> str | None:
+    """A warning for a learned attack whose every step is warm-up: the run is a clean classifier with
+    an untrained generator under the attack's name, its ASR only the clean mistakes. A warning, not an
+    error: a fraction of an epoch is how a plumbing check or a test runs the command quickly."""
+    if cfg.attack in OBJECTIVES and cfg.epochs <= cfg.warmup_epochs:
+        return (f"epochs {cfg.epochs:g} leaves no joint training after warmup_epochs {cfg.warmup_epochs:g}: the "
+                "backdoor is never trained, and this run's ASR/DS are not a result (give more epochs, or "
+                "--set warmup_epochs=W with W < epochs)")
+    return None
 
 
 def degenerate_reason(ca: float | None, num_classes: int) -> str | None:

@@ -150,17 +150,6 @@ class Schedule:
         return self.cfg.gamma * min(1.0, (step - self.warmup_steps + 1) / ramp) if ramp > 0 else self.cfg.gamma
 
 
-def schedule_warning(cfg: TrainConfig) -> str | None:
-    """A warning for a learned attack whose every step is warm-up: the run is a clean classifier with
-    an untrained generator under the attack's name, its ASR only the clean mistakes. A warning, not an
-    error: a fraction of an epoch is how a plumbing check or a test runs the command quickly."""
-    if cfg.attack in OBJECTIVES and cfg.epochs <= cfg.warmup_epochs:
-        return (f"epochs {cfg.epochs:g} leaves no joint training after warmup_epochs {cfg.warmup_epochs:g}: the "
-                "backdoor is never trained, and this run's ASR/DS are not a result (give more epochs, or "
-                "--set warmup_epochs=W with W < epochs)")
-    return None
-
-
 def check_against_data(cfg: TrainConfig, data: ImageDataset, d: Dist) -> None:
     """The checks a config can only pass or fail once its data set is known (K, image size)."""
     k = data.num_classes
