@@ -194,7 +194,7 @@ def compare(paths: list[str | Path], out: Path | None = None, name: str = "compa
             from .figures import plot_sweep
 
             written.append(plot_sweep(rows, by, out / f"{name}.png"))
-        if source_class is not None and source_entries is not None:
+        if source_entries is not None:
             from .figures import plot_source_class_comparison
 
             path = out / f"{name}-source{source_class}.png"

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 import math
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import FIELDS, ConfigError, flatten_values, load_config_file, parse_variant
+from ..config import FIELDS, ConfigError, flatten_values, load_config_file, parse_variant, shipped_config
 from ..formatting import first_line, number, pct
 
 # CLI flags for the main config fields: name -> (type, help)
@@ -76,8 +75,8 @@ def preset(name: str) -> dict[str, Any]:
     """A shipped config preset (src/cuba/configs/NAME.yaml)."""
     import yaml
 
-    path = resources.files("cuba") / "configs" / f"{name}.yaml"
-    if not path.is_file():
+    path = shipped_config(name)
+    if path is None:
         raise ConfigError(f"no preset named {name!r}")
     return flatten_values(yaml.safe_load(path.read_text()) or {})
 
